@@ -1,0 +1,175 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/nsredirect/nsredirect/internal/loader"
+	"github.com/nsredirect/nsredirect/internal/netnsx"
+)
+
+func quietLog() logrus.FieldLogger {
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	return l
+}
+
+func checkCmd(_ context.Context, io IO, args []string) error {
+	fs := flagSet("check", io)
+	var netnsArg, dial, pinDir string
+	fs.StringVar(&netnsArg, "netns", "", "target netns: self, a path or pid:N")
+	fs.StringVar(&dial, "dial", "", "also connect to ADDR:PORT from inside the netns, e.g. 127.0.0.1:80")
+	fs.StringVar(&pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory of the pinned state")
+	if err := parse(fs, args, io.Getenv); err != nil {
+		return err
+	}
+	if netnsArg == "" {
+		return usagef("--netns is required: self, /run/netns/NAME, /proc/PID/ns/net or pid:N")
+	}
+	target, err := netnsx.ParseTarget(netnsArg)
+	if err != nil {
+		return err
+	}
+	if dial != "" {
+		if _, _, err := net.SplitHostPort(dial); err != nil {
+			return usagef("--dial %q: %v; use ADDR:PORT, e.g. 127.0.0.1:80 or [::1]:80", dial, err)
+		}
+	}
+	cookie, _, err := target.Resolve()
+	if err != nil {
+		return err
+	}
+	l, err := loader.OpenPinned(pinDir, quietLog())
+	if err != nil {
+		if errors.Is(err, loader.ErrNotPinned) {
+			return fmt.Errorf("no nsredirect state at %s: no daemon has enrolled anything", pinDir)
+		}
+		return err
+	}
+	defer l.Close()
+	rec, err := l.Live(cookie)
+	if err != nil {
+		return fmt.Errorf("netns %s: %w", target, err)
+	}
+	if dial != "" {
+		err := target.Do(func() error {
+			c, err := net.DialTimeout("tcp", dial, 2*time.Second)
+			if err != nil {
+				return err
+			}
+			return c.Close()
+		})
+		if err != nil {
+			return fmt.Errorf("netns %s: rule live but connect to %s failed: %w", target, dial, err)
+		}
+	}
+	fmt.Fprintf(io.Stdout, "ok: netns %s (%s): %s live, owner pid %d %s\n", target, rec.Name, strings.Join(rec.Specs, ","), rec.OwnerPID, aliveWord(rec.OwnerAlive))
+	return nil
+}
+
+func aliveWord(alive bool) string {
+	if alive {
+		return "alive"
+	}
+	return "gone (rules kept for adoption)"
+}
+
+type statusRow struct {
+	Netns     string    `json:"netns"`
+	Cookie    uint64    `json:"cookie"`
+	NetnsIno  uint64    `json:"netns_inode"`
+	Mode      string    `json:"mode"`
+	Rule      string    `json:"rule"`
+	OwnerPID  uint32    `json:"owner_pid"`
+	Alive     bool      `json:"owner_alive"`
+	Redirects uint64    `json:"redirects"`
+	Since     time.Time `json:"since"`
+}
+
+func statusCmd(_ context.Context, io IO, args []string) error {
+	fs := flagSet("status", io)
+	var asJSON bool
+	var pinDir string
+	fs.BoolVar(&asJSON, "json", false, "print JSON")
+	fs.StringVar(&pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory of the pinned state")
+	if err := parse(fs, args, io.Getenv); err != nil {
+		return err
+	}
+	rows := []statusRow{}
+	l, err := loader.OpenPinned(pinDir, quietLog())
+	switch {
+	case errors.Is(err, loader.ErrNotPinned):
+	case err != nil:
+		return err
+	default:
+		defer l.Close()
+		recs, err := l.Records()
+		if err != nil {
+			return err
+		}
+		for _, r := range recs {
+			for i, spec := range r.Specs {
+				rows = append(rows, statusRow{r.Name, r.Cookie, r.NetnsIno, r.Owner, spec, r.OwnerPID, r.OwnerAlive, r.Redirects[i], r.Enrolled.UTC()})
+			}
+		}
+	}
+	if asJSON {
+		enc := json.NewEncoder(io.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rows)
+	}
+	if len(rows) == 0 {
+		fmt.Fprintf(io.Stdout, "no rules live (pin dir %s)\n", pinDir)
+		return nil
+	}
+	tw := tabwriter.NewWriter(io.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NETNS\tRULE\tMODE\tOWNER PID\tOWNER\tREDIRECTS\tCOOKIE")
+	for _, r := range rows {
+		alive := "alive"
+		if !r.Alive {
+			alive = "dead"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%d\t%d\n", r.Netns, r.Rule, r.Mode, r.OwnerPID, alive, r.Redirects, r.Cookie)
+	}
+	return tw.Flush()
+}
+
+func cleanupCmd(_ context.Context, io IO, args []string) error {
+	fs := flagSet("cleanup", io)
+	var all bool
+	var pinDir string
+	fs.BoolVar(&all, "all", false, "remove every rule, program, link and pin of ours, even of live daemons")
+	fs.StringVar(&pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory of the pinned state")
+	if err := parse(fs, args, io.Getenv); err != nil {
+		return err
+	}
+	if err := loader.CheckPrivileges(); err != nil {
+		return err
+	}
+	l, err := loader.OpenPinned(pinDir, quietLog())
+	if errors.Is(err, loader.ErrNotPinned) {
+		fmt.Fprintf(io.Stdout, "nothing to clean up at %s\n", pinDir)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	removed, err := l.Cleanup(all)
+	for _, r := range removed {
+		fmt.Fprintf(io.Stdout, "removed netns %s (%s), owner pid %d %s\n", r.Name, strings.Join(r.Specs, ","), r.OwnerPID, map[bool]string{true: "alive", false: "dead"}[r.OwnerAlive])
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(io.Stdout, "cleanup done: %d enrollment(s) removed\n", len(removed))
+	return nil
+}

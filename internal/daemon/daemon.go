@@ -1,0 +1,237 @@
+// Package daemon decides what the kernel should redirect. Every discovery
+// mode (flags, Docker, Kubernetes) hands it the full desired set of targets;
+// Reconcile resolves each target's netns and enrolls, updates or removes
+// rules through the loader. It is the one path into the kernel.
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/nsredirect/nsredirect/internal/loader"
+	"github.com/nsredirect/nsredirect/internal/metrics"
+	"github.com/nsredirect/nsredirect/internal/netnsx"
+	"github.com/nsredirect/nsredirect/internal/rule"
+)
+
+// Target is one netns that should have rules.
+type Target struct {
+	// Name labels it in logs, status and metrics, and identifies it across
+	// reconciles: a target whose netns changes under the same name (a
+	// restarted container) is moved to the new netns.
+	Name  string
+	Netns netnsx.Target
+	Rules []rule.Rule
+}
+
+// Kernel is what the daemon needs of the loader.
+type Kernel interface {
+	Enroll(loader.Enrollment) error
+	Unenroll(cookie uint64) error
+	Release(cookie uint64)
+	Redirects(cookie uint64, rules int) []uint64
+}
+
+type live struct {
+	target Target
+	cookie uint64
+	specs  string
+}
+
+// Daemon tracks the targets one process serves.
+type Daemon struct {
+	kernel Kernel
+	owner  string
+	log    logrus.FieldLogger
+
+	mu      sync.Mutex
+	desired []Target
+	live    map[string]*live
+	failing map[string]string // name -> last error, so each is logged once
+	errors  map[string]uint64
+}
+
+// New returns a daemon that enrolls through kernel, tagging its enrollments
+// with owner (the mode: run, docker, kube).
+func New(kernel Kernel, owner string, log logrus.FieldLogger) *Daemon {
+	return &Daemon{
+		kernel:  kernel,
+		owner:   owner,
+		log:     log,
+		live:    map[string]*live{},
+		failing: map[string]string{},
+		errors:  map[string]uint64{},
+	}
+}
+
+// Reconcile makes the kernel match desired. A target that fails does not
+// stop the others; all failures are returned joined.
+func (d *Daemon) Reconcile(desired []Target) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.desired = append(d.desired[:0], desired...)
+	return d.reconcile()
+}
+
+// Resync re-resolves the desired targets: a netns that was replaced under
+// the same path is followed, one that vanished has its rules removed.
+func (d *Daemon) Resync() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.reconcile()
+}
+
+func (d *Daemon) reconcile() error {
+	var errs []error
+	want := map[string]bool{}
+	for _, t := range d.desired {
+		want[t.Name] = true
+		err := d.apply(t)
+		log := d.log.WithFields(logrus.Fields{"netns": t.Name})
+		if err != nil {
+			errs = append(errs, err)
+			if d.failing[t.Name] != err.Error() {
+				d.failing[t.Name] = err.Error()
+				d.errors[t.Name]++
+				log.WithError(err).Error("cannot enroll netns")
+			}
+			continue
+		}
+		if _, was := d.failing[t.Name]; was {
+			delete(d.failing, t.Name)
+			log.Info("netns enrolled again")
+		}
+	}
+	for name, l := range d.live {
+		if !want[name] {
+			if err := d.drop(l); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	for name := range d.failing {
+		if !want[name] {
+			delete(d.failing, name)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (d *Daemon) apply(t Target) error {
+	cur := d.live[t.Name]
+	cookie, id, err := t.Netns.Resolve()
+	if err != nil {
+		if cur != nil {
+			// The netns is gone: its rules have nothing left to redirect.
+			_ = d.drop(cur)
+		}
+		return err
+	}
+	specs := specsOf(t.Rules)
+	if cur != nil && cur.cookie == cookie && cur.specs == specs {
+		return nil
+	}
+	log := d.log.WithFields(logrus.Fields{"netns": t.Name, "cookie": cookie, "rule": specs})
+	if err := d.kernel.Enroll(loader.Enrollment{
+		Cookie: cookie, NetnsIno: id.Ino, Name: t.Name, Owner: d.owner, Rules: t.Rules,
+	}); err != nil {
+		return fmt.Errorf("netns %s: %w", t.Name, err)
+	}
+	if cur != nil && cur.cookie != cookie {
+		log.WithField("old_cookie", cur.cookie).Info("netns was replaced; following it")
+		_ = d.drop(cur)
+	}
+	d.live[t.Name] = &live{target: t, cookie: cookie, specs: specs}
+	log.Info("redirect live")
+	return nil
+}
+
+func (d *Daemon) drop(l *live) error {
+	if err := d.kernel.Unenroll(l.cookie); err != nil {
+		return fmt.Errorf("remove rules of netns %s: %w", l.target.Name, err)
+	}
+	if d.live[l.target.Name] == l {
+		delete(d.live, l.target.Name)
+	}
+	d.log.WithFields(logrus.Fields{"netns": l.target.Name, "cookie": l.cookie}).Info("rules removed")
+	return nil
+}
+
+// Shutdown removes the rules of every netns served, or, with handover,
+// leaves them in the kernel for a successor to adopt.
+func (d *Daemon) Shutdown(handover bool) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var errs []error
+	for _, l := range d.live {
+		if handover {
+			d.kernel.Release(l.cookie)
+			delete(d.live, l.target.Name)
+			continue
+		}
+		if err := d.drop(l); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Ready reports whether every desired target is enrolled.
+func (d *Daemon) Ready() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var missing []string
+	for _, t := range d.desired {
+		if d.live[t.Name] == nil {
+			missing = append(missing, t.Name)
+		}
+	}
+	if len(missing) > 0 {
+		sort.Strings(missing)
+		return fmt.Errorf("not enrolled: %s", strings.Join(missing, ", "))
+	}
+	return nil
+}
+
+// Serving returns the names of the netns currently enrolled.
+func (d *Daemon) Serving() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var names []string
+	for n := range d.live {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// Snapshot reads the counters of every rule served, for metrics.
+func (d *Daemon) Snapshot() metrics.Snapshot {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var s metrics.Snapshot
+	for _, l := range d.live {
+		counts := d.kernel.Redirects(l.cookie, len(l.target.Rules))
+		for i, r := range l.target.Rules {
+			s.Rules = append(s.Rules, metrics.RuleStat{Netns: l.target.Name, Rule: r.String(), Redirects: counts[i]})
+		}
+	}
+	s.EnrollErrors = make(map[string]uint64, len(d.errors))
+	for n, c := range d.errors {
+		s.EnrollErrors[n] = c
+	}
+	return s
+}
+
+func specsOf(rules []rule.Rule) string {
+	s := make([]string, len(rules))
+	for i, r := range rules {
+		s[i] = r.String()
+	}
+	return strings.Join(s, ",")
+}

@@ -1,0 +1,148 @@
+package loader
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
+)
+
+// ErrEnvironment marks a host that cannot run nsredirect as configured:
+// missing privileges, kernel features, cgroup2 or bpffs. The message says
+// what to change.
+var ErrEnvironment = errors.New("environment")
+
+func envErr(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrEnvironment, fmt.Sprintf(format, args...))
+}
+
+// Capabilities the daemon needs. CAP_SYS_ADMIN covers entering other
+// network namespaces and mounting bpffs; CAP_BPF may be replaced by it on
+// kernels older than 5.8.
+var neededCaps = []struct {
+	bit  uint
+	name string
+	why  string
+}{
+	{unix.CAP_BPF, "CAP_BPF", "load eBPF programs and maps"},
+	{unix.CAP_NET_ADMIN, "CAP_NET_ADMIN", "attach cgroup socket programs"},
+	{unix.CAP_SYS_ADMIN, "CAP_SYS_ADMIN", "enter the target network namespace and mount bpffs"},
+}
+
+// CheckPrivileges names the first missing capability.
+func CheckPrivileges() error {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return envErr("read capabilities: %v", err)
+	}
+	for _, c := range neededCaps {
+		if data[c.bit/32].Effective&(1<<(c.bit%32)) == 0 {
+			return envErr("missing %s (needed to %s); run as root, or grant it (docker: cap_add: [%s], kubernetes: securityContext.capabilities.add)",
+				c.name, c.why, strings.TrimPrefix(c.name, "CAP_"))
+		}
+	}
+	return nil
+}
+
+// CheckKernel probes for every kernel feature the programs use.
+func CheckKernel() error {
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return envErr("raise RLIMIT_MEMLOCK for eBPF maps: %v; run as root or raise the limit (ulimit -l unlimited)", err)
+	}
+	probes := []struct {
+		what string
+		err  func() error
+	}{
+		{"cgroup sock_addr programs (Linux >= 4.17)", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
+		{"bpf_get_netns_cookie in cgroup/connect programs (Linux >= 5.8)", func() error {
+			return features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnGetNetnsCookie)
+		}},
+		{"BPF_MAP_TYPE_SK_STORAGE (Linux >= 5.2)", func() error { return features.HaveMapType(ebpf.SkStorage) }},
+		{"bpf_sk_storage_get in cgroup/connect programs (Linux >= 5.8)", func() error {
+			return features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSkStorageGet)
+		}},
+	}
+	for _, p := range probes {
+		if err := p.err(); err != nil {
+			if errors.Is(err, ebpf.ErrNotSupported) {
+				return envErr("this kernel lacks %s; upgrade the kernel", p.what)
+			}
+			if errors.Is(err, unix.EPERM) {
+				return envErr("probing %s: permission denied; run as root with CAP_BPF and CAP_NET_ADMIN", p.what)
+			}
+			return envErr("probing %s: %v", p.what, err)
+		}
+	}
+	return nil
+}
+
+// FindCgroup2 returns the first cgroup2 mount point in mountinfo. On hybrid
+// hosts that is /sys/fs/cgroup/unified, not /sys/fs/cgroup.
+func FindCgroup2(mountinfo string) (string, error) {
+	f, err := os.Open(mountinfo)
+	if err != nil {
+		return "", envErr("read %s: %v", mountinfo, err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
+		fields := strings.Fields(sc.Text())
+		for i, fld := range fields {
+			if fld == "-" && i+1 < len(fields) && fields[i+1] == "cgroup2" && len(fields) > 4 {
+				return unescapeMount(fields[4]), nil
+			}
+		}
+	}
+	return "", envErr("no cgroup2 filesystem is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup/unified) or pass --cgroup")
+}
+
+func unescapeMount(s string) string {
+	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
+	return r.Replace(s)
+}
+
+// CheckCgroup2 checks that path is the root of a cgroup2 mount.
+func CheckCgroup2(path string) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return envErr("cgroup %q: %v; pass the cgroup2 mount point, e.g. --cgroup /sys/fs/cgroup/unified", path, err)
+	}
+	if st.Type != unix.CGROUP2_SUPER_MAGIC {
+		return envErr("cgroup %q is not a cgroup2 filesystem; pass the cgroup2 mount point (see `grep cgroup2 /proc/mounts`)", path)
+	}
+	return nil
+}
+
+// EnsureBPFFS makes sure dir's parent is a bpffs. At the standard
+// /sys/fs/bpf it mounts one, as Cilium's agent does; anywhere else it says
+// how to.
+func EnsureBPFFS(dir string) error {
+	if !filepath.IsAbs(dir) {
+		return envErr("pin dir %q is not an absolute path; use e.g. %s", dir, DefaultPinDir)
+	}
+	parent := filepath.Dir(filepath.Clean(dir))
+	var st unix.Statfs_t
+	if err := unix.Statfs(parent, &st); err != nil {
+		return envErr("pin dir %q: parent %s: %v; mount a bpffs there (mount -t bpf bpf %s)", dir, parent, err, parent)
+	}
+	if st.Type == unix.BPF_FS_MAGIC {
+		return nil
+	}
+	if parent != "/sys/fs/bpf" {
+		return envErr("pin dir %q is not on a bpffs; mount one first (mount -t bpf bpf %s) or use --pin-dir %s", dir, parent, DefaultPinDir)
+	}
+	if err := unix.Mount("bpf", parent, "bpf", 0, "mode=0700"); err != nil {
+		return envErr("no bpffs at %s and mounting one failed (%v); mount it on the host (mount -t bpf bpf /sys/fs/bpf) and bind it in", parent, err)
+	}
+	return nil
+}

@@ -1,0 +1,154 @@
+// Package netnsx resolves a network-namespace target (self, a path, pid:N)
+// and reads its netns cookie from inside it.
+//
+// Namespaces are entered only on a goroutine that locked its OS thread and
+// never unlocks it: when the goroutine returns, the Go runtime throws the
+// thread away, so no other goroutine can ever run in the wrong namespace.
+// No namespace file descriptor is kept after a call returns, so nsredirect
+// never keeps a dead namespace alive.
+package netnsx
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// ErrTarget marks a target that is malformed, missing or not a network
+// namespace: bad input the user must fix.
+var ErrTarget = errors.New("bad netns target")
+
+// Target names a network namespace as the user gave it.
+type Target struct {
+	// Spec is the text given: "self", "pid:N" or a path.
+	Spec string
+	// Path is what is opened: /proc/self/ns/net, /proc/N/ns/net or Spec.
+	Path string
+}
+
+// ID identifies a namespace file by its nsfs inode, cheap to compare
+// without entering the namespace.
+type ID struct {
+	Dev, Ino uint64
+}
+
+// ParseTarget checks the syntax of a target; it does not open it.
+func ParseTarget(s string) (Target, error) {
+	switch {
+	case s == "":
+		return Target{}, fmt.Errorf("%w: empty; use self, a path like /run/netns/NAME or /proc/PID/ns/net, or pid:N", ErrTarget)
+	case s == "self":
+		return Target{Spec: s, Path: "/proc/self/ns/net"}, nil
+	case strings.HasPrefix(s, "pid:"):
+		n, err := strconv.ParseUint(strings.TrimPrefix(s, "pid:"), 10, 31)
+		if err != nil || n == 0 {
+			return Target{}, fmt.Errorf("%w %q: pid:N needs a process id, e.g. pid:1234", ErrTarget, s)
+		}
+		return Target{Spec: s, Path: fmt.Sprintf("/proc/%d/ns/net", n)}, nil
+	case strings.HasPrefix(s, "/"):
+		return Target{Spec: s, Path: s}, nil
+	default:
+		return Target{}, fmt.Errorf("%w %q: use self, an absolute path like /run/netns/NAME or /proc/PID/ns/net, or pid:N", ErrTarget, s)
+	}
+}
+
+func (t Target) String() string { return t.Spec }
+
+// Stat returns the namespace's identity without entering it.
+func (t Target) Stat() (ID, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(t.Path, &st); err != nil {
+		return ID{}, t.openErr(err)
+	}
+	return ID{Dev: st.Dev, Ino: st.Ino}, nil
+}
+
+// Resolve opens the target, checks it is a network namespace and returns
+// its cookie and identity.
+func (t Target) Resolve() (uint64, ID, error) {
+	var cookie uint64
+	var id ID
+	err := t.Do(func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("socket in netns %s: %w", t, err)
+		}
+		defer unix.Close(fd)
+		cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+		if err != nil {
+			return fmt.Errorf("read netns cookie (SO_NETNS_COOKIE needs Linux >= 5.14): %w", err)
+		}
+		return nil
+	}, func(f *os.File) error {
+		var st unix.Stat_t
+		if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+			return err
+		}
+		id = ID{Dev: st.Dev, Ino: st.Ino}
+		return nil
+	})
+	return cookie, id, err
+}
+
+// Do runs fn on a fresh OS thread inside the target namespace. The thread is
+// discarded afterwards. opened, if given, sees the namespace file first.
+func (t Target) Do(fn func() error, opened ...func(*os.File) error) error {
+	f, err := os.Open(t.Path)
+	if err != nil {
+		return t.openErr(err)
+	}
+	defer f.Close()
+	kind, err := unix.IoctlRetInt(int(f.Fd()), unix.NS_GET_NSTYPE)
+	if err != nil || kind != unix.CLONE_NEWNET {
+		return fmt.Errorf("%w %q: %s is not a network namespace; give /proc/PID/ns/net, a bind mount of one (/run/netns/NAME) or pid:N", ErrTarget, t.Spec, t.Path)
+	}
+	for _, o := range opened {
+		if err := o(f); err != nil {
+			return fmt.Errorf("netns %s: %w", t, err)
+		}
+	}
+	errc := make(chan error, 1)
+	go func() {
+		// Never unlocked: the runtime ends this thread when we return.
+		runtime.LockOSThread()
+		if err := netns.Set(netns.NsHandle(int(f.Fd()))); err != nil {
+			if errors.Is(err, unix.EPERM) {
+				err = fmt.Errorf("%w (entering a netns needs CAP_SYS_ADMIN)", err)
+			}
+			errc <- fmt.Errorf("enter netns %s: %w", t, err)
+			return
+		}
+		errc <- fn()
+	}()
+	return <-errc
+}
+
+func (t Target) openErr(err error) error {
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		if strings.HasPrefix(t.Spec, "pid:") {
+			return fmt.Errorf("%w %q: no process %s is visible here; check the pid, or run with the host pid namespace", ErrTarget, t.Spec, strings.TrimPrefix(t.Spec, "pid:"))
+		}
+		return fmt.Errorf("%w %q: %s does not exist; create it (ip netns add NAME) or give /proc/PID/ns/net of a process in it", ErrTarget, t.Spec, t.Path)
+	case errors.Is(err, os.ErrPermission):
+		return fmt.Errorf("%w %q: permission denied opening %s; run as root (or with CAP_SYS_PTRACE for other users' processes)", ErrTarget, t.Spec, t.Path)
+	default:
+		return fmt.Errorf("%w %q: %v", ErrTarget, t.Spec, err)
+	}
+}
+
+// SelfCookie returns the cookie of the caller's own network namespace.
+func SelfCookie() (uint64, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	return unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+}

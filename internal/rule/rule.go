@@ -1,0 +1,242 @@
+// Package rule parses and validates redirect specs:
+//
+//	[FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT
+//
+// IPv6 addresses go in brackets ("[::1]:80=3210"). With FROM_ADDR omitted a
+// rule covers 127.0.0.1, ::1 and the v4-mapped ::ffff:127.0.0.1; with TO_ADDR
+// omitted the dialled address is kept and only the port changes. Both sides
+// must be loopback: nsredirect only ever redirects loopback to loopback, so a
+// rule cannot steer traffic that would have left the namespace.
+package rule
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+)
+
+// MaxPerTarget bounds the rules of one network namespace; the pinned
+// enrollment record stores their specs as text.
+const MaxPerTarget = 16
+
+// ErrSpec marks every parse and validation error, so callers can map it to a
+// usage error.
+var ErrSpec = errors.New("invalid redirect spec")
+
+// Rule is one parsed spec. A zero From/To address means "omitted".
+type Rule struct {
+	From     netip.Addr
+	FromPort uint16
+	To       netip.Addr
+	ToPort   uint16
+}
+
+// Dest is one concrete destination a rule matches, as the kernel sees it in
+// connect(): a v4 address on AF_INET sockets, a v6 (possibly v4-mapped)
+// address on AF_INET6 sockets.
+type Dest struct {
+	Addr netip.Addr
+	Port uint16
+}
+
+// Expansion is one kernel entry of a rule: match Match, send to To (zero
+// address: keep the dialled one) on ToPort.
+type Expansion struct {
+	Match  Dest
+	To     netip.Addr
+	ToPort uint16
+}
+
+var (
+	loopback4       = netip.MustParseAddr("127.0.0.1")
+	loopback6       = netip.IPv6Loopback()
+	loopback4Mapped = netip.AddrFrom16(loopback4.As16())
+)
+
+// Parse parses one spec.
+func Parse(s string) (Rule, error) {
+	orig := s
+	s = strings.TrimSpace(s)
+	from, to, ok := strings.Cut(s, "=")
+	if !ok || strings.Contains(to, "=") {
+		return Rule{}, specErr(orig, "want [FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT, e.g. 80=3210")
+	}
+	var r Rule
+	var err error
+	if r.From, r.FromPort, err = parseEnd(from); err != nil {
+		return Rule{}, specErr(orig, "from side: "+err.Error())
+	}
+	if r.To, r.ToPort, err = parseEnd(to); err != nil {
+		return Rule{}, specErr(orig, "to side: "+err.Error())
+	}
+	if r.To.IsValid() && r.From.IsValid() && r.From.Unmap().Is4() != r.To.Unmap().Is4() {
+		return Rule{}, specErr(orig, "cannot redirect between IPv4 and IPv6; use addresses of one family")
+	}
+	if r.To.IsValid() && !r.From.IsValid() && !r.To.Unmap().Is4() {
+		// 127.0.0.1 cannot be sent to an IPv6 address on an AF_INET socket.
+		return Rule{}, specErr(orig, "an IPv6 TO_ADDR needs an IPv6 FROM_ADDR, e.g. [::1]:80=[::1]:3210")
+	}
+	if r.From == r.To && r.FromPort == r.ToPort || !r.To.IsValid() && r.FromPort == r.ToPort {
+		return Rule{}, specErr(orig, "redirects a port to itself")
+	}
+	return r, nil
+}
+
+// ParseList parses comma-separated specs (a label, an annotation or an
+// environment variable) and checks them as one set.
+func ParseList(s string) ([]Rule, error) {
+	var specs []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			specs = append(specs, f)
+		}
+	}
+	if len(specs) == 0 {
+		return nil, fmt.Errorf("%w %q: no spec given; want e.g. 80=3210", ErrSpec, s)
+	}
+	return ParseAll(specs)
+}
+
+// ParseAll parses specs and checks that no two of them match the same
+// destination.
+func ParseAll(specs []string) ([]Rule, error) {
+	if len(specs) > MaxPerTarget {
+		return nil, fmt.Errorf("%w: %d specs for one netns; at most %d are allowed", ErrSpec, len(specs), MaxPerTarget)
+	}
+	rules := make([]Rule, 0, len(specs))
+	seen := map[Dest]string{}
+	for _, s := range specs {
+		r, err := Parse(s)
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range r.Expand() {
+			if prev, dup := seen[e.Match]; dup {
+				return nil, fmt.Errorf("%w %q: %s is already redirected by %q; keep one of them", ErrSpec, s, dest(e.Match), prev)
+			}
+			seen[e.Match] = s
+		}
+		rules = append(rules, r)
+	}
+	return rules, nil
+}
+
+// Expand lists the kernel entries of a rule. A v4 FROM address also matches
+// its v4-mapped form on dual-stack AF_INET6 sockets.
+func (r Rule) Expand() []Expansion {
+	to := r.To
+	var out []Expansion
+	add := func(match netip.Addr, to netip.Addr) {
+		out = append(out, Expansion{Match: Dest{match, r.FromPort}, To: to, ToPort: r.ToPort})
+	}
+	mapped := func(a netip.Addr) netip.Addr {
+		if !a.IsValid() {
+			return a
+		}
+		return netip.AddrFrom16(a.As16())
+	}
+	switch {
+	case !r.From.IsValid():
+		v4 := to.Unmap()
+		add(loopback4, v4)
+		add(loopback4Mapped, mapped(v4))
+		if !to.IsValid() {
+			// A v4 TO_ADDR cannot be reached from a v6-only ::1 dial.
+			add(loopback6, netip.Addr{})
+		}
+	case r.From.Unmap().Is4():
+		v4 := to.Unmap()
+		add(r.From.Unmap(), v4)
+		add(mapped(r.From.Unmap()), mapped(v4))
+	default:
+		add(r.From, to)
+	}
+	return out
+}
+
+// String formats a rule back into spec syntax; Parse(r.String()) == r.
+func (r Rule) String() string {
+	return end(r.From, r.FromPort) + "=" + end(r.To, r.ToPort)
+}
+
+func end(a netip.Addr, port uint16) string {
+	p := strconv.Itoa(int(port))
+	switch {
+	case !a.IsValid():
+		return p
+	case a.Is4():
+		return a.String() + ":" + p
+	default:
+		return "[" + a.String() + "]:" + p
+	}
+}
+
+func dest(d Dest) string { return end(d.Addr, d.Port) }
+
+func parseEnd(s string) (netip.Addr, uint16, error) {
+	if s == "" {
+		return netip.Addr{}, 0, errors.New("empty; want PORT or ADDR:PORT")
+	}
+	var addrText, portText string
+	switch {
+	case strings.HasPrefix(s, "["):
+		i := strings.Index(s, "]")
+		if i < 0 || i+1 >= len(s) || s[i+1] != ':' {
+			return netip.Addr{}, 0, fmt.Errorf("%q: an IPv6 address needs the form [ADDR]:PORT", s)
+		}
+		addrText, portText = s[1:i], s[i+2:]
+	case strings.Count(s, ":") == 1:
+		addrText, portText, _ = strings.Cut(s, ":")
+	case strings.Contains(s, ":"):
+		return netip.Addr{}, 0, fmt.Errorf("%q: put IPv6 addresses in brackets, e.g. [::1]:80", s)
+	default:
+		portText = s
+	}
+	port, err := parsePort(portText)
+	if err != nil {
+		return netip.Addr{}, 0, err
+	}
+	if addrText == "" && strings.ContainsAny(s, ":[") {
+		return netip.Addr{}, 0, fmt.Errorf("%q: empty address; omit the colon to mean loopback", s)
+	}
+	if addrText == "" {
+		return netip.Addr{}, port, nil
+	}
+	addr, err := netip.ParseAddr(addrText)
+	if err != nil || addr.Zone() != "" {
+		return netip.Addr{}, 0, fmt.Errorf("%q is not an IP address", addrText)
+	}
+	if strings.HasPrefix(s, "[") && addr.Is4() {
+		return netip.Addr{}, 0, fmt.Errorf("%q: write IPv4 addresses without brackets", s)
+	}
+	if !addr.Unmap().IsLoopback() {
+		return netip.Addr{}, 0, fmt.Errorf("%s is not a loopback address; nsredirect only redirects 127.0.0.0/8 and ::1", addr)
+	}
+	if addr.Is4In6() {
+		// ::ffff:127.0.0.1 is matched through its IPv4 form.
+		addr = addr.Unmap()
+	}
+	return addr, port, nil
+}
+
+func parsePort(s string) (uint16, error) {
+	if s == "" {
+		return 0, errors.New("missing port")
+	}
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return 0, fmt.Errorf("port %q is not a number from 1 to 65535", s)
+		}
+	}
+	n, err := strconv.ParseUint(s, 10, 16)
+	if err != nil || n == 0 {
+		return 0, fmt.Errorf("port %q is not a number from 1 to 65535", s)
+	}
+	return uint16(n), nil
+}
+
+func specErr(spec, why string) error {
+	return fmt.Errorf("%w %q: %s", ErrSpec, spec, why)
+}

@@ -1,0 +1,169 @@
+package rule
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+var a = netip.MustParseAddr
+
+func TestParse(t *testing.T) {
+	for _, tc := range []struct {
+		spec string
+		want Rule
+	}{
+		{"80=3210", Rule{FromPort: 80, ToPort: 3210}},
+		{" 80=3210 ", Rule{FromPort: 80, ToPort: 3210}},
+		{"127.0.0.1:80=3210", Rule{From: a("127.0.0.1"), FromPort: 80, ToPort: 3210}},
+		{"127.0.0.2:80=127.0.0.1:3210", Rule{From: a("127.0.0.2"), FromPort: 80, To: a("127.0.0.1"), ToPort: 3210}},
+		{"[::1]:80=3210", Rule{From: a("::1"), FromPort: 80, ToPort: 3210}},
+		{"[::1]:80=[::1]:3210", Rule{From: a("::1"), FromPort: 80, To: a("::1"), ToPort: 3210}},
+		{"[::ffff:127.0.0.1]:80=3210", Rule{From: a("127.0.0.1"), FromPort: 80, ToPort: 3210}},
+		{"80=127.0.0.1:3210", Rule{FromPort: 80, To: a("127.0.0.1"), ToPort: 3210}},
+		{"1=65535", Rule{FromPort: 1, ToPort: 65535}},
+		{"127.0.0.1:80=127.0.0.1:81", Rule{From: a("127.0.0.1"), FromPort: 80, To: a("127.0.0.1"), ToPort: 81}},
+	} {
+		got, err := Parse(tc.spec)
+		if err != nil {
+			t.Errorf("Parse(%q): %v", tc.spec, err)
+			continue
+		}
+		if got != tc.want {
+			t.Errorf("Parse(%q) = %+v, want %+v", tc.spec, got, tc.want)
+		}
+	}
+}
+
+func TestParseRejects(t *testing.T) {
+	for _, tc := range []struct{ spec, mention string }{
+		{"", "want [FROM_ADDR:]FROM_PORT"},
+		{"80", "want [FROM_ADDR:]FROM_PORT"},
+		{"80=3210=1", "want [FROM_ADDR:]FROM_PORT"},
+		{"=3210", "from side"},
+		{"80=", "to side"},
+		{"0=3210", `"0"`},
+		{"80=65536", `"65536"`},
+		{"-1=80", `"-1"`},
+		{"+80=3210", `"+80"`},
+		{"80=32x0", `"32x0"`},
+		{"http=3210", `"http"`},
+		{"80=80", "to itself"},
+		{"::1:80=3210", "brackets"},
+		{"[::1]80=3210", "[ADDR]:PORT"},
+		{"[127.0.0.1]:80=3210", "without brackets"},
+		{"10.0.0.1:80=3210", "not a loopback"},
+		{"80=192.168.1.1:3210", "not a loopback"},
+		{"[fe80::1%eth0]:80=3210", "not an IP"},
+		{"localhost:80=3210", "not an IP"},
+		{"127.0.0.1:80=[::1]:3210", "IPv4 and IPv6"},
+		{"[::1]:80=127.0.0.1:3210", "IPv4 and IPv6"},
+		{"80=[::1]:3210", "IPv6 TO_ADDR"},
+		{":80=3210", "empty address"},
+	} {
+		_, err := Parse(tc.spec)
+		if err == nil {
+			t.Errorf("Parse(%q) accepted a bad spec", tc.spec)
+			continue
+		}
+		if !errors.Is(err, ErrSpec) {
+			t.Errorf("Parse(%q) error %v does not wrap ErrSpec", tc.spec, err)
+		}
+		if msg := err.Error(); !strings.Contains(msg, tc.mention) || !strings.Contains(msg, tc.spec) || strings.Contains(msg, "\n") {
+			t.Errorf("Parse(%q) error %q: want one line naming the spec and %q", tc.spec, msg, tc.mention)
+		}
+	}
+}
+
+func TestExpand(t *testing.T) {
+	d := func(s string, p uint16) Dest { return Dest{a(s), p} }
+	for _, tc := range []struct {
+		spec string
+		want []Expansion
+	}{
+		{"80=3210", []Expansion{
+			{d("127.0.0.1", 80), netip.Addr{}, 3210},
+			{d("::ffff:127.0.0.1", 80), netip.Addr{}, 3210},
+			{d("::1", 80), netip.Addr{}, 3210},
+		}},
+		{"80=127.0.0.2:3210", []Expansion{
+			{d("127.0.0.1", 80), a("127.0.0.2"), 3210},
+			{d("::ffff:127.0.0.1", 80), a("::ffff:127.0.0.2"), 3210},
+		}},
+		{"127.0.0.5:80=3210", []Expansion{
+			{d("127.0.0.5", 80), netip.Addr{}, 3210},
+			{d("::ffff:127.0.0.5", 80), netip.Addr{}, 3210},
+		}},
+		{"[::1]:80=[::1]:3210", []Expansion{{d("::1", 80), a("::1"), 3210}}},
+	} {
+		r, err := Parse(tc.spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := r.Expand()
+		if len(got) != len(tc.want) {
+			t.Fatalf("%s: Expand() = %v, want %v", tc.spec, got, tc.want)
+		}
+		for i := range got {
+			if got[i] != tc.want[i] {
+				t.Errorf("%s: Expand()[%d] = %v, want %v", tc.spec, i, got[i], tc.want[i])
+			}
+		}
+	}
+}
+
+func TestParseList(t *testing.T) {
+	rules, err := ParseList("80=3210, 443=3211,")
+	if err != nil || len(rules) != 2 || rules[1].FromPort != 443 {
+		t.Fatalf("ParseList = %v, %v", rules, err)
+	}
+	for _, bad := range []string{"", " , ", "80=3210,80=3211", "80=3210,127.0.0.1:80=9", "80=3210,x"} {
+		if _, err := ParseList(bad); !errors.Is(err, ErrSpec) {
+			t.Errorf("ParseList(%q) = %v, want ErrSpec", bad, err)
+		}
+	}
+	// Different loopback addresses on the same port do not collide.
+	if _, err := ParseList("127.0.0.1:80=3210,127.0.0.2:80=3211,[::1]:80=3212"); err != nil {
+		t.Errorf("distinct sources refused: %v", err)
+	}
+	many := strings.Repeat("1=2,", MaxPerTarget) + "3=4"
+	if _, err := ParseList(many); !errors.Is(err, ErrSpec) {
+		t.Errorf("%d specs accepted, limit is %d", MaxPerTarget+1, MaxPerTarget)
+	}
+}
+
+// FuzzParse checks that Parse never panics, that every accepted rule is
+// loopback-only, prints back to an equal rule and expands to 1-3 entries.
+// The seed corpus runs in every `go test`.
+func FuzzParse(f *testing.F) {
+	for _, s := range []string{"80=3210", "[::1]:80=3210", "127.0.0.1:80=127.0.0.2:3210", "[::ffff:127.0.0.1]:80=3210",
+		"80=", "=", "[", "[]:1=2", "1=[::1]:2", "65535=1", "0=0", "127.0.0.1:1=::1", "80=3210,81=1"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		r, err := Parse(s)
+		if err != nil {
+			if !errors.Is(err, ErrSpec) || strings.Contains(err.Error(), "\n") {
+				t.Fatalf("Parse(%q): bad error %q", s, err)
+			}
+			return
+		}
+		if r.FromPort == 0 || r.ToPort == 0 {
+			t.Fatalf("Parse(%q) accepted port 0: %+v", s, r)
+		}
+		back, err := Parse(r.String())
+		if err != nil || back != r {
+			t.Fatalf("Parse(%q) = %+v, but Parse(%q) = %+v, %v", s, r, r.String(), back, err)
+		}
+		exp := r.Expand()
+		if len(exp) < 1 || len(exp) > 3 {
+			t.Fatalf("Parse(%q).Expand() has %d entries", s, len(exp))
+		}
+		for _, e := range exp {
+			if !e.Match.Addr.Unmap().IsLoopback() || e.To.IsValid() && !e.To.Unmap().IsLoopback() {
+				t.Fatalf("Parse(%q) expands to non-loopback %+v", s, e)
+			}
+		}
+	})
+}
