@@ -674,3 +674,32 @@ func putCString(dst []int8, s string) {
 	}
 }
 
+// RemoveOrphans removes enrollments that mode owner left behind when its
+// process died and that keep does not claim: a discovery mode calls it after
+// its first full listing, so a netns that went away while no daemon ran does
+// not keep rules. Enrollments of live owners and of other modes are never
+// touched.
+func (l *Loader) RemoveOrphans(owner string, keep func(Record) bool) ([]Record, error) {
+	lk, err := lockDir(l.dir, lockEx, false)
+	if err != nil {
+		return nil, err
+	}
+	defer lk.unlock()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	recs, err := l.records()
+	if err != nil {
+		return nil, err
+	}
+	var removed []Record
+	for _, r := range recs {
+		if r.Owner != owner || r.OwnerAlive || keep(r) {
+			continue
+		}
+		if err := l.unenroll(r.Cookie); err != nil {
+			return removed, err
+		}
+		removed = append(removed, r)
+	}
+	return removed, nil
+}
