@@ -198,8 +198,8 @@ func BPFFS(t testing.TB) string {
 
 // Proc is a process started by a test; it is ended (by its pid) at cleanup.
 type Proc struct {
-	Cmd *exec.Cmd
-	out *syncBuffer
+	Cmd  *exec.Cmd
+	out  *syncBuffer
 	done chan struct{}
 	err  error
 }
