@@ -127,9 +127,9 @@ func printUsage(w io.Writer) {
 // usage dump.
 func flagSet(name string, io IO) *flag.FlagSet {
 	fs := flag.NewFlagSet("nsredirect "+name, flag.ContinueOnError)
-	fs.SetOutput(io.Stderr)
 	fs.Usage = func() {
 		fmt.Fprintf(io.Stderr, "Usage: nsredirect %s [flags]\n", name)
+		fs.SetOutput(io.Stderr)
 		fs.PrintDefaults()
 	}
 	return fs
@@ -137,9 +137,12 @@ func flagSet(name string, io IO) *flag.FlagSet {
 
 // parse parses args, then fills every flag not given from NSREDIRECT_<NAME>.
 func parse(fs *flag.FlagSet, args []string, getenv Env) error {
-	fs.SetOutput(io.Discard) // errors are reported once, by Main
+	usage := fs.Usage
+	fs.Usage = func() {} // errors are reported once, by Main, on one line
+	fs.SetOutput(io.Discard)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			usage()
 			return err
 		}
 		return usagef("%v; see `nsredirect %s --help`", err, strings.TrimPrefix(fs.Name(), "nsredirect "))

@@ -154,7 +154,7 @@ func serve(ctx context.Context, kf *kernelFlags, owner string, log *logrus.Logge
 	errc := make(chan error, 2)
 	if ln != nil {
 		reg := metrics.Registry(d.Snapshot, Version)
-		go func() { errc <- metrics.Serve(ctx, ln, reg, func() error { return nil }, d.Ready) }()
+		go func() { errc <- metrics.Serve(ctx, ln, reg, kernel.Intact, d.Ready) }()
 		log.WithField("addr", ln.Addr().String()).Info("serving /metrics, /healthz, /readyz")
 	}
 	if loop != nil {
@@ -175,6 +175,11 @@ func serve(ctx context.Context, kf *kernelFlags, owner string, log *logrus.Logge
 				running = false
 			}
 		case <-tick.C:
+			if err := kernel.Intact(); err != nil {
+				runErr = err
+				running = false
+				break
+			}
 			_ = d.Resync() // failures are logged once by the daemon
 		}
 	}

@@ -345,6 +345,9 @@ func (l *Loader) putRules(cookie uint64, rules []rule.Rule, oldSpecs []string) (
 // Unenroll removes every rule of netns cookie and gives up its ownership.
 func (l *Loader) Unenroll(cookie uint64) error {
 	lk, err := lockDir(l.dir, lockEx, false)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // `cleanup --all` removed everything already
+	}
 	if err != nil {
 		return err
 	}
@@ -376,6 +379,21 @@ func (l *Loader) unenroll(cookie uint64) error {
 		delete(l.owned, cookie)
 	}
 	_ = os.Remove(ownerPath(l.dir, cookie))
+	return nil
+}
+
+// Intact reports whether the pinned programs and maps are still in place;
+// `nsredirect cleanup --all` removes them from under running daemons.
+func (l *Loader) Intact() error {
+	paths := []string{filepath.Join(l.dir, bpfobj.RedirectMapNsrEnroll), filepath.Join(l.dir, bpfobj.RedirectMapNsrRules)}
+	for _, h := range hooks {
+		paths = append(paths, filepath.Join(l.dir, "link_"+h.name))
+	}
+	for _, p := range paths {
+		if _, err := os.Stat(p); err != nil {
+			return fmt.Errorf("pinned state was removed from under this daemon (%s: %v), e.g. by `nsredirect cleanup --all`; restart it to attach again", p, err)
+		}
+	}
 	return nil
 }
 
