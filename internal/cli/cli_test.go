@@ -1,0 +1,70 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+)
+
+func run(t *testing.T, env map[string]string, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code := Main(context.Background(), args, IO{Stdout: &out, Stderr: &errOut, Getenv: func(k string) string { return env[k] }})
+	return code, out.String(), errOut.String()
+}
+
+// Usage errors are found before any privilege or kernel check, so these run
+// anywhere.
+func TestUsageErrors(t *testing.T) {
+	for _, tc := range []struct {
+		env     map[string]string
+		args    []string
+		mention string
+	}{
+		{nil, []string{"nope"}, `"nope"`},
+		{nil, []string{"run"}, "--netns is required"},
+		{nil, []string{"run", "--netns", "self"}, "--redirect is required"},
+		{nil, []string{"run", "--netns", "self", "--redirect", "80"}, `"80"`},
+		{nil, []string{"run", "--netns", "pid:-1", "--redirect", "80=1"}, `"pid:-1"`},
+		{nil, []string{"run", "--netns", "netns1", "--redirect", "80=1"}, `"netns1"`},
+		{nil, []string{"run", "--netns", "self", "--redirect", "80=1", "--log-format", "xml"}, `"xml"`},
+		{nil, []string{"run", "--netns", "self", "--redirect", "80=1", "--bogus"}, "-bogus"},
+		{map[string]string{"NSREDIRECT_NETNS": "self", "NSREDIRECT_REDIRECT": "80=1,81=0"}, []string{"run"}, `"81=0"`},
+		{map[string]string{"NSREDIRECT_LOG_LEVEL": "loud"}, []string{"run", "--netns", "self", "--redirect", "80=1"}, `"loud"`},
+		{nil, []string{"status", "--json=maybe"}, "maybe"},
+		{nil, []string{"check", "--netns", "self", "--dial", "nohost"}, `"nohost"`},
+		{nil, []string{"version", "extra"}, `"extra"`},
+	} {
+		code, _, stderr := run(t, tc.env, tc.args...)
+		if code != ExitUsage {
+			t.Errorf("%v: exit %d, want %d (%s)", tc.args, code, ExitUsage, stderr)
+		}
+		if !strings.Contains(stderr, tc.mention) || strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
+			t.Errorf("%v: stderr %q: want one line mentioning %q", tc.args, stderr, tc.mention)
+		}
+	}
+}
+
+func TestEnvFallbackAndFlagPrecedence(t *testing.T) {
+	// The flag wins over the environment: the error names the flag's value.
+	code, _, stderr := run(t, map[string]string{"NSREDIRECT_REDIRECT": "garbage"}, "run", "--netns", "self", "--redirect", "80=0")
+	if code != ExitUsage || !strings.Contains(stderr, `"80=0"`) || strings.Contains(stderr, "garbage") {
+		t.Errorf("flag did not override env: %d %s", code, stderr)
+	}
+}
+
+func TestHelpAndVersion(t *testing.T) {
+	if code, _, stderr := run(t, nil, "help"); code != ExitOK || !strings.Contains(stderr, "nsredirect run") {
+		t.Errorf("help: %d %s", code, stderr)
+	}
+	if code, _, stderr := run(t, nil, "run", "--help"); code != ExitOK || !strings.Contains(stderr, "-redirect") {
+		t.Errorf("run --help: %d %s", code, stderr)
+	}
+	if code, out, _ := run(t, nil, "version"); code != ExitOK || !strings.HasPrefix(out, "nsredirect ") {
+		t.Errorf("version: %d %q", code, out)
+	}
+	if code, _, _ := run(t, nil); code != ExitUsage {
+		t.Errorf("no args: exit %d", code)
+	}
+}

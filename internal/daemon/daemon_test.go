@@ -1,0 +1,140 @@
+package daemon
+
+import (
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/nsredirect/nsredirect/internal/loader"
+	"github.com/nsredirect/nsredirect/internal/netnsx"
+	"github.com/nsredirect/nsredirect/internal/rule"
+	"github.com/nsredirect/nsredirect/internal/testenv"
+)
+
+// fakeKernel records what the daemon asks of the loader.
+type fakeKernel struct {
+	mu       sync.Mutex
+	enrolled map[uint64]loader.Enrollment
+	released map[uint64]bool
+	fail     map[string]error // by enrollment name
+}
+
+func newFake() *fakeKernel {
+	return &fakeKernel{enrolled: map[uint64]loader.Enrollment{}, released: map[uint64]bool{}, fail: map[string]error{}}
+}
+
+func (k *fakeKernel) Enroll(e loader.Enrollment) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if err := k.fail[e.Name]; err != nil {
+		return err
+	}
+	k.enrolled[e.Cookie] = e
+	return nil
+}
+
+func (k *fakeKernel) Unenroll(c uint64) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	delete(k.enrolled, c)
+	return nil
+}
+
+func (k *fakeKernel) Release(c uint64) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.released[c] = true
+}
+
+func (k *fakeKernel) Redirects(_ uint64, n int) []uint64 { return make([]uint64, n) }
+
+func rules(t *testing.T, s string) []rule.Rule {
+	r, err := rule.ParseList(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func quiet() logrus.FieldLogger {
+	l := logrus.New()
+	l.SetLevel(logrus.PanicLevel)
+	return l
+}
+
+func TestReconcileAddUpdateRemove(t *testing.T) {
+	a, b := testenv.NewNetns(t), testenv.NewNetns(t)
+	k := newFake()
+	d := New(k, "test", quiet())
+
+	err := d.Reconcile([]Target{{Name: "a", Netns: a.Target(), Rules: rules(t, "80=3210")}, {Name: "b", Netns: b.Target(), Rules: rules(t, "80=3211")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, cb := a.Cookie(t), b.Cookie(t)
+	if len(k.enrolled) != 2 || k.enrolled[ca].Name != "a" || k.enrolled[cb].Rules[0].ToPort != 3211 || k.enrolled[ca].Owner != "test" {
+		t.Fatalf("enrolled %+v", k.enrolled)
+	}
+	if err := d.Ready(); err != nil {
+		t.Errorf("Ready: %v", err)
+	}
+	// Update a's rules, drop b.
+	if err := d.Reconcile([]Target{{Name: "a", Netns: a.Target(), Rules: rules(t, "80=4000,443=4001")}}); err != nil {
+		t.Fatal(err)
+	}
+	if len(k.enrolled) != 1 || len(k.enrolled[ca].Rules) != 2 {
+		t.Fatalf("after update: %+v", k.enrolled)
+	}
+	if got := d.Snapshot(); len(got.Rules) != 2 || got.Rules[0].Netns != "a" {
+		t.Errorf("snapshot %+v", got)
+	}
+	if err := d.Shutdown(false); err != nil || len(k.enrolled) != 0 {
+		t.Fatalf("shutdown: %v, left %+v", err, k.enrolled)
+	}
+}
+
+func TestFailureIsolatedAndCounted(t *testing.T) {
+	a := testenv.NewNetns(t)
+	k := newFake()
+	k.fail["bad"] = errors.New("boom")
+	d := New(k, "test", quiet())
+	missing, _ := netnsx.ParseTarget("/run/netns/nsr-missing-for-test")
+	err := d.Reconcile([]Target{
+		{Name: "good", Netns: a.Target(), Rules: rules(t, "80=3210")},
+		{Name: "bad", Netns: a.Target(), Rules: rules(t, "81=3210")},
+		{Name: "gone", Netns: missing, Rules: rules(t, "80=3210")},
+	})
+	if err == nil || !strings.Contains(err.Error(), "boom") || !strings.Contains(err.Error(), "nsr-missing-for-test") {
+		t.Errorf("Reconcile error = %v; want both failures", err)
+	}
+	if e, ok := k.enrolled[a.Cookie(t)]; !ok || e.Name != "good" {
+		t.Errorf("good target not enrolled: %+v", k.enrolled)
+	}
+	if err := d.Ready(); err == nil || !strings.Contains(err.Error(), "bad") {
+		t.Errorf("Ready = %v; want it to name the failing targets", err)
+	}
+	_ = d.Resync() // the same failure again is counted once
+	s := d.Snapshot()
+	if s.EnrollErrors["bad"] != 1 || s.EnrollErrors["gone"] != 1 || s.EnrollErrors["good"] != 0 {
+		t.Errorf("enroll errors %+v", s.EnrollErrors)
+	}
+}
+
+func TestHandoverReleasesWithoutRemoving(t *testing.T) {
+	a := testenv.NewNetns(t)
+	k := newFake()
+	d := New(k, "test", quiet())
+	if err := d.Reconcile([]Target{{Name: "a", Netns: a.Target(), Rules: rules(t, "80=3210")}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Shutdown(true); err != nil {
+		t.Fatal(err)
+	}
+	c := a.Cookie(t)
+	if _, still := k.enrolled[c]; !still || !k.released[c] {
+		t.Errorf("handover: enrolled=%v released=%v; want rules kept and ownership released", k.enrolled, k.released)
+	}
+}
