@@ -167,3 +167,35 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseList is the label/annotation parser: comma-separated specs as
+// Docker labels and Kubernetes annotations carry them. It never panics,
+// every error is one line wrapping ErrSpec, and an accepted list has no two
+// rules matching the same destination.
+func FuzzParseList(f *testing.F) {
+	for _, s := range []string{"80=3210", "80=3210,443=3211", " 80=3210 , ", "80=3210,80=3211", ",,", "[::1]:80=3210,127.0.0.1:80=3211",
+		strings.Repeat("1=2,", 20), "80=3210,\n81=3211"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		rules, err := ParseList(s)
+		if err != nil {
+			if !errors.Is(err, ErrSpec) || strings.Contains(err.Error(), "\n") {
+				t.Fatalf("ParseList(%q): bad error %q", s, err)
+			}
+			return
+		}
+		if len(rules) == 0 || len(rules) > MaxPerTarget {
+			t.Fatalf("ParseList(%q) = %d rules", s, len(rules))
+		}
+		seen := map[Dest]bool{}
+		for _, r := range rules {
+			for _, e := range r.Expand() {
+				if seen[e.Match] {
+					t.Fatalf("ParseList(%q) accepted two rules for %v", s, e.Match)
+				}
+				seen[e.Match] = true
+			}
+		}
+	})
+}

@@ -1,0 +1,300 @@
+package integration
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/sirupsen/logrus"
+
+	"github.com/nsredirect/nsredirect/internal/loader"
+	"github.com/nsredirect/nsredirect/internal/rule"
+	"github.com/nsredirect/nsredirect/internal/testenv"
+)
+
+// dumpMaps renders every pinned map under pinDir as sorted hex lines, the
+// exact kernel state to compare.
+func dumpMaps(t *testing.T, pinDir string) string {
+	t.Helper()
+	var b strings.Builder
+	for _, name := range []string{"nsr_rules", "nsr_counters", "nsr_enroll"} {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, name), nil)
+		if err != nil {
+			t.Fatalf("open %s: %v", name, err)
+		}
+		var lines []string
+		var k, v []byte
+		var perCPU []uint64
+		it := m.Iterate()
+		if m.Type() == ebpf.PerCPUHash {
+			for it.Next(&k, &perCPU) {
+				lines = append(lines, fmt.Sprintf("%s %x=%v", name, k, perCPU))
+			}
+		} else {
+			for it.Next(&k, &v) {
+				lines = append(lines, fmt.Sprintf("%s %x=%x", name, k, v))
+			}
+		}
+		if err := it.Err(); err != nil {
+			t.Fatal(err)
+		}
+		m.Close()
+		sort.Strings(lines)
+		b.WriteString(strings.Join(lines, "\n"))
+		b.WriteString("\n")
+	}
+	entries, _ := os.ReadDir(filepath.Join(pinDir, "owners"))
+	for _, e := range entries {
+		fmt.Fprintf(&b, "owner %s\n", e.Name())
+	}
+	return b.String()
+}
+
+func quietLogger() logrus.FieldLogger {
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	return l
+}
+
+// TestChurnLeavesMapsAsTheyStarted: 1,000 enroll/unenroll cycles through the
+// loader leave the maps byte for byte as they were, with a rule of another
+// netns live throughout.
+func TestChurnLeavesMapsAsTheyStarted(t *testing.T) {
+	pin := testenv.BPFFS(t)
+	stay, churn := testenv.NewNetns(t), testenv.NewNetns(t)
+	testenv.Server(t, stay, ":3210")
+	l, err := loader.Attach(pin, testenv.RootCgroup(t), quietLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = l.Unenroll(stay.Cookie(t))
+		_, _ = l.RemoveAllIfUnused()
+		l.Close()
+	})
+	r1, _ := rule.ParseList("80=3210")
+	r2, _ := rule.ParseList("80=3210,127.0.0.2:443=127.0.0.1:3211,[::1]:8080=[::1]:3212")
+	if err := l.Enroll(loader.Enrollment{Cookie: stay.Cookie(t), Name: "stay", Owner: "test", Rules: r1}); err != nil {
+		t.Fatal(err)
+	}
+	before := dumpMaps(t, pin)
+	cookie := churn.Cookie(t)
+	start := time.Now()
+	for i := 0; i < 1000; i++ {
+		rules := r1
+		if i%2 == 1 {
+			rules = r2
+		}
+		if err := l.Enroll(loader.Enrollment{Cookie: cookie, Name: "churn", Owner: "test", Rules: rules}); err != nil {
+			t.Fatalf("cycle %d enroll: %v", i, err)
+		}
+		if i%3 == 0 { // also re-enroll in place with other rules
+			if err := l.Enroll(loader.Enrollment{Cookie: cookie, Name: "churn", Owner: "test", Rules: r2}); err != nil {
+				t.Fatalf("cycle %d update: %v", i, err)
+			}
+		}
+		if err := l.Unenroll(cookie); err != nil {
+			t.Fatalf("cycle %d unenroll: %v", i, err)
+		}
+	}
+	t.Logf("1000 enroll/unenroll cycles in %s", time.Since(start))
+	if after := dumpMaps(t, pin); after != before {
+		t.Errorf("maps differ after churn:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	if peer := hostPeer(stay, "127.0.0.1:80"); peer != "127.0.0.1:80" {
+		t.Errorf("the netns that stayed enrolled lost its redirect: %s", peer)
+	}
+}
+
+// TestConcurrentStarts: daemons started at the same instant for different
+// netns all end active (the lock serialises them); for the same netns
+// exactly one wins and the other says so and exits 1.
+func TestConcurrentStarts(t *testing.T) {
+	pin := testenv.BPFFS(t)
+	const n = 4
+	var nss []testenv.Netns
+	for i := 0; i < n; i++ {
+		ns := testenv.NewNetns(t)
+		testenv.Server(t, ns, ":3210")
+		nss = append(nss, ns)
+	}
+	procs := make([]*testenv.Proc, n)
+	var wg sync.WaitGroup
+	for i := range nss {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			procs[i] = testenv.StartNsredirect(t, pin, "run", "--netns", nss[i].Path, "--redirect", "80=3210")
+		}()
+	}
+	wg.Wait()
+	for i, p := range procs {
+		p.WaitOutput(t, "nsredirect running", 20*time.Second)
+		if peer := hostPeer(nss[i], "127.0.0.1:80"); peer != "127.0.0.1:80" {
+			t.Errorf("netns %d: %s", i, peer)
+		}
+	}
+	if got := len(status(t, pin)); got != n {
+		t.Errorf("status shows %d rules, want %d", got, n)
+	}
+
+	same := testenv.NewNetns(t)
+	testenv.Server(t, same, ":3210")
+	a := testenv.StartNsredirect(t, pin, "run", "--netns", same.Path, "--redirect", "80=3210")
+	b := testenv.StartNsredirect(t, pin, "run", "--netns", same.Path, "--redirect", "80=3210")
+	deadline := time.Now().Add(20 * time.Second)
+	for !a.Exited() && !b.Exited() && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	winner, loser := a, b
+	if a.Exited() {
+		winner, loser = b, a
+	}
+	code, err := loser.Wait(20 * time.Second)
+	if err != nil || code != 1 || !strings.Contains(loser.Output(), "already served") {
+		t.Errorf("loser: exit %d %v\n%s", code, err, loser.Output())
+	}
+	winner.WaitOutput(t, "nsredirect running", 20*time.Second)
+	if winner.Exited() {
+		t.Fatalf("both daemons for one netns exited:\n%s\n%s", a.Output(), b.Output())
+	}
+	if peer := hostPeer(same, "127.0.0.1:80"); peer != "127.0.0.1:80" {
+		t.Errorf("the winner's redirect does not work: %s", peer)
+	}
+}
+
+// socketsOf lists the sockets a process holds: "tcp LOCALADDR STATE" for
+// TCP ones, "socket" for others.
+func socketsOf(t *testing.T, pid int) []string {
+	t.Helper()
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	inodes := map[string]bool{}
+	for _, fd := range fds {
+		target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
+		if err == nil && strings.HasPrefix(target, "socket:[") {
+			inodes[strings.TrimSuffix(strings.TrimPrefix(target, "socket:["), "]")] = true
+		}
+	}
+	var out []string
+	for _, file := range []string{"tcp", "tcp6"} {
+		data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, file))
+		for _, line := range strings.Split(string(data), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) > 9 && inodes[f[9]] {
+				out = append(out, fmt.Sprintf("%s %s state=%s", file, f[1], f[3]))
+				delete(inodes, f[9])
+			}
+		}
+	}
+	for range inodes {
+		out = append(out, "socket")
+	}
+	sort.Strings(out)
+	return out
+}
+
+// TestNoSocketUnlessMetricsAsked: the daemon opens no socket at all without
+// --metrics-addr, and exactly one listener where asked with it.
+func TestNoSocketUnlessMetricsAsked(t *testing.T) {
+	pin := testenv.BPFFS(t)
+	a, b := testenv.NewNetns(t), testenv.NewNetns(t)
+	d := testenv.Daemon(t, pin, "run", "--netns", a.Path, "--redirect", "80=3210")
+	if s := socketsOf(t, d.Cmd.Process.Pid); len(s) != 0 {
+		t.Errorf("daemon without --metrics-addr holds sockets: %v", s)
+	}
+	dm := testenv.Daemon(t, pin, "run", "--netns", b.Path, "--redirect", "80=3210", "--metrics-addr", "127.0.0.1:0")
+	s := socketsOf(t, dm.Cmd.Process.Pid)
+	// 0100007F is 127.0.0.1; state 0A is LISTEN.
+	if len(s) != 1 || !strings.HasPrefix(s[0], "tcp 0100007F:") || !strings.HasSuffix(s[0], "state=0A") {
+		t.Errorf("daemon with --metrics-addr 127.0.0.1:0 holds %v; want one listener on 127.0.0.1", s)
+	}
+}
+
+// TestPinDirPrivate: nothing under the pin dir is writable by other users.
+func TestPinDirPrivate(t *testing.T) {
+	pin := testenv.BPFFS(t)
+	ns := testenv.NewNetns(t)
+	testenv.Daemon(t, pin, "run", "--netns", ns.Path, "--redirect", "80=3210")
+	err := filepath.Walk(pin, func(p string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		if fi.Mode().Perm()&0o022 != 0 {
+			t.Errorf("%s is writable by others: %s", p, fi.Mode())
+		}
+		if fi.IsDir() && fi.Mode().Perm()&0o007 != 0 {
+			t.Errorf("directory %s is open to others: %s", p, fi.Mode())
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestLeastPrivilege runs the daemon with only the capabilities the README
+// lists, then with each of them missing.
+func TestLeastPrivilege(t *testing.T) {
+	pin := testenv.BPFFS(t)
+	ns := testenv.NewNetns(t)
+	testenv.Server(t, ns, ":3210")
+	setpriv := testenv.Tool(t, "setpriv")
+	bin := testenv.Binary(t, "NSREDIRECT_BIN", "github.com/nsredirect/nsredirect/cmd/nsredirect")
+	caps := []string{"bpf", "net_admin", "sys_admin"}
+	run := func(keep []string) *exec.Cmd {
+		set := "-all"
+		for _, c := range keep {
+			set += ",+" + c
+		}
+		return exec.Command(setpriv, "--inh-caps=-all", "--bounding-set="+set, "--",
+			bin, "run", "--netns", ns.Path, "--redirect", "80=3210", "--pin-dir", pin)
+	}
+	p := testenv.Start(t, run(caps))
+	p.WaitOutput(t, "nsredirect running", 20*time.Second)
+	eff, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.Cmd.Process.Pid))
+	for _, line := range strings.Split(string(eff), "\n") {
+		if strings.HasPrefix(line, "CapEff:") {
+			t.Logf("daemon runs with %s (CAP_BPF|CAP_NET_ADMIN|CAP_SYS_ADMIN = 0x0000008000201000)", line)
+			if !strings.HasSuffix(line, "0000008000201000") {
+				t.Errorf("unexpected effective capabilities: %s", line)
+			}
+		}
+	}
+	if peer := hostPeer(ns, "127.0.0.1:80"); peer != "127.0.0.1:80" {
+		t.Errorf("redirect with least privilege: %s", peer)
+	}
+	if err := p.Stop(15, 5*time.Second); err != nil {
+		t.Fatalf("stop: %v\n%s", err, p.Output())
+	}
+	for _, missing := range caps {
+		var keep []string
+		for _, c := range caps {
+			if c != missing {
+				keep = append(keep, c)
+			}
+		}
+		var out bytes.Buffer
+		cmd := run(keep)
+		cmd.Stdout, cmd.Stderr = &out, &out
+		err := cmd.Run()
+		ee, ok := err.(*exec.ExitError)
+		want := "CAP_" + strings.ToUpper(missing)
+		if !ok || ee.ExitCode() != 2 || !strings.Contains(out.String(), "missing "+want) {
+			t.Errorf("without %s: %v\n%s\nwant exit 2 naming %s", want, err, out.String(), want)
+		}
+	}
+	if _, err := os.Stat(pin); !os.IsNotExist(err) {
+		t.Errorf("pin dir left behind")
+	}
+}
