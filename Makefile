@@ -8,7 +8,7 @@ BIN := bin/nsredirect
 DEPS_STAMP := .cache/deps.stamp
 DEB_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl socat wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
 
-.PHONY: all build generate check-generate test test-unit test-privileged demo deps lint bench bench-quick image clean
+.PHONY: all build generate check-generate test test-unit test-privileged demo deps lint bench bench-quick image clean soak
 
 all: build
 
@@ -58,3 +58,9 @@ demo: deps build
 
 clean:
 	rm -rf bin .cache
+
+# Minutes of connect load in 20 netns with daemons killed and restarted and
+# netns coming and going (NSREDIRECT_SOAK_DURATION, default 5m).
+soak: deps build
+	NSREDIRECT_BIN=$(CURDIR)/$(BIN) DEMO_BACKEND_BIN=$(CURDIR)/bin/demo-backend \
+		$(GO) test -count=1 -tags soak -v -timeout 20m ./test/soak/

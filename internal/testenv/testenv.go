@@ -136,11 +136,23 @@ func NewNetns(t testing.TB) Netns {
 	}
 	n := Netns{Name: name, Path: filepath.Join("/run/netns", name)}
 	t.Cleanup(func() {
+		if _, err := os.Stat(n.Path); os.IsNotExist(err) {
+			return // the test deleted it
+		}
 		if err := netns.DeleteNamed(name); err != nil {
 			t.Errorf("delete netns %s: %v", name, err)
 		}
 	})
 	return n
+}
+
+// Delete removes the namespace's name now, as `ip netns del` does; the
+// namespace dies when nothing else holds it.
+func (n Netns) Delete(t testing.TB) {
+	t.Helper()
+	if err := netns.DeleteNamed(n.Name); err != nil {
+		t.Fatalf("delete netns %s: %v", n.Name, err)
+	}
 }
 
 // Cookie reads the netns cookie of n.
@@ -210,7 +222,8 @@ func Start(t testing.TB, cmd *exec.Cmd) *Proc {
 	p := &Proc{Cmd: cmd, out: &syncBuffer{}, done: make(chan struct{})}
 	cmd.Stdout = p.out
 	cmd.Stderr = p.out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// No Pdeathsig: it fires when the forking OS thread exits, and threads
+	// that entered a netns are discarded on purpose (netnsx.Target.Do).
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", cmd.Path, err)
 	}

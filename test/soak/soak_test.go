@@ -1,0 +1,319 @@
+//go:build soak
+
+// Package soak runs nsredirect daemons for minutes under connect load in 20
+// namespaces while some daemons are SIGKILLed and restarted and namespaces
+// come and go. Run with `sudo make soak` (NSREDIRECT_SOAK_DURATION, default
+// 5m). It is built only with -tags soak, so `make test` stays short.
+package soak
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/nsredirect/nsredirect/internal/testenv"
+)
+
+type stats struct {
+	fds        int
+	rssKB      int
+	threads    int
+	goroutines int
+}
+
+func procStats(t *testing.T, p *testenv.Proc, metricsURL string) stats {
+	t.Helper()
+	pid := p.Cmd.Process.Pid
+	var s stats
+	// Scrape first, so the scrape's own allocations are in both readings.
+	if metricsURL != "" {
+		c := net.Dialer{Timeout: 2 * time.Second}
+		conn, err := c.Dial("tcp", strings.TrimPrefix(metricsURL, "http://"))
+		if err == nil {
+			fmt.Fprintf(conn, "GET /metrics HTTP/1.0\r\n\r\n")
+			body := testenv.ReadAll(conn)
+			conn.Close()
+			for _, line := range strings.Split(body, "\n") {
+				if strings.HasPrefix(line, "go_goroutines ") {
+					s.goroutines, _ = strconv.Atoi(strings.Fields(line)[1])
+				}
+			}
+		}
+	}
+	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	s.fds = len(fds)
+	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, line := range strings.Split(string(status), "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) >= 2 && f[0] == "VmRSS:":
+			s.rssKB, _ = strconv.Atoi(f[1])
+		case len(f) >= 2 && f[0] == "Threads:":
+			s.threads, _ = strconv.Atoi(f[1])
+		}
+	}
+	return s
+}
+
+// serve listens on :3210 inside ns (the socket stays in the netns) and
+// accepts until the test ends.
+func serve(t *testing.T, ns testenv.Netns) net.Listener {
+	var ln net.Listener
+	if err := ns.Target().Do(func() error {
+		var err error
+		ln, err = net.Listen("tcp", ":3210")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	return ln
+}
+
+func metricsAddr(t *testing.T, p *testenv.Proc) string {
+	p.WaitOutput(t, "serving /metrics", 10*time.Second)
+	for _, line := range strings.Split(p.Output(), "\n") {
+		if i := strings.Index(line, `addr="127.0.0.1:`); i >= 0 {
+			return "http://" + strings.Trim(strings.Fields(line[i+len("addr="):])[0], `"`)
+		}
+	}
+	t.Fatal("no metrics addr")
+	return ""
+}
+
+func TestSoak(t *testing.T) {
+	dur := 5 * time.Minute
+	if v := os.Getenv("NSREDIRECT_SOAK_DURATION"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			t.Fatalf("NSREDIRECT_SOAK_DURATION=%q: %v", v, err)
+		}
+		dur = d
+	}
+	pin := testenv.BPFFS(t)
+	const stable, flappy = 10, 10
+	nss := make([]testenv.Netns, stable+flappy)
+	daemons := make([]*testenv.Proc, stable+flappy)
+	urls := make([]string, stable)
+	start := func(i int) *testenv.Proc {
+		args := []string{"run", "--netns", nss[i].Path, "--redirect", "80=3210"}
+		if i < stable {
+			args = append(args, "--metrics-addr", "127.0.0.1:0")
+		}
+		return testenv.Daemon(t, pin, args...)
+	}
+	for i := range nss {
+		nss[i] = testenv.NewNetns(t)
+		serve(t, nss[i])
+		daemons[i] = start(i)
+		if i < stable {
+			urls[i] = metricsAddr(t, daemons[i])
+		}
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), dur)
+	defer cancel()
+	var ok, failed atomic.Int64
+	var wg sync.WaitGroup
+	for i := range nss {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_ = nss[i].Target().Do(func() error {
+				for n := 0; n < 2_000_000 && ctx.Err() == nil; n++ {
+					addr := "127.0.0.1:80"
+					if n%2 == 1 {
+						addr = "[::1]:80"
+					}
+					c, err := net.DialTimeout("tcp", addr, time.Second)
+					if err != nil {
+						if failed.Add(1) <= 5 {
+							t.Logf("netns %d: connect %s: %v", i, addr, err)
+						}
+					} else {
+						c.Close()
+						ok.Add(1)
+					}
+					time.Sleep(2 * time.Millisecond)
+				}
+				return nil
+			})
+		}()
+	}
+
+	time.Sleep(min(5*time.Second, dur/10))
+	before := make([]stats, stable)
+	for i := range before {
+		before[i] = procStats(t, daemons[i], urls[i])
+	}
+
+	var kills, dropped int
+	var orphans []string
+	rng := rand.New(rand.NewPCG(1, 2))
+	for ctx.Err() == nil {
+		switch rng.IntN(3) {
+		case 0, 1: // SIGKILL a daemon and restart it: its successor adopts
+			i := stable + rng.IntN(flappy)
+			daemons[i].Kill()
+			daemons[i] = start(i)
+			kills++
+		case 2: // a netns that comes and goes
+			ns := testenv.NewNetns(t)
+			ln := serve(t, ns)
+			d := testenv.Daemon(t, pin, "run", "--netns", ns.Path, "--redirect", "80=3210")
+			if peer, err := ns.Dial("tcp", "127.0.0.1:80"); err != nil || peer != "127.0.0.1:80" {
+				t.Errorf("ephemeral netns: %s %v", peer, err)
+			}
+			if rng.IntN(2) == 0 {
+				// Deleted under a running daemon: it drops the rule itself.
+				ns.Delete(t)
+				ln.Close()
+				deadline := time.Now().Add(5 * time.Second)
+				for hasRow(t, pin, ns.Path) && time.Now().Before(deadline) {
+					time.Sleep(50 * time.Millisecond)
+				}
+				if hasRow(t, pin, ns.Path) {
+					t.Errorf("daemon kept the rule of deleted netns %s", ns.Path)
+				}
+				dropped++
+				if err := d.Stop(syscall.SIGTERM, 5*time.Second); err != nil {
+					t.Errorf("stop: %v", err)
+				}
+			} else {
+				// The daemon dies first: an orphan for `cleanup` to collect.
+				d.Kill()
+				ns.Delete(t)
+				ln.Close()
+				orphans = append(orphans, ns.Path)
+			}
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Duration(300+rng.IntN(700)) * time.Millisecond):
+		}
+	}
+	wg.Wait()
+
+	after := make([]stats, stable)
+	for i := range after {
+		after[i] = procStats(t, daemons[i], urls[i])
+	}
+	t.Logf("soak %s: %d connects ok, %d failed; %d kill -9 + restarts; %d netns deleted under a live daemon; %d orphaned",
+		dur, ok.Load(), failed.Load(), kills, dropped, len(orphans))
+	if failed.Load() != 0 {
+		t.Errorf("%d connects failed in live netns; want 0", failed.Load())
+	}
+	t.Logf("%-8s %12s %12s %12s %12s", "daemon", "fds", "rss KB", "threads", "goroutines")
+	for i := range before {
+		b, a := before[i], after[i]
+		t.Logf("%-8d %5d -> %-4d %5d -> %-6d %4d -> %-4d %4d -> %-4d", i, b.fds, a.fds, b.rssKB, a.rssKB, b.threads, a.threads, b.goroutines, a.goroutines)
+		if a.fds > b.fds {
+			t.Errorf("daemon %d: fds grew %d -> %d", i, b.fds, a.fds)
+		}
+		if a.goroutines > b.goroutines+3 {
+			t.Errorf("daemon %d: goroutines grew %d -> %d", i, b.goroutines, a.goroutines)
+		}
+		if a.rssKB > b.rssKB+4096 {
+			t.Errorf("daemon %d: RSS grew %d -> %d KB", i, b.rssKB, a.rssKB)
+		}
+	}
+
+	// GC: `cleanup` collects exactly the orphans; nothing of a dead netns stays.
+	rulesBefore := countEntries(t, pin)
+	code, out, errOut := testenv.Run(t, nil, "cleanup", "--pin-dir", pin)
+	if code != 0 || !strings.Contains(out, fmt.Sprintf("%d enrollment(s) removed", len(orphans))) {
+		t.Errorf("cleanup: exit %d\n%s%s\nwant %d removed", code, out, errOut, len(orphans))
+	}
+	rows := statusRows(t, pin)
+	if len(rows) != len(nss) {
+		t.Errorf("after GC %d rules enrolled, want %d: %+v", len(rows), len(nss), rows)
+	}
+	for _, r := range rows {
+		if !r.Alive {
+			t.Errorf("rule of %s has a dead owner after the soak", r.Netns)
+		}
+	}
+	for _, dead := range orphans {
+		if hasRow(t, pin, dead) {
+			t.Errorf("rule for dead netns %s survived GC", dead)
+		}
+	}
+	if got, want := countEntries(t, pin), 3*len(nss); got != want {
+		t.Errorf("nsr_rules holds %d entries after GC (%d before), want %d (3 per netns)", got, rulesBefore, want)
+	}
+	t.Logf("nsr_rules entries: %d before GC, %d after (20 netns x 3)", rulesBefore, countEntries(t, pin))
+
+	for _, d := range daemons {
+		if err := d.Stop(syscall.SIGTERM, 5*time.Second); err != nil {
+			t.Errorf("stop: %v", err)
+		}
+	}
+	if _, err := os.Stat(pin); !os.IsNotExist(err) {
+		t.Errorf("pins left after every daemon stopped")
+	}
+}
+
+type row struct {
+	Netns string `json:"netns"`
+	Alive bool   `json:"owner_alive"`
+}
+
+func statusRows(t *testing.T, pin string) []row {
+	t.Helper()
+	code, out, errOut := testenv.Run(t, nil, "status", "--json", "--pin-dir", pin)
+	if code != 0 {
+		t.Fatalf("status: %d %s", code, errOut)
+	}
+	var rows []row
+	if err := json.Unmarshal([]byte(out), &rows); err != nil {
+		t.Fatal(err)
+	}
+	return rows
+}
+
+func hasRow(t *testing.T, pin, name string) bool {
+	for _, r := range statusRows(t, pin) {
+		if r.Netns == name {
+			return true
+		}
+	}
+	return false
+}
+
+func countEntries(t *testing.T, pin string) int {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(pin, "nsr_rules"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	n := 0
+	var k, v []byte
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	return n
+}
