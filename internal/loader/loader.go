@@ -19,6 +19,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/bpfobj"
 	"github.com/nsredirect/nsredirect/internal/rule"
@@ -321,7 +322,7 @@ func (l *Loader) putRules(cookie uint64, rules []rule.Rule, oldSpecs []string) (
 			var cur bpfobj.RedirectRuleVal
 			existed := l.maps.NsrRules.Lookup(k, &cur) == nil
 			if err := l.maps.NsrRules.Put(k, v); err != nil {
-				if errors.Is(err, ebpf.ErrKeyNotExist) || strings.Contains(err.Error(), "argument list too long") {
+				if errors.Is(err, unix.E2BIG) {
 					return added, fmt.Errorf("rule map is full (%d entries): remove unused enrollments with `nsredirect cleanup`", l.maps.NsrRules.MaxEntries())
 				}
 				return added, fmt.Errorf("write rule %s: %w", r, err)
