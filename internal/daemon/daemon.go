@@ -27,6 +27,10 @@ type Target struct {
 	Name  string
 	Netns netnsx.Target
 	Rules []rule.Rule
+	// Err, when set, says why the source could not describe the target (a
+	// Docker label that does not parse): it is never enrolled, and the
+	// error is logged and counted like a failed enrollment.
+	Err error
 }
 
 // Kernel is what the daemon needs of the loader.
@@ -40,6 +44,7 @@ type Kernel interface {
 type live struct {
 	target Target
 	cookie uint64
+	id     netnsx.ID
 	specs  string
 }
 
@@ -124,6 +129,20 @@ func (d *Daemon) reconcile() error {
 
 func (d *Daemon) apply(t Target) error {
 	cur := d.live[t.Name]
+	if t.Err != nil {
+		if cur != nil {
+			_ = d.drop(cur)
+		}
+		return t.Err
+	}
+	specs := specsOf(t.Rules)
+	if cur != nil && cur.specs == specs {
+		// The common case, every resync: same namespace file, nothing to
+		// do. Entering the netns costs a thread, so only do it on change.
+		if id, err := t.Netns.Stat(); err == nil && id == cur.id {
+			return nil
+		}
+	}
 	cookie, id, err := t.Netns.Resolve()
 	if err != nil {
 		if cur != nil {
@@ -132,8 +151,8 @@ func (d *Daemon) apply(t Target) error {
 		}
 		return err
 	}
-	specs := specsOf(t.Rules)
 	if cur != nil && cur.cookie == cookie && cur.specs == specs {
+		cur.id = id
 		return nil
 	}
 	log := d.log.WithFields(logrus.Fields{"netns": t.Name, "cookie": cookie, "rule": specs})
@@ -146,7 +165,7 @@ func (d *Daemon) apply(t Target) error {
 		log.WithField("old_cookie", cur.cookie).Info("netns was replaced; following it")
 		_ = d.drop(cur)
 	}
-	d.live[t.Name] = &live{target: t, cookie: cookie, specs: specs}
+	d.live[t.Name] = &live{target: t, cookie: cookie, id: id, specs: specs}
 	log.Info("redirect live")
 	return nil
 }

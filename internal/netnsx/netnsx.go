@@ -32,10 +32,17 @@ type Target struct {
 	Path string
 }
 
-// ID identifies a namespace file by its nsfs inode, cheap to compare
-// without entering the namespace.
+// ID identifies a namespace by its nsfs inode, cheap to compare without
+// entering the namespace. Inode numbers of dead namespaces are reused, but
+// a new namespace always gets a new inode object, so the change time
+// tells a recreated namespace from the old one.
 type ID struct {
 	Dev, Ino uint64
+	Ctime    unix.Timespec
+}
+
+func idOf(st *unix.Stat_t) ID {
+	return ID{Dev: st.Dev, Ino: st.Ino, Ctime: st.Ctim}
 }
 
 // ParseTarget checks the syntax of a target; it does not open it.
@@ -66,7 +73,7 @@ func (t Target) Stat() (ID, error) {
 	if err := unix.Stat(t.Path, &st); err != nil {
 		return ID{}, t.openErr(err)
 	}
-	return ID{Dev: st.Dev, Ino: st.Ino}, nil
+	return idOf(&st), nil
 }
 
 // Resolve opens the target, checks it is a network namespace and returns
@@ -90,7 +97,7 @@ func (t Target) Resolve() (uint64, ID, error) {
 		if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 			return err
 		}
-		id = ID{Dev: st.Dev, Ino: st.Ino}
+		id = idOf(&st)
 		return nil
 	})
 	return cookie, id, err
