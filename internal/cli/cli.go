@@ -57,6 +57,7 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"run", "--netns TARGET --redirect SPEC [--redirect SPEC...]", "redirect loopback connects in one netns, in the foreground", runCmd},
+		{"docker", "[--docker-host unix:///var/run/docker.sock] [--label nsredirect.redirect]", "redirect in every running container labelled nsredirect.redirect=SPEC[,SPEC...]", dockerCmd},
 		{"check", "--netns TARGET [--dial ADDR:PORT]", "exit 0 when a rule for TARGET is live (healthcheck)", checkCmd},
 		{"status", "[--json]", "list live rules from the pinned state", statusCmd},
 		{"cleanup", "[--all]", "remove rules left by dead daemons (--all: everything of ours)", cleanupCmd},

@@ -28,11 +28,16 @@ func checkCmd(_ context.Context, io IO, args []string) error {
 	fs.StringVar(&netnsArg, "netns", "", "target netns: self, a path or pid:N")
 	fs.StringVar(&dial, "dial", "", "also connect to ADDR:PORT from inside the netns, e.g. 127.0.0.1:80")
 	fs.StringVar(&pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory of the pinned state")
+	var attached bool
+	fs.BoolVar(&attached, "attached", false, "without --netns: exit 0 when the programs are attached and pinned (healthcheck of `nsredirect docker`, which may serve no netns yet)")
 	if err := parse(fs, args, io.Getenv); err != nil {
 		return err
 	}
+	if netnsArg == "" && attached {
+		return checkAttached(io, pinDir)
+	}
 	if netnsArg == "" {
-		return usagef("--netns is required: self, /run/netns/NAME, /proc/PID/ns/net or pid:N")
+		return usagef("--netns is required: self, /run/netns/NAME, /proc/PID/ns/net or pid:N (or --attached)")
 	}
 	target, err := netnsx.ParseTarget(netnsArg)
 	if err != nil {
@@ -72,6 +77,22 @@ func checkCmd(_ context.Context, io IO, args []string) error {
 		}
 	}
 	fmt.Fprintf(io.Stdout, "ok: netns %s (%s): %s live, owner pid %d %s\n", target, rec.Name, strings.Join(rec.Specs, ","), rec.OwnerPID, aliveWord(rec.OwnerAlive))
+	return nil
+}
+
+func checkAttached(io IO, pinDir string) error {
+	l, err := loader.OpenPinned(pinDir, quietLog())
+	if err != nil {
+		if errors.Is(err, loader.ErrNotPinned) {
+			return fmt.Errorf("no nsredirect state at %s: no daemon has attached", pinDir)
+		}
+		return err
+	}
+	defer l.Close()
+	if err := l.Intact(); err != nil {
+		return err
+	}
+	fmt.Fprintf(io.Stdout, "ok: programs attached, state pinned at %s\n", pinDir)
 	return nil
 }
 

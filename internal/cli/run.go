@@ -114,16 +114,17 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 		name = "self@" + host
 	}
 	desired := []daemon.Target{{Name: name, Netns: target, Rules: rules}}
-	return serve(ctx, &kf, "run", log, func(d *daemon.Daemon) error { return d.Reconcile(desired) }, nil, nil)
+	return serve(ctx, &kf, "run", log, func(d *daemon.Daemon, _ *loader.Loader) error { return d.Reconcile(desired) }, nil, nil)
 }
 
 // serve is the life of every long-running mode: attach, enroll what start
-// says, serve metrics, resync until ctx ends, then remove this instance's
+// says (start gets the loader too, for a discovery mode's RemoveOrphans after
+// its first listing), serve metrics, resync until ctx ends, then remove this instance's
 // rules (or hand them over when handover says so) and, as the last instance
 // out, everything. loop, if given, runs alongside (a discovery mode's watch)
 // and ends the daemon with its error.
 func serve(ctx context.Context, kf *kernelFlags, owner string, log *logrus.Logger,
-	start func(*daemon.Daemon) error, loop func(context.Context, *daemon.Daemon) error, handover func() bool) error {
+	start func(*daemon.Daemon, *loader.Loader) error, loop func(context.Context, *daemon.Daemon) error, handover func() bool) error {
 	ln, err := kf.listenMetrics()
 	if err != nil {
 		return err
@@ -145,7 +146,7 @@ func serve(ctx context.Context, kf *kernelFlags, owner string, log *logrus.Logge
 		}
 		return errors.Join(err, kernel.Close())
 	}
-	if err := start(d); err != nil {
+	if err := start(d, kernel); err != nil {
 		return errors.Join(err, stop(false))
 	}
 

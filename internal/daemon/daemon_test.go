@@ -138,3 +138,24 @@ func TestHandoverReleasesWithoutRemoving(t *testing.T) {
 		t.Errorf("handover: enrolled=%v released=%v; want rules kept and ownership released", k.enrolled, k.released)
 	}
 }
+
+func TestTargetErrIsCountedNotEnrolled(t *testing.T) {
+	a := testenv.NewNetns(t)
+	k := newFake()
+	d := New(k, "test", quiet())
+	_, badErr := rule.ParseList("80=99999")
+	err := d.Reconcile([]Target{
+		{Name: "good", Netns: a.Target(), Rules: rules(t, "80=3210")},
+		{Name: "badlabel", Netns: a.Target(), Err: badErr},
+	})
+	if err == nil || !strings.Contains(err.Error(), "99999") {
+		t.Errorf("Reconcile error = %v; want the bad label's", err)
+	}
+	if len(k.enrolled) != 1 || k.enrolled[a.Cookie(t)].Name != "good" {
+		t.Errorf("enrolled %+v; want only the good target", k.enrolled)
+	}
+	_ = d.Resync()
+	if s := d.Snapshot(); s.EnrollErrors["badlabel"] != 1 || s.EnrollErrors["good"] != 0 {
+		t.Errorf("enroll errors %+v; want badlabel counted once", s.EnrollErrors)
+	}
+}

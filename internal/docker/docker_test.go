@@ -1,0 +1,328 @@
+package docker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/nsredirect/nsredirect/internal/daemon"
+)
+
+// fakeEngine is a Docker Engine API on a unix socket: enough of /version,
+// /containers/json, /containers/{id}/json and /events to drive a Watcher.
+type fakeEngine struct {
+	t          *testing.T
+	apiVersion string
+	socket     string
+	srv        *http.Server
+
+	mu         sync.Mutex
+	containers map[string]Inspected
+	paths      []string      // request paths seen, e.g. /v1.41/containers/json
+	filters    []string      // filters of the requests seen
+	events     chan Event    // delivered to the current /events subscriber
+	dropStream chan struct{} // closes the current /events stream
+}
+
+func newFakeEngine(t *testing.T, apiVersion string) *fakeEngine {
+	t.Helper()
+	dir := t.TempDir()
+	e := &fakeEngine{
+		t: t, apiVersion: apiVersion, socket: filepath.Join(dir, "docker.sock"),
+		containers: map[string]Inspected{}, events: make(chan Event, 16), dropStream: make(chan struct{}, 1),
+	}
+	ln, err := net.Listen("unix", e.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", e.serve)
+	e.srv = &http.Server{Handler: mux, ReadHeaderTimeout: time.Second}
+	go func() { _ = e.srv.Serve(ln) }()
+	t.Cleanup(func() { _ = e.srv.Close() })
+	return e
+}
+
+func (e *fakeEngine) add(id, name string, pid int, labels map[string]string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var in Inspected
+	in.ID, in.Name, in.State.Running, in.State.Pid, in.Config.Labels = id, "/"+name, pid > 0, pid, labels
+	e.containers[id] = in
+}
+
+func (e *fakeEngine) remove(id string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	delete(e.containers, id)
+}
+
+func (e *fakeEngine) seen() ([]string, []string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]string(nil), e.paths...), append([]string(nil), e.filters...)
+}
+
+func (e *fakeEngine) serve(w http.ResponseWriter, r *http.Request) {
+	e.mu.Lock()
+	e.paths = append(e.paths, r.URL.Path)
+	if f := r.URL.Query().Get("filters"); f != "" {
+		e.filters = append(e.filters, f)
+	}
+	e.mu.Unlock()
+	path := r.URL.Path
+	if path == "/version" {
+		fmt.Fprintf(w, `{"Version":"fake","ApiVersion":%q,"MinAPIVersion":"1.12"}`, e.apiVersion)
+		return
+	}
+	path = strings.TrimPrefix(path, "/v"+e.apiVersion)
+	path = strings.TrimPrefix(path, "/v"+MaxAPIVersion)
+	switch {
+	case path == "/containers/json":
+		var f map[string][]string
+		_ = json.Unmarshal([]byte(r.URL.Query().Get("filters")), &f)
+		e.mu.Lock()
+		var out []Container
+		for id, c := range e.containers {
+			if _, ok := c.Config.Labels[f["label"][0]]; ok && c.State.Running {
+				out = append(out, Container{ID: id, Names: []string{c.Name}, Labels: c.Config.Labels, State: "running"})
+			}
+		}
+		e.mu.Unlock()
+		_ = json.NewEncoder(w).Encode(out)
+	case strings.HasPrefix(path, "/containers/") && strings.HasSuffix(path, "/json"):
+		id := strings.TrimSuffix(strings.TrimPrefix(path, "/containers/"), "/json")
+		e.mu.Lock()
+		c, ok := e.containers[id]
+		e.mu.Unlock()
+		if !ok {
+			w.WriteHeader(http.StatusNotFound)
+			fmt.Fprintf(w, `{"message":"No such container: %s"}`, id)
+			return
+		}
+		_ = json.NewEncoder(w).Encode(c)
+	case path == "/events":
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		enc := json.NewEncoder(w)
+		for {
+			select {
+			case <-r.Context().Done():
+				return
+			case <-e.dropStream:
+				return
+			case ev := <-e.events:
+				_ = enc.Encode(ev)
+				w.(http.Flusher).Flush()
+			}
+		}
+	default:
+		w.WriteHeader(http.StatusNotFound)
+		fmt.Fprintf(w, `{"message":"page not found: %s"}`, r.URL.Path)
+	}
+}
+
+// recorder is a Reconciler that keeps every desired set it is given.
+type recorder struct {
+	mu    sync.Mutex
+	calls [][]daemon.Target
+}
+
+func (r *recorder) Reconcile(ts []daemon.Target) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.calls = append(r.calls, ts)
+	return nil
+}
+
+// waitFor waits until the latest desired set satisfies ok.
+func (r *recorder) waitFor(t *testing.T, what string, ok func([]daemon.Target) bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		r.mu.Lock()
+		n := len(r.calls)
+		var last []daemon.Target
+		if n > 0 {
+			last = r.calls[n-1]
+		}
+		r.mu.Unlock()
+		if n > 0 && ok(last) {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("no reconcile with %s; calls: %+v", what, r.calls)
+}
+
+func names(ts []daemon.Target) string {
+	var s []string
+	for _, t := range ts {
+		s = append(s, t.Name)
+	}
+	return strings.Join(s, ",")
+}
+
+func quiet() logrus.FieldLogger {
+	l := logrus.New()
+	l.SetLevel(logrus.PanicLevel)
+	return l
+}
+
+func TestNewRejectsNonUnixHosts(t *testing.T) {
+	for _, h := range []string{"tcp://127.0.0.1:2375", "unix://relative.sock", "/var/run/docker.sock", ""} {
+		if _, err := New(h); !errors.Is(err, ErrHost) || !strings.Contains(err.Error(), "unix:///") {
+			t.Errorf("New(%q) = %v; want ErrHost naming the unix:/// form", h, err)
+		}
+	}
+}
+
+func TestNegotiateUsesOlderOfServerAndOurs(t *testing.T) {
+	for _, tc := range []struct{ server, want string }{
+		{"1.41", "1.41"},
+		{"1.50", MaxAPIVersion},
+		{MaxAPIVersion, MaxAPIVersion},
+	} {
+		e := newFakeEngine(t, tc.server)
+		c, err := New("unix://" + e.socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Negotiate(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if c.Version() != tc.want {
+			t.Errorf("server %s: negotiated %s; want %s", tc.server, c.Version(), tc.want)
+		}
+		if _, err := c.Running(context.Background(), DefaultLabel); err != nil {
+			t.Fatal(err)
+		}
+		paths, _ := e.seen()
+		if got := paths[len(paths)-1]; got != "/v"+tc.want+"/containers/json" {
+			t.Errorf("server %s: listed at %s; want the negotiated version in the path", tc.server, got)
+		}
+	}
+}
+
+func TestNegotiateRefusesAncientEngineAndMissingSocket(t *testing.T) {
+	e := newFakeEngine(t, "1.19")
+	c, _ := New("unix://" + e.socket)
+	if err := c.Negotiate(context.Background()); err == nil || !strings.Contains(err.Error(), "upgrade Docker") {
+		t.Errorf("API 1.19: %v; want a refusal saying to upgrade", err)
+	}
+	c, _ = New("unix://" + filepath.Join(t.TempDir(), "none.sock"))
+	if err := c.Negotiate(context.Background()); !errors.Is(err, ErrHost) || !strings.Contains(err.Error(), "--docker-host") {
+		t.Errorf("missing socket: %v; want ErrHost naming --docker-host", err)
+	}
+}
+
+func TestDesiredTargets(t *testing.T) {
+	e := newFakeEngine(t, "1.41")
+	e.add("aaa", "backend", 1234, map[string]string{DefaultLabel: "80=3210, 443=3211"})
+	e.add("bbb", "broken", 1235, map[string]string{DefaultLabel: "80=99999"})
+	e.add("ccc", "plain", 1236, map[string]string{"other": "x"})
+	e.add("ddd", "stopped", 0, map[string]string{DefaultLabel: "80=3210"})
+	c, _ := New("unix://" + e.socket)
+	if err := c.Negotiate(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	got, err := NewWatcher(c, DefaultLabel, quiet()).Desired(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if names(got) != "backend,broken" {
+		t.Fatalf("targets %q; want backend,broken (not the unlabelled or stopped ones)", names(got))
+	}
+	b := got[0]
+	if b.Err != nil || b.Netns.Spec != "pid:1234" || b.Netns.Path != "/proc/1234/ns/net" || len(b.Rules) != 2 || b.Rules[1].String() != "443=3211" {
+		t.Errorf("backend target %+v", b)
+	}
+	if got[1].Err == nil || !strings.Contains(got[1].Err.Error(), `container broken: label nsredirect.redirect="80=99999"`) {
+		t.Errorf("broken target error = %v; want it to name the container and label", got[1].Err)
+	}
+	_, filters := e.seen()
+	if !strings.Contains(filters[0], `"label":["nsredirect.redirect"]`) || !strings.Contains(filters[0], `"status":["running"]`) {
+		t.Errorf("list filters %s", filters[0])
+	}
+}
+
+func TestRunRelistsOnEventsAndReconnect(t *testing.T) {
+	e := newFakeEngine(t, "1.41")
+	e.add("aaa", "backend", 1234, map[string]string{DefaultLabel: "80=3210"})
+	c, _ := New("unix://" + e.socket)
+	if err := c.Negotiate(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	w := NewWatcher(c, DefaultLabel, quiet())
+	w.BackoffMin, w.BackoffMax = 10*time.Millisecond, 50*time.Millisecond
+	rec := &recorder{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx, rec) }()
+
+	// Subscribing lists once.
+	rec.waitFor(t, "backend", func(ts []daemon.Target) bool { return names(ts) == "backend" })
+	// The container restarts: new pid, an event.
+	e.add("aaa", "backend", 2222, map[string]string{DefaultLabel: "80=3210"})
+	e.events <- Event{Type: "container", Action: "restart"}
+	rec.waitFor(t, "backend at its new pid", func(ts []daemon.Target) bool {
+		return len(ts) == 1 && ts[0].Netns.Spec == "pid:2222"
+	})
+	// The stream breaks; meanwhile the container goes and another comes.
+	e.remove("aaa")
+	e.add("eee", "late", 3333, map[string]string{DefaultLabel: "81=3210"})
+	e.dropStream <- struct{}{}
+	rec.waitFor(t, "the relisting after reconnect", func(ts []daemon.Target) bool { return names(ts) == "late" })
+
+	_, filters := e.seen()
+	var evFilter string
+	for _, f := range filters {
+		if strings.Contains(f, `"event"`) {
+			evFilter = f
+		}
+	}
+	for _, want := range []string{`"type":["container"]`, `"start"`, `"restart"`, `"die"`, `"stop"`, `"destroy"`, `"label":["nsredirect.redirect"]`} {
+		if !strings.Contains(evFilter, want) {
+			t.Errorf("event filters %s lack %s", evFilter, want)
+		}
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Run returned %v after cancel; want nil", err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("Run did not return after cancel")
+	}
+}
+
+func TestRunRetriesWhileEngineIsDown(t *testing.T) {
+	dir := t.TempDir()
+	c, _ := New("unix://" + filepath.Join(dir, "later.sock"))
+	w := NewWatcher(c, DefaultLabel, quiet())
+	w.BackoffMin, w.BackoffMax = 10*time.Millisecond, 40*time.Millisecond
+	rec := &recorder{}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = w.Run(ctx, rec) }()
+	time.Sleep(100 * time.Millisecond) // several failed attempts
+	// The Engine comes up at that path.
+	e := newFakeEngine(t, "1.41")
+	e.add("aaa", "backend", 1234, map[string]string{DefaultLabel: "80=3210"})
+	if err := os.Rename(e.socket, filepath.Join(dir, "later.sock")); err != nil {
+		t.Fatal(err)
+	}
+	rec.waitFor(t, "backend once the Engine is up", func(ts []daemon.Target) bool { return names(ts) == "backend" })
+}

@@ -1,0 +1,184 @@
+package docker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/nsredirect/nsredirect/internal/daemon"
+	"github.com/nsredirect/nsredirect/internal/netnsx"
+	"github.com/nsredirect/nsredirect/internal/rule"
+)
+
+// DefaultLabel carries a container's specs: nsredirect.redirect=80=3210.
+const DefaultLabel = "nsredirect.redirect"
+
+// Reconciler takes the full desired set; *daemon.Daemon is one.
+type Reconciler interface {
+	Reconcile([]daemon.Target) error
+}
+
+// Timings of the watch; variables of a Watcher so tests can shorten them.
+const (
+	// relistEvery is a safety net: a full listing even when no event came.
+	relistEvery = 30 * time.Second
+	// backoffMin and backoffMax bound the wait before reconnecting.
+	backoffMin = 100 * time.Millisecond
+	backoffMax = 5 * time.Second
+)
+
+// Watcher turns labelled containers into desired targets.
+type Watcher struct {
+	client *Client
+	label  string
+	log    logrus.FieldLogger
+	// Backoff bounds the wait between reconnects to the Engine.
+	BackoffMin, BackoffMax time.Duration
+	// Relist is how often a full listing runs with no event.
+	Relist time.Duration
+}
+
+// NewWatcher watches containers carrying label through c.
+func NewWatcher(c *Client, label string, log logrus.FieldLogger) *Watcher {
+	return &Watcher{client: c, label: label, log: log, BackoffMin: backoffMin, BackoffMax: backoffMax, Relist: relistEvery}
+}
+
+// Desired lists the running containers carrying the label and returns one
+// target per container: its netns (through its pid, which the host pid
+// namespace must show us) and the label's rules. A label that does not
+// parse gives a target with Err set, so the daemon logs and counts it for
+// that container alone.
+func (w *Watcher) Desired(ctx context.Context) ([]daemon.Target, error) {
+	list, err := w.client.Running(ctx, w.label)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]daemon.Target, 0, len(list))
+	for _, c := range list {
+		in, err := w.client.Inspect(ctx, c.ID)
+		if errors.Is(err, ErrNotFound) {
+			continue // removed since the listing; its events follow
+		}
+		if err != nil {
+			return nil, err
+		}
+		if !in.State.Running || in.State.Pid <= 0 {
+			continue
+		}
+		out = append(out, w.target(in))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+func (w *Watcher) target(in Inspected) daemon.Target {
+	name := in.Name
+	if name == "" {
+		name = shortID(in.ID)
+	}
+	t := daemon.Target{Name: name}
+	value := in.Config.Labels[w.label]
+	rules, err := rule.ParseList(value)
+	if err != nil {
+		t.Err = fmt.Errorf("container %s: label %s=%q: %w; fix the label and recreate the container", name, w.label, value, err)
+		return t
+	}
+	t.Rules = rules
+	t.Netns, err = netnsx.ParseTarget(fmt.Sprintf("pid:%d", in.State.Pid))
+	if err != nil {
+		t.Err = fmt.Errorf("container %s: %w", name, err)
+	}
+	return t
+}
+
+// Sync lists once and hands the result to r. Enrollment failures of single
+// containers are the daemon's to log and count; only a failure to talk to
+// Docker is returned.
+func (w *Watcher) Sync(ctx context.Context, r Reconciler) ([]daemon.Target, error) {
+	desired, err := w.Desired(ctx)
+	if err != nil {
+		return nil, err
+	}
+	_ = r.Reconcile(desired)
+	return desired, nil
+}
+
+// Run follows the event stream until ctx ends. Each (re)connection first
+// subscribes, then lists, so nothing that happens while Docker restarts or
+// the stream is down is missed; any event triggers a new listing. Lost
+// connections are retried with exponential backoff. It returns nil when ctx
+// ends, and never gives up otherwise.
+func (w *Watcher) Run(ctx context.Context, r Reconciler) error {
+	backoff := w.BackoffMin
+	for ctx.Err() == nil {
+		began := time.Now()
+		err := w.follow(ctx, r)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if time.Since(began) > 10*w.BackoffMax {
+			backoff = w.BackoffMin // it was a healthy connection
+		}
+		w.log.WithError(err).WithField("retry_in", backoff.String()).Warn("lost the Docker event stream; reconnecting")
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, w.BackoffMax)
+	}
+	return nil
+}
+
+// follow is one connection to the event stream.
+func (w *Watcher) follow(ctx context.Context, r Reconciler) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	kick := make(chan struct{}, 1)
+	poke := func() {
+		select {
+		case kick <- struct{}{}:
+		default: // a listing is already due; it will see this change too
+		}
+	}
+	streamErr := make(chan error, 1)
+	go func() {
+		streamErr <- w.client.Events(ctx, w.label, poke, func(ev Event) {
+			w.log.WithFields(logrus.Fields{"container": ev.Actor.Attributes["name"], "event": ev.Action}).Debug("docker event")
+			poke()
+		})
+	}()
+	relist := time.NewTicker(w.Relist)
+	defer relist.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-streamErr:
+			if err == nil {
+				err = errors.New("event stream ended")
+			}
+			return err
+		case <-relist.C:
+			poke()
+		case <-kick:
+			if _, err := w.Sync(ctx, r); err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return err
+			}
+		}
+	}
+}
+
+func shortID(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}
