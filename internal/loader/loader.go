@@ -533,6 +533,12 @@ func (l *Loader) Live(cookie uint64) (Record, error) {
 // Cleanup removes enrollments of dead owners (all of them with all) and,
 // when nothing is left enrolled, every pin. It returns the removed records.
 func (l *Loader) Cleanup(all bool) ([]Record, error) {
+	return l.removeWhere(func(r Record) bool { return all || !r.OwnerAlive }, true)
+}
+
+// removeWhere unenrolls every record that match selects, under the lock,
+// and with sweep also removes every pin if nothing is left enrolled.
+func (l *Loader) removeWhere(match func(Record) bool, sweep bool) ([]Record, error) {
 	lk, err := lockDir(l.dir, lockEx, false)
 	if err != nil {
 		return nil, err
@@ -546,7 +552,7 @@ func (l *Loader) Cleanup(all bool) ([]Record, error) {
 	}
 	var removed []Record
 	for _, r := range recs {
-		if r.OwnerAlive && !all {
+		if !match(r) {
 			continue
 		}
 		if err := l.unenroll(r.Cookie); err != nil {
@@ -554,7 +560,9 @@ func (l *Loader) Cleanup(all bool) ([]Record, error) {
 		}
 		removed = append(removed, r)
 	}
-	l.removeAllIfUnused()
+	if sweep {
+		l.removeAllIfUnused()
+	}
 	return removed, nil
 }
 
@@ -699,26 +707,5 @@ func putCString(dst []int8, s string) {
 // not keep rules. Enrollments of live owners and of other modes are never
 // touched.
 func (l *Loader) RemoveOrphans(owner string, keep func(Record) bool) ([]Record, error) {
-	lk, err := lockDir(l.dir, lockEx, false)
-	if err != nil {
-		return nil, err
-	}
-	defer lk.unlock()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	recs, err := l.records()
-	if err != nil {
-		return nil, err
-	}
-	var removed []Record
-	for _, r := range recs {
-		if r.Owner != owner || r.OwnerAlive || keep(r) {
-			continue
-		}
-		if err := l.unenroll(r.Cookie); err != nil {
-			return removed, err
-		}
-		removed = append(removed, r)
-	}
-	return removed, nil
+	return l.removeWhere(func(r Record) bool { return r.Owner == owner && !r.OwnerAlive && !keep(r) }, false)
 }
