@@ -74,24 +74,35 @@ func redirects(t *testing.T, pinDir, netnsName string) uint64 {
 	return n
 }
 
-// ourLinks returns the program IDs behind the pinned links in pinDir, as
-// bpftool (an outside witness) sees them.
-func ourProgIDs(t *testing.T, pinDir string) []int {
+type pinnedLink struct {
+	ID     int `json:"id"`
+	ProgID int `json:"prog_id"`
+}
+
+// ourLinks returns the links pinned in pinDir (and the programs behind
+// them) as bpftool, an outside witness, sees them.
+func ourLinks(t *testing.T, pinDir string) []pinnedLink {
 	t.Helper()
 	bpftool := testenv.Tool(t, "bpftool")
-	var ids []int
+	var links []pinnedLink
 	for _, h := range []string{"connect4", "connect6", "getpeername4", "getpeername6"} {
 		out, err := exec.Command(bpftool, "link", "show", "pinned", filepath.Join(pinDir, "link_"+h), "--json").CombinedOutput()
 		if err != nil {
 			t.Fatalf("bpftool link show %s: %v\n%s", h, err, out)
 		}
-		var l struct {
-			ID     int `json:"id"`
-			ProgID int `json:"prog_id"`
-		}
+		var l pinnedLink
 		if err := json.Unmarshal(out, &l); err != nil {
 			t.Fatalf("bpftool link json: %v\n%s", err, out)
 		}
+		links = append(links, l)
+	}
+	return links
+}
+
+func ourProgIDs(t *testing.T, pinDir string) []int {
+	t.Helper()
+	var ids []int
+	for _, l := range ourLinks(t, pinDir) {
 		ids = append(ids, l.ProgID)
 	}
 	return ids
@@ -99,19 +110,8 @@ func ourProgIDs(t *testing.T, pinDir string) []int {
 
 func ourLinkIDs(t *testing.T, pinDir string) []int {
 	t.Helper()
-	bpftool := testenv.Tool(t, "bpftool")
 	var ids []int
-	for _, h := range []string{"connect4", "connect6", "getpeername4", "getpeername6"} {
-		out, err := exec.Command(bpftool, "link", "show", "pinned", filepath.Join(pinDir, "link_"+h), "--json").CombinedOutput()
-		if err != nil {
-			t.Fatalf("bpftool link show %s: %v\n%s", h, err, out)
-		}
-		var l struct {
-			ID int `json:"id"`
-		}
-		if err := json.Unmarshal(out, &l); err != nil {
-			t.Fatal(err)
-		}
+	for _, l := range ourLinks(t, pinDir) {
 		ids = append(ids, l.ID)
 	}
 	return ids
