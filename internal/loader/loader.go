@@ -270,6 +270,7 @@ func (l *Loader) Enroll(e Enrollment) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 
+	alreadyOurs := l.owned[e.Cookie] != nil
 	owner, err := l.claim(e.Cookie)
 	if err != nil {
 		return err
@@ -278,21 +279,27 @@ func (l *Loader) Enroll(e Enrollment) error {
 	var oldSpecs []string
 	if err := l.maps.NsrEnroll.Lookup(e.Cookie, &old); err == nil {
 		oldSpecs = splitSpecs(cstring(old.Specs[:]))
-		if old.OwnerPid != rec.OwnerPid {
+		if !alreadyOurs {
 			l.log.WithFields(logrus.Fields{"netns": e.Name, "cookie": e.Cookie, "previous_pid": old.OwnerPid}).Info("adopting rules left by a previous owner")
 		}
 	}
 
 	added, err := l.putRules(e.Cookie, e.Rules, oldSpecs)
+	if err == nil {
+		if err = l.maps.NsrEnroll.Put(e.Cookie, rec); errors.Is(err, unix.E2BIG) {
+			err = fmt.Errorf("enrollment map is full (%d netns): remove unused enrollments with `nsredirect cleanup`", l.maps.NsrEnroll.MaxEntries())
+		} else if err != nil {
+			err = fmt.Errorf("write enrollment of netns %s: %w", e.Name, err)
+		}
+	}
 	if err != nil {
 		for _, k := range added {
 			_ = l.maps.NsrRules.Delete(k)
 		}
-		l.releaseIfNew(e.Cookie, owner, oldSpecs == nil)
+		if !alreadyOurs && oldSpecs == nil {
+			l.release(e.Cookie, owner)
+		}
 		return err
-	}
-	if err := l.maps.NsrEnroll.Put(e.Cookie, rec); err != nil {
-		return fmt.Errorf("write enrollment of netns %s: %w", e.Name, err)
 	}
 	// Only now that the new entries are in: drop what the old specs had and
 	// the new ones do not.
@@ -429,10 +436,8 @@ func (l *Loader) claim(cookie uint64) (*os.File, error) {
 	return f, nil
 }
 
-func (l *Loader) releaseIfNew(cookie uint64, f *os.File, isNew bool) {
-	if !isNew {
-		return
-	}
+// release drops an owner lock taken for an enrollment that failed.
+func (l *Loader) release(cookie uint64, f *os.File) {
 	f.Close()
 	delete(l.owned, cookie)
 	_ = os.Remove(ownerPath(l.dir, cookie))
