@@ -296,6 +296,9 @@ func (l *Loader) Enroll(e Enrollment) error {
 		for _, k := range added {
 			_ = l.maps.NsrRules.Delete(k)
 		}
+		for i := len(oldSpecs); i < len(e.Rules); i++ {
+			_ = l.maps.NsrCounters.Delete(bpfobj.RedirectCounterKey{NetnsCookie: e.Cookie, Index: uint32(i)})
+		}
 		if !alreadyOurs && oldSpecs == nil {
 			l.release(e.Cookie, owner)
 		}

@@ -298,3 +298,42 @@ func TestLeastPrivilege(t *testing.T) {
 		t.Errorf("pin dir left behind")
 	}
 }
+
+// TestFullMapRefusedCleanly: when the enrollment map is full, Enroll says so
+// and leaves no rule entry behind.
+func TestFullMapRefusedCleanly(t *testing.T) {
+	pin := testenv.BPFFS(t)
+	ns := testenv.NewNetns(t)
+	l, err := loader.Attach(pin, testenv.RootCgroup(t), quietLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_, _ = l.Cleanup(true)
+		l.Close()
+	})
+	enroll, err := ebpf.LoadPinnedMap(filepath.Join(pin, "nsr_enroll"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer enroll.Close()
+	// Fill it with records of fake netns cookies no real netns will have.
+	value := make([]byte, enroll.ValueSize())
+	for i := uint64(0); i < uint64(enroll.MaxEntries()); i++ {
+		if err := enroll.Put(uint64(1<<62)+i, value); err != nil {
+			t.Fatalf("fill entry %d: %v", i, err)
+		}
+	}
+	before := dumpMaps(t, pin)
+	r, _ := rule.ParseList("80=3210")
+	err = l.Enroll(loader.Enrollment{Cookie: ns.Cookie(t), Name: "full", Owner: "test", Rules: r})
+	if err == nil || !strings.Contains(err.Error(), "enrollment map is full") {
+		t.Fatalf("Enroll into a full map: %v; want a clear 'full' error", err)
+	}
+	if after := dumpMaps(t, pin); after != before {
+		t.Error("a refused enrollment left entries behind")
+	}
+	for i := uint64(0); i < uint64(enroll.MaxEntries()); i++ {
+		_ = enroll.Delete(uint64(1<<62) + i)
+	}
+}
