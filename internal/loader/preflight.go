@@ -44,8 +44,14 @@ func CheckPrivileges() error {
 	if err := unix.Capget(&hdr, &data[0]); err != nil {
 		return envErr("read capabilities: %v", err)
 	}
+	has := func(bit uint) bool { return data[bit/32].Effective&(1<<(bit%32)) != 0 }
 	for _, c := range neededCaps {
-		if data[c.bit/32].Effective&(1<<(c.bit%32)) == 0 {
+		// The kernel's bpf_capable(): CAP_SYS_ADMIN stands in for CAP_BPF.
+		// Docker 20.10 (Debian 12's) cannot grant CAP_BPF at all.
+		if c.bit == unix.CAP_BPF && has(unix.CAP_SYS_ADMIN) {
+			continue
+		}
+		if !has(c.bit) {
 			return envErr("missing %s (needed to %s); run as root, or grant it (docker: cap_add: [%s], kubernetes: securityContext.capabilities.add)",
 				c.name, c.why, strings.TrimPrefix(c.name, "CAP_"))
 		}
