@@ -8,7 +8,7 @@ BIN := bin/nsredirect
 DEPS_STAMP := .cache/deps.stamp
 DEB_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl socat wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
 
-.PHONY: all build generate check-generate test test-unit test-privileged demo deps lint bench bench-quick image clean soak
+.PHONY: all build generate check-generate test test-unit test-privileged demo deps lint bench bench-quick image test-docker clean soak
 
 all: build
 
@@ -64,3 +64,18 @@ clean:
 soak: deps build
 	NSREDIRECT_BIN=$(CURDIR)/$(BIN) DEMO_BACKEND_BIN=$(CURDIR)/bin/demo-backend \
 		$(GO) test -count=1 -tags soak -v -timeout 20m ./test/soak/
+
+# Container images from the binaries `make build` made: FROM scratch only, no
+# registry needed (dockerd must be running). `docker build .` builds from source.
+IMAGE ?= nsredirect:latest
+DEMO_IMAGE ?= nsredirect-demo-backend:latest
+image: build
+	docker build --target prebuilt -t $(IMAGE) .
+	docker build --target demo-backend-prebuilt -t $(DEMO_IMAGE) .
+	@size=$$(docker image inspect -f '{{.Size}}' $(IMAGE)); echo "$(IMAGE): $$((size / 1000000)) MB"; \
+		test $$size -lt 15000000 || { echo "image $(IMAGE) is $$size bytes; it must stay under 15 MB" >&2; exit 1; }
+
+# The Docker suite alone (starts dockerd if it is not running).
+test-docker: deps build
+	NSREDIRECT_BIN=$(CURDIR)/$(BIN) DEMO_BACKEND_BIN=$(CURDIR)/bin/demo-backend \
+		$(GO) test -count=1 -v -timeout 10m ./test/docker/
