@@ -1,0 +1,228 @@
+package docker_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nsredirect/nsredirect/internal/testenv"
+)
+
+// composeProject drives the repository's docker-compose.yml under a project
+// name unique to the test, with the `docker compose` plugin when present,
+// else docker-compose (1.29 on Debian 12).
+type composeProject struct {
+	t    *testing.T
+	cmd  []string
+	env  []string
+	name string
+}
+
+func newCompose(t *testing.T, env ...string) *composeProject {
+	t.Helper()
+	var cmd []string
+	if out, err := exec.Command("docker", "compose", "version").CombinedOutput(); err == nil && strings.Contains(string(out), "version") {
+		cmd = []string{"docker", "compose"}
+	} else {
+		cmd = []string{testenv.Tool(t, "docker-compose")}
+	}
+	name := testenv.Name("nsrt")
+	cmd = append(cmd, "-f", repoFile(t, "docker-compose.yml"), "-p", name)
+	c := &composeProject{t: t, cmd: cmd, env: append(os.Environ(), env...), name: name}
+	t.Logf("compose: %s", strings.Join(cmd, " "))
+	return c
+}
+
+func (c *composeProject) run(args ...string) string {
+	c.t.Helper()
+	return mustSh(c.t, 3*time.Minute, c.env, c.cmd[0], append(c.cmd[1:], args...)...)
+}
+
+// id returns the ID of the running container of a service. It asks the
+// Engine by compose's labels rather than `compose ps` (over half a second
+// for docker-compose 1.29), which would blur the restart timings.
+func (c *composeProject) id(service string) string {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	list, err := suite.client.Running(ctx, "com.docker.compose.project="+c.name)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	var ids []string
+	for _, ct := range list {
+		if ct.Labels["com.docker.compose.service"] == service {
+			ids = append(ids, ct.ID)
+		}
+	}
+	if len(ids) != 1 {
+		c.t.Fatalf("running containers of service %s: %v; want one", service, ids)
+	}
+	return ids[0]
+}
+
+// TestCompose is the compose sidecar end to end: the backend's Node-style
+// calls to 127.0.0.1:80 reach it, it survives restart and recreate of the
+// backend (timed) and of nsredirect itself (under load, zero failures), other
+// containers are untouched, a bad label disturbs nothing, and `compose down`
+// leaves nothing attached or pinned.
+func TestCompose(t *testing.T) {
+	testenv.Privileged(t)
+	needDocker(t)
+	img := buildImages(t)
+	pin := testenv.BPFFS(t) // <private bpffs>/nsredirect, as the container sees /sys/fs/bpf/nsredirect
+	cp := newCompose(t,
+		"NSREDIRECT_IMAGE="+img.nsredirect,
+		"DEMO_BACKEND_IMAGE="+img.backend,
+		"NSREDIRECT_HOST_BPFFS="+filepath.Dir(pin),
+		"NSREDIRECT_HOST_CGROUP2="+testenv.RootCgroup(t),
+		"NSREDIRECT_METRICS_ADDR=127.0.0.1:9590",
+	)
+	// Runs before the bpffs is unmounted (cleanups run last first).
+	t.Cleanup(func() {
+		if out, err := sh(2*time.Minute, cp.env, cp.cmd[0], append(cp.cmd[1:], "down", "-t", "5", "-v", "--remove-orphans")...); err != nil {
+			t.Errorf("compose down: %v\n%s", err, out)
+		}
+	})
+
+	cp.run("up", "-d")
+	nsr := cp.id("nsredirect")
+	if h := inspectHealth(t, nsr); h != "healthy" {
+		t.Fatalf("nsredirect is %q after compose up; backend should only start once it is healthy", h)
+	}
+	daemonPID := pidOf(t, nsr)
+	// Least privilege: uid 0 with SYS_ADMIN, NET_ADMIN, SYS_PTRACE and nothing else.
+	want := uint64(1)<<unix.CAP_SYS_ADMIN | 1<<unix.CAP_NET_ADMIN | 1<<unix.CAP_SYS_PTRACE
+	if got := capEff(t, daemonPID); got != want {
+		t.Errorf("nsredirect container runs with CapEff %#x; want %#x (SYS_ADMIN|NET_ADMIN|SYS_PTRACE)", got, want)
+	}
+
+	backend := cp.id("backend")
+	pid := pidOf(t, backend)
+	waitRedirect(t, pid, "127.0.0.1:80", 5*time.Second)
+	if out := curl(t, pid, "http://127.0.0.1:80/"); !strings.Contains(out, "hello from demo-backend") {
+		t.Errorf("curl 127.0.0.1:80 in backend: %q", out)
+	}
+	// (Docker disables IPv6 in containers unless the network enables it, so
+	// there is no ::1 to dial here; v4 and dual-stack sockets are covered.)
+	if out := nodeFetch(t, pid, "http://127.0.0.1/"); !strings.Contains(out, "hello from demo-backend") {
+		t.Errorf("node fetch http://127.0.0.1/ in backend: %q", out)
+	}
+	// The Convex story: the backend's own action calls http://127.0.0.1.
+	if out := curl(t, pid, "http://127.0.0.1:3210/action"); !strings.Contains(out, "-> 200 hello from demo-backend") {
+		t.Errorf("backend /action: %q", out)
+	}
+	if peer := mustDial(t, pid, "127.0.0.1:80"); peer != "127.0.0.1:80" {
+		t.Errorf("getpeername in backend = %s; want 127.0.0.1:80", peer)
+	}
+	progs := ourProgIDs(t, pin)
+	assertAttached(t, progs)
+
+	// Another container on the host, unlabelled: untouched.
+	plain := runContainer(t, img.backend, cp.name+"-plain")
+	plainPID := pidOf(t, plain)
+	waitRedirect(t, plainPID, "127.0.0.1:3210", 5*time.Second)
+	mustRefuse(t, plainPID, "127.0.0.1:80", "an unlabelled container gets no rule")
+
+	// A container with a bad label: an error for it alone.
+	bad := runContainer(t, img.backend, cp.name+"-bad", "nsredirect.redirect=80=99999")
+	badPID := pidOf(t, bad)
+	waitLogs(t, nsr, cp.name+"-bad", "99999")
+	mustRefuse(t, badPID, "127.0.0.1:80", "a bad label enrolls nothing")
+	metrics := curl(t, daemonPID, "http://127.0.0.1:9590/metrics")
+	if v := metricValue(metrics, fmt.Sprintf(`nsredirect_enroll_errors_total{netns="%s-bad"}`, cp.name)); v < 1 {
+		t.Errorf("enroll errors of the bad-label container = %v; want >= 1 in:\n%s", v, metrics)
+	}
+	if in := inspect(t, nsr); !in.State.Running || in.State.Pid != daemonPID {
+		t.Fatalf("nsredirect did not survive the bad label: running=%v pid %d (was %d)", in.State.Running, in.State.Pid, daemonPID)
+	}
+	mustDial(t, pid, "127.0.0.1:80")
+
+	// Backend restarts and is recreated: redirect working again within 1 s.
+	restartLatency(t, "compose restart backend", func() { cp.run("restart", "-t", "2", "backend") }, func() string { return cp.id("backend") })
+	restartLatency(t, "compose up -d --force-recreate backend", func() { cp.run("up", "-d", "--force-recreate", "backend") }, func() string { return cp.id("backend") })
+	if nb := cp.id("backend"); nb == backend {
+		t.Errorf("--force-recreate kept container %s", nb)
+	}
+	backend = cp.id("backend")
+	pid = pidOf(t, backend)
+	if out := nodeFetch(t, pid, "http://127.0.0.1/"); !strings.Contains(out, "hello from demo-backend") {
+		t.Errorf("node fetch after recreate: %q", out)
+	}
+	mustRefuse(t, plainPID, "127.0.0.1:80", "still untouched")
+	backendName := strings.TrimPrefix(inspect(t, backend).Name, "/")
+	waitStatus(t, pin, "the backend owned by a live daemon", func(rows []statusRow) bool {
+		r := rowsOf(rows, backendName)
+		return len(r) == 1 && r[0].Alive && r[0].Mode == "docker"
+	})
+
+	// Upgrade nsredirect itself under a connect loop: zero failures.
+	nsr = cp.id("nsredirect")
+	oldDaemon := pidOf(t, nsr)
+	stop := make(chan struct{})
+	loop := connectLoop(pid, "127.0.0.1:80", 90*time.Second, stop)
+	time.Sleep(300 * time.Millisecond)
+	cp.run("up", "-d", "--force-recreate", "--no-deps", "nsredirect")
+	nsr = cp.id("nsredirect")
+	newDaemon := pidOf(t, nsr)
+	if newDaemon == oldDaemon {
+		t.Fatalf("nsredirect was not recreated (pid %d)", newDaemon)
+	}
+	waitStatus(t, pin, "the backend adopted by the new nsredirect", func(rows []statusRow) bool {
+		r := rowsOf(rows, backendName)
+		return len(r) == 1 && r[0].Alive && r[0].OwnerPID == newDaemon
+	})
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	res := <-loop
+	t.Logf("connects across the nsredirect recreate: %d ok, %d failed", res.ok, res.failed)
+	if res.failed != 0 || res.ok < 50 {
+		t.Errorf("recreating nsredirect: %d ok, %d failed (first: %v); want zero failures", res.ok, res.failed, res.firstErr)
+	}
+	if got := ourProgIDs(t, pin); len(got) != 4 {
+		t.Errorf("after the upgrade: links %v", got)
+	} else {
+		progs = append(progs, got...) // link.Update swapped the programs in place
+	}
+
+	// compose down: backend stops first, then nsredirect finds nothing to
+	// hand over and removes everything.
+	cp.run("down", "-t", "5")
+	assertGone(t, pin, progs)
+	mustRefuse(t, plainPID, "127.0.0.1:80", "after down")
+}
+
+func inspectHealth(t *testing.T, id string) string {
+	t.Helper()
+	return dockerCLI(t, "inspect", "-f", "{{.State.Health.Status}}", id)
+}
+
+// waitLogs waits until the container's log holds every one of words on one line.
+func waitLogs(t *testing.T, id string, words ...string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out, _ := sh(10*time.Second, nil, "docker", "logs", id)
+		for _, line := range strings.Split(out, "\n") {
+			all := true
+			for _, w := range words {
+				all = all && strings.Contains(line, w)
+			}
+			if all {
+				t.Logf("log of %.12s: %s", id, line)
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("log of %.12s never mentioned %v:\n%s", id, words, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

@@ -1,0 +1,485 @@
+package docker_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nsredirect/nsredirect/internal/docker"
+	"github.com/nsredirect/nsredirect/internal/netnsx"
+	"github.com/nsredirect/nsredirect/internal/testenv"
+)
+
+// sh runs a command with a deadline and returns its combined output.
+func sh(timeout time.Duration, env []string, name string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = env
+	out, err := cmd.CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
+
+func mustSh(t *testing.T, timeout time.Duration, env []string, name string, args ...string) string {
+	t.Helper()
+	out, err := sh(timeout, env, name, args...)
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// dockerCLI runs the docker CLI.
+func dockerCLI(t *testing.T, args ...string) string {
+	t.Helper()
+	return mustSh(t, 2*time.Minute, nil, testenv.Tool(t, "docker"), args...)
+}
+
+type images struct{ nsredirect, backend string }
+
+var (
+	imagesOnce sync.Once
+	built      images
+	buildErr   error
+)
+
+// buildImages builds the nsredirect and demo backend images from the
+// repository's Dockerfile, packaging the binaries under test (FROM scratch:
+// no registry needed), once per run, under tags unique to the run.
+func buildImages(t *testing.T) images {
+	t.Helper()
+	nsr := testenv.Binary(t, "NSREDIRECT_BIN", "github.com/nsredirect/nsredirect/cmd/nsredirect")
+	demo := testenv.Binary(t, "DEMO_BACKEND_BIN", "github.com/nsredirect/nsredirect/cmd/demo-backend")
+	dockerfile := repoFile(t, "Dockerfile")
+	dockerBin := testenv.Tool(t, "docker")
+	imagesOnce.Do(func() {
+		ctxDir, err := os.MkdirTemp("", "nsr-image-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		defer os.RemoveAll(ctxDir)
+		for src, dst := range map[string]string{dockerfile: "Dockerfile", nsr: "bin/nsredirect", demo: "bin/demo-backend"} {
+			if err := copyFile(src, filepath.Join(ctxDir, dst)); err != nil {
+				buildErr = err
+				return
+			}
+		}
+		run := testenv.Name("nsrt")
+		want := images{nsredirect: run + "-nsredirect:test", backend: run + "-demo-backend:test"}
+		for tag, target := range map[string]string{want.nsredirect: "prebuilt", want.backend: "demo-backend-prebuilt"} {
+			out, err := sh(3*time.Minute, nil, dockerBin, "build", "--target", target, "-t", tag, ctxDir)
+			if err != nil {
+				buildErr = fmt.Errorf("docker build --target %s: %v\n%s", target, err, out)
+				return
+			}
+			suite.images = append(suite.images, tag)
+		}
+		built = want
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return built
+}
+
+func copyFile(src, dst string) error {
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return err
+	}
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// inspect asks the Engine directly (faster than the CLI, which matters when
+// timing a restart).
+func inspect(t *testing.T, id string) docker.Inspected {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	in, err := suite.client.Inspect(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return in
+}
+
+func pidOf(t *testing.T, id string) int {
+	t.Helper()
+	in := inspect(t, id)
+	if !in.State.Running || in.State.Pid <= 0 {
+		t.Fatalf("container %s is not running", id)
+	}
+	return in.State.Pid
+}
+
+// runContainer starts a demo backend container, removed at cleanup.
+func runContainer(t *testing.T, image, name string, labels ...string) string {
+	t.Helper()
+	args := []string{"run", "-d", "--name", name}
+	for _, l := range labels {
+		args = append(args, "--label", l)
+	}
+	id := dockerCLI(t, append(args, image)...)
+	t.Cleanup(func() { _, _ = sh(time.Minute, nil, "docker", "rm", "-f", "-v", name) })
+	return id
+}
+
+// dial connects to addr from inside the netns of pid and returns the peer
+// address getpeername() reports there.
+func dial(pid int, addr string, timeout time.Duration) (string, error) {
+	target, err := netnsx.ParseTarget(fmt.Sprintf("pid:%d", pid))
+	if err != nil {
+		return "", err
+	}
+	var peer string
+	err = target.Do(func() error {
+		c, err := net.DialTimeout("tcp", addr, timeout)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		peer = c.RemoteAddr().String()
+		return nil
+	})
+	return peer, err
+}
+
+func mustDial(t *testing.T, pid int, addr string) string {
+	t.Helper()
+	peer, err := dial(pid, addr, 2*time.Second)
+	if err != nil {
+		t.Fatalf("connect %s from netns of pid %d: %v", addr, pid, err)
+	}
+	return peer
+}
+
+func mustRefuse(t *testing.T, pid int, addr, why string) {
+	t.Helper()
+	_, err := dial(pid, addr, 2*time.Second)
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("connect %s from netns of pid %d: %v; want connection refused (%s)", addr, pid, err, why)
+	}
+}
+
+// waitRedirect waits until a connect to addr from pid's netns succeeds.
+func waitRedirect(t *testing.T, pid int, addr string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		_, err := dial(pid, addr, 200*time.Millisecond)
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("connect %s from netns of pid %d still fails after %s: %v", addr, pid, within, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// inNetns runs a foreign client (curl, node) in pid's netns through nsenter.
+func inNetns(t *testing.T, pid int, name string, args ...string) string {
+	t.Helper()
+	nsenter := testenv.Tool(t, "nsenter")
+	bin := testenv.Tool(t, name)
+	return mustSh(t, 20*time.Second, nil, nsenter, append([]string{"-t", strconv.Itoa(pid), "-n", bin}, args...)...)
+}
+
+func curl(t *testing.T, pid int, url string) string {
+	t.Helper()
+	return inNetns(t, pid, "curl", "-sS", "--max-time", "5", url)
+}
+
+// nodeFetch fetches url with Node's fetch, as a Convex Node action does.
+func nodeFetch(t *testing.T, pid int, url string) string {
+	t.Helper()
+	script := fmt.Sprintf(`fetch(%q).then(r => r.text()).then(b => console.log(b.trim())).catch(e => { console.error(e.cause || e); process.exit(1) })`, url)
+	return inNetns(t, pid, "node", "-e", script)
+}
+
+// restartLatency runs action, then measures how long until a redirected
+// connect works in the (possibly new) container id() names: from the
+// container's start (Docker's StartedAt) and from action's return.
+func restartLatency(t *testing.T, what string, action func(), id func() string) (sinceStart, sinceReturn time.Duration) {
+	t.Helper()
+	action()
+	returned := time.Now()
+	cid := id()
+	in := inspect(t, cid)
+	started, err := time.Parse(time.RFC3339Nano, in.State.StartedAt)
+	if err != nil {
+		t.Fatalf("StartedAt %q: %v", in.State.StartedAt, err)
+	}
+	deadline := returned.Add(10 * time.Second)
+	for {
+		if _, err := dial(in.State.Pid, "127.0.0.1:80", 200*time.Millisecond); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: redirect not working 10s later", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	now := time.Now()
+	sinceStart, sinceReturn = now.Sub(started), now.Sub(returned)
+	t.Logf("%s: redirect working %s after the container started (%s after the command returned)",
+		what, sinceStart.Round(time.Millisecond), sinceReturn.Round(time.Millisecond))
+	if sinceStart > time.Second {
+		t.Errorf("%s: redirect took %s after the container started; want < 1s", what, sinceStart)
+	}
+	return sinceStart, sinceReturn
+}
+
+type statusRow struct {
+	Netns    string `json:"netns"`
+	Mode     string `json:"mode"`
+	Rule     string `json:"rule"`
+	OwnerPID int    `json:"owner_pid"`
+	Alive    bool   `json:"owner_alive"`
+}
+
+func status(t *testing.T, pinDir string) []statusRow {
+	t.Helper()
+	code, out, errOut := testenv.Run(t, nil, "status", "--json", "--pin-dir", pinDir)
+	if code != 0 {
+		t.Fatalf("status: exit %d: %s", code, errOut)
+	}
+	var rows []statusRow
+	if err := json.Unmarshal([]byte(out), &rows); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	return rows
+}
+
+func rowsOf(rows []statusRow, netns string) []statusRow {
+	var out []statusRow
+	for _, r := range rows {
+		if r.Netns == netns {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// waitStatus polls status until ok accepts it.
+func waitStatus(t *testing.T, pinDir, what string, ok func([]statusRow) bool) []statusRow {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		rows := status(t, pinDir)
+		if ok(rows) {
+			return rows
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status never showed %s: %+v", what, rows)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// ourProgIDs returns the program IDs behind the pinned links, as bpftool
+// (an outside witness) sees them.
+func ourProgIDs(t *testing.T, pinDir string) []int {
+	t.Helper()
+	bpftool := testenv.Tool(t, "bpftool")
+	var ids []int
+	for _, h := range []string{"connect4", "connect6", "getpeername4", "getpeername6"} {
+		out := mustSh(t, 10*time.Second, nil, bpftool, "link", "show", "pinned", filepath.Join(pinDir, "link_"+h), "--json")
+		var l struct {
+			ProgID int `json:"prog_id"`
+		}
+		if err := json.Unmarshal([]byte(out), &l); err != nil || l.ProgID == 0 {
+			t.Fatalf("bpftool link show %s: %v\n%s", h, err, out)
+		}
+		ids = append(ids, l.ProgID)
+	}
+	return ids
+}
+
+// attachedAtRoot returns the programs attached at the cgroup2 root, by ID.
+func attachedAtRoot(t *testing.T) map[int]string {
+	t.Helper()
+	bpftool := testenv.Tool(t, "bpftool")
+	out := mustSh(t, 10*time.Second, nil, bpftool, "cgroup", "show", testenv.RootCgroup(t), "--json")
+	var progs []struct {
+		ID   int    `json:"id"`
+		Name string `json:"name"`
+	}
+	if out != "" {
+		if err := json.Unmarshal([]byte(out), &progs); err != nil {
+			t.Fatalf("bpftool cgroup show --json: %v\n%s", err, out)
+		}
+	}
+	m := map[int]string{}
+	for _, p := range progs {
+		m[p.ID] = p.Name
+	}
+	return m
+}
+
+// assertGone checks nothing of ours is left: no pin dir, none of ids
+// attached at the cgroup2 root.
+func assertGone(t *testing.T, pinDir string, ids []int) {
+	t.Helper()
+	if _, err := os.Stat(pinDir); !os.IsNotExist(err) {
+		entries, _ := os.ReadDir(pinDir)
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		t.Errorf("pin dir %s still exists (%v), holding %v", pinDir, err, names)
+	}
+	attached := attachedAtRoot(t)
+	for _, id := range ids {
+		if name, ok := attached[id]; ok {
+			t.Errorf("program %d (%s) is still attached at the cgroup2 root", id, name)
+		}
+	}
+}
+
+func assertAttached(t *testing.T, ids []int) {
+	t.Helper()
+	attached := attachedAtRoot(t)
+	for _, id := range ids {
+		if _, ok := attached[id]; !ok {
+			t.Errorf("program %d is not attached at the cgroup2 root; attached: %v", id, attached)
+		}
+	}
+}
+
+func httpGet(t *testing.T, url string) string {
+	t.Helper()
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// metricValue returns the value of the sample whose line starts with
+// prefix, or -1.
+func metricValue(body, prefix string) float64 {
+	for _, line := range strings.Split(body, "\n") {
+		if strings.HasPrefix(line, prefix) {
+			f := strings.Fields(line)
+			v, err := strconv.ParseFloat(f[len(f)-1], 64)
+			if err == nil {
+				return v
+			}
+		}
+	}
+	return -1
+}
+
+var addrRe = regexp.MustCompile(`addr"?[=:]"?([0-9.:\[\]]+)`)
+
+// metricsURL finds where a daemon started with --metrics-addr 127.0.0.1:0
+// listens, from its log.
+func metricsURL(t *testing.T, p *testenv.Proc) string {
+	t.Helper()
+	p.WaitOutput(t, "serving /metrics", 10*time.Second)
+	for _, line := range strings.Split(p.Output(), "\n") {
+		if strings.Contains(line, "serving /metrics") {
+			if m := addrRe.FindStringSubmatch(line); m != nil {
+				return "http://" + m[1]
+			}
+		}
+	}
+	t.Fatalf("no metrics address in log:\n%s", p.Output())
+	return ""
+}
+
+// connectLoop dials addr from pid's netns until stop is closed (at most
+// limit, at most 100000 times) and counts outcomes.
+type loopResult struct {
+	ok, failed int
+	firstErr   error
+}
+
+func connectLoop(pid int, addr string, limit time.Duration, stop <-chan struct{}) <-chan loopResult {
+	res := make(chan loopResult, 1)
+	go func() {
+		var r loopResult
+		target, err := netnsx.ParseTarget(fmt.Sprintf("pid:%d", pid))
+		if err == nil {
+			err = target.Do(func() error {
+				end := time.Now().Add(limit)
+				for i := 0; i < 100000 && time.Now().Before(end); i++ {
+					select {
+					case <-stop:
+						return nil
+					default:
+					}
+					c, err := net.DialTimeout("tcp", addr, time.Second)
+					if err != nil {
+						r.failed++
+						if r.firstErr == nil {
+							r.firstErr = err
+						}
+					} else {
+						r.ok++
+						c.Close()
+					}
+					time.Sleep(2 * time.Millisecond)
+				}
+				return nil
+			})
+		}
+		if err != nil && r.firstErr == nil {
+			r.firstErr, r.failed = err, r.failed+1
+		}
+		res <- r
+	}()
+	return res
+}
+
+// capEff reads a process's effective capability mask.
+func capEff(t *testing.T, pid int) uint64 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		if v, ok := bytes.CutPrefix(line, []byte("CapEff:")); ok {
+			n, err := strconv.ParseUint(strings.TrimSpace(string(v)), 16, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatal("no CapEff line")
+	return 0
+}

@@ -1,0 +1,149 @@
+package docker_test
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nsredirect/nsredirect/internal/testenv"
+)
+
+// TestHostDaemon runs `nsredirect docker` as a host process (the systemd
+// unit's way) with two labelled containers of different specs, an
+// unlabelled one and a badly labelled one; restarts and recreates are
+// followed within 1 s, SIGTERM hands running containers' rules over, a
+// successor adopts them and drops those of containers that went meanwhile,
+// and the last one out leaves nothing.
+func TestHostDaemon(t *testing.T) {
+	testenv.Privileged(t)
+	needDocker(t)
+	img := buildImages(t)
+	pin := testenv.BPFFS(t)
+	run := testenv.Name("nsrt")
+	// A label of this run only: other containers on the host are not ours.
+	label := run + ".redirect"
+
+	a := runContainer(t, img.backend, run+"-a", label+"=80=3210")
+	b := runContainer(t, img.backend, run+"-b", label+"=8080=3210, 127.0.0.2:81=127.0.0.1:3210")
+	plain := runContainer(t, img.backend, run+"-plain")
+	bad := runContainer(t, img.backend, run+"-bad", label+"=80=3210,80=3211")
+
+	args := []string{"docker", "--label", label, "--metrics-addr", "127.0.0.1:0", "--cgroup", testenv.RootCgroup(t)}
+	d := testenv.Daemon(t, pin, args...)
+	metrics := metricsURL(t, d)
+	progs := ourProgIDs(t, pin)
+
+	pa, pb := pidOf(t, a), pidOf(t, b)
+	waitRedirect(t, pa, "127.0.0.1:80", 5*time.Second)
+	waitRedirect(t, pb, "127.0.0.1:8080", 5*time.Second)
+	if out := curl(t, pa, "http://127.0.0.1/"); !strings.Contains(out, "hello from demo-backend") {
+		t.Errorf("curl 127.0.0.1:80 in a: %q", out)
+	}
+	if out := nodeFetch(t, pb, "http://127.0.0.1:8080/"); !strings.Contains(out, "hello from demo-backend") {
+		t.Errorf("node fetch 127.0.0.1:8080 in b: %q", out)
+	}
+	if peer := mustDial(t, pb, "127.0.0.2:81"); peer != "127.0.0.2:81" {
+		t.Errorf("b: 127.0.0.2:81 peer %s; want the address dialled", peer)
+	}
+	// Each container has its own specs only.
+	mustRefuse(t, pa, "127.0.0.1:8080", "8080 is b's rule, not a's")
+	mustRefuse(t, pb, "127.0.0.1:80", "80 is a's rule, not b's")
+	mustRefuse(t, pidOf(t, plain), "127.0.0.1:80", "unlabelled")
+	mustRefuse(t, pidOf(t, bad), "127.0.0.1:80", "its label does not parse")
+	d.WaitOutput(t, run+"-bad", 5*time.Second)
+	body := httpGet(t, metrics+"/metrics")
+	if v := metricValue(body, fmt.Sprintf(`nsredirect_enroll_errors_total{netns="%s-bad"}`, run)); v < 1 {
+		t.Errorf("enroll errors of %s-bad = %v; want >= 1", run, v)
+	}
+	if v := metricValue(body, fmt.Sprintf(`nsredirect_redirects_total{netns="%s-a",rule="80=3210"}`, run)); v < 2 {
+		t.Errorf("redirects counted for a = %v; want >= 2", v)
+	}
+	if !strings.Contains(d.Output(), `label `+label+`=\"80=3210,80=3211\"`) {
+		t.Errorf("the log does not quote the bad label:\n%s", d.Output())
+	}
+
+	// Restart and recreate are followed within 1 s.
+	restartLatency(t, "docker restart a", func() { dockerCLI(t, "restart", "-t", "1", run+"-a") }, func() string { return run + "-a" })
+	restartLatency(t, "docker rm -f b && docker run b (recreate)", func() {
+		dockerCLI(t, "rm", "-f", run+"-b")
+		dockerCLI(t, "run", "-d", "--name", run+"-b", "--label", label+"=80=3210", img.backend)
+	}, func() string { return run + "-b" })
+	pa, pb = pidOf(t, run+"-a"), pidOf(t, run+"-b")
+	if d.Exited() {
+		t.Fatalf("daemon exited:\n%s", d.Output())
+	}
+
+	// SIGTERM while a and b run: their rules are handed over and keep working.
+	if err := d.Stop(syscall.SIGTERM, 10*time.Second); err != nil {
+		t.Fatalf("daemon exit: %v\n%s", err, d.Output())
+	}
+	if !strings.Contains(d.Output(), "handover=true") {
+		t.Errorf("daemon did not hand over with containers running:\n%s", d.Output())
+	}
+	rows := status(t, pin)
+	for _, n := range []string{run + "-a", run + "-b"} {
+		if r := rowsOf(rows, n); len(r) != 1 || r[0].Alive {
+			t.Errorf("status of %s after handover: %+v; want one rule, owner gone", n, r)
+		}
+	}
+	mustDial(t, pa, "127.0.0.1:80")
+	assertAttached(t, progs)
+
+	// b goes while no daemon runs; the successor adopts a and drops b.
+	dockerCLI(t, "rm", "-f", run+"-b")
+	d2 := testenv.Daemon(t, pin, args...)
+	rows = status(t, pin)
+	if r := rowsOf(rows, run+"-a"); len(r) != 1 || !r[0].Alive || r[0].OwnerPID != d2.Cmd.Process.Pid {
+		t.Errorf("a after restart: %+v; want adopted by pid %d", r, d2.Cmd.Process.Pid)
+	}
+	if r := rowsOf(rows, run+"-b"); len(r) != 0 {
+		t.Errorf("b's rules outlived b: %+v", r)
+	}
+	mustDial(t, pa, "127.0.0.1:80")
+
+	// The last labelled container stops: its rules go at once, and SIGTERM
+	// then leaves nothing attached or pinned.
+	dockerCLI(t, "stop", "-t", "1", run+"-a")
+	waitStatus(t, pin, "no rule once a stopped", func(rows []statusRow) bool { return len(rowsOf(rows, run+"-a")) == 0 })
+	if err := d2.Stop(syscall.SIGTERM, 10*time.Second); err != nil {
+		t.Fatalf("daemon exit: %v\n%s", err, d2.Output())
+	}
+	if !strings.Contains(d2.Output(), "handover=false") {
+		t.Errorf("daemon handed over with nothing running:\n%s", d2.Output())
+	}
+	assertGone(t, pin, progs)
+}
+
+// TestDockerBadInput: bad flags and an unreachable Engine are refused with
+// exit 2 and one line naming the value and the fix, before anything is
+// attached.
+func TestDockerBadInput(t *testing.T) {
+	testenv.Privileged(t)
+	pin := testenv.BPFFS(t)
+	missing := "unix://" + t.TempDir() + "/docker.sock"
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"tcp host", []string{"--docker-host", "tcp://127.0.0.1:2375"}, `bad docker host "tcp://127.0.0.1:2375": use unix:///PATH`},
+		{"no socket", []string{"--docker-host", missing}, "is dockerd running? point --docker-host"},
+		{"bad label key", []string{"--label", "a=b"}, `--label "a=b"`},
+		{"bad cgroup", []string{"--cgroup", "/tmp"}, "/tmp"},
+	} {
+		code, _, stderr := testenv.Run(t, nil, append(append([]string{"docker"}, tc.args...), "--pin-dir", pin)...)
+		if code != 2 || !strings.Contains(stderr, tc.want) || strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
+			t.Errorf("%s: exit %d, stderr %q; want exit 2 and one line containing %q", tc.name, code, stderr, tc.want)
+		}
+	}
+	code, _, stderr := testenv.Run(t, []string{"NSREDIRECT_DOCKER_HOST=udp://x"}, "docker", "--pin-dir", pin)
+	if code != 2 || !strings.Contains(stderr, `"udp://x"`) {
+		t.Errorf("NSREDIRECT_DOCKER_HOST=udp://x: exit %d, %q; want exit 2 naming it", code, stderr)
+	}
+	if _, err := os.Stat(pin); !os.IsNotExist(err) {
+		t.Errorf("refused runs left %s behind", pin)
+	}
+}
