@@ -2,8 +2,12 @@ package docker_test
 
 import (
 	"fmt"
+	"io"
+	"net"
 	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -145,5 +149,101 @@ func TestDockerBadInput(t *testing.T) {
 	}
 	if _, err := os.Stat(pin); !os.IsNotExist(err) {
 		t.Errorf("refused runs left %s behind", pin)
+	}
+}
+
+// TestDockerReconnect cuts the daemon off from Docker (through a socket
+// proxy standing in for a restarting dockerd), changes containers
+// meanwhile, and checks that on reconnection the daemon relists and misses
+// nothing.
+func TestDockerReconnect(t *testing.T) {
+	testenv.Privileged(t)
+	needDocker(t)
+	img := buildImages(t)
+	pin := testenv.BPFFS(t)
+	run := testenv.Name("nsrt")
+	label := run + ".redirect"
+	proxy := newSocketProxy(t, suite.client.Socket())
+	proxy.start(t)
+
+	a := runContainer(t, img.backend, run+"-a", label+"=80=3210")
+	d := testenv.Daemon(t, pin, "docker", "--docker-host", "unix://"+proxy.path, "--label", label, "--cgroup", testenv.RootCgroup(t))
+	progs := ourProgIDs(t, pin)
+	waitRedirect(t, pidOf(t, a), "127.0.0.1:80", 5*time.Second)
+
+	proxy.stop()
+	d.WaitOutput(t, "lost the Docker event stream", 5*time.Second)
+	dockerCLI(t, "stop", "-t", "1", run+"-a")
+	c := runContainer(t, img.backend, run+"-c", label+"=80=3210")
+	time.Sleep(500 * time.Millisecond) // a few failed reconnects
+	if r := rowsOf(status(t, pin), run+"-c"); len(r) != 0 {
+		t.Fatalf("c enrolled while Docker was unreachable? %+v", r)
+	}
+	proxy.start(t)
+	waitRedirect(t, pidOf(t, c), "127.0.0.1:80", 10*time.Second)
+	waitStatus(t, pin, "a's rules gone after the relisting", func(rows []statusRow) bool { return len(rowsOf(rows, run+"-a")) == 0 })
+
+	dockerCLI(t, "stop", "-t", "1", run+"-c")
+	waitStatus(t, pin, "no rules once c stopped", func(rows []statusRow) bool { return len(rows) == 0 })
+	if err := d.Stop(syscall.SIGTERM, 10*time.Second); err != nil {
+		t.Fatalf("daemon exit: %v\n%s", err, d.Output())
+	}
+	assertGone(t, pin, progs)
+}
+
+// socketProxy forwards a unix socket to Docker's. stop closes the listener
+// and every connection, as a dockerd going away does; start listens again.
+type socketProxy struct {
+	path, target string
+	mu           sync.Mutex
+	ln           net.Listener
+	conns        map[net.Conn]bool
+}
+
+func newSocketProxy(t *testing.T, target string) *socketProxy {
+	p := &socketProxy{path: filepath.Join(t.TempDir(), "docker.sock"), target: target, conns: map[net.Conn]bool{}}
+	t.Cleanup(p.stop)
+	return p
+}
+
+func (p *socketProxy) start(t *testing.T) {
+	t.Helper()
+	ln, err := net.Listen("unix", p.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.mu.Lock()
+	p.ln = ln
+	p.mu.Unlock()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("unix", p.target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns[c], p.conns[up] = true, true
+			p.mu.Unlock()
+			go func() { _, _ = io.Copy(up, c); up.Close() }()
+			go func() { _, _ = io.Copy(c, up); c.Close() }()
+		}
+	}()
+}
+
+func (p *socketProxy) stop() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ln != nil {
+		p.ln.Close() // removes the socket file
+		p.ln = nil
+	}
+	for c := range p.conns {
+		c.Close()
+		delete(p.conns, c)
 	}
 }
