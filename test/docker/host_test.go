@@ -76,6 +76,9 @@ func TestHostDaemon(t *testing.T) {
 		dockerCLI(t, "run", "-d", "--name", run+"-b", "--label", label+"=80=3210", img.backend)
 	}, func() string { return run + "-b" })
 	pa, pb = pidOf(t, run+"-a"), pidOf(t, run+"-b")
+	// The recreated b came with other specs: only those apply.
+	mustDial(t, pb, "127.0.0.1:80")
+	mustRefuse(t, pb, "127.0.0.1:8080", "the recreated b's label has only 80=3210")
 	if d.Exited() {
 		t.Fatalf("daemon exited:\n%s", d.Output())
 	}
