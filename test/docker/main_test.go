@@ -89,22 +89,23 @@ func setUp() (stop func()) {
 		logf.Close()
 		_ = os.Remove(logf.Name())
 	}
+	// Another suite may be starting one at the same moment, and ours then
+	// exits (its pid file is taken): whichever answers will do.
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		err := negotiate(c)
 		if err == nil {
-			fmt.Fprintf(os.Stderr, "started dockerd (pid %d) for this suite; log %s\n", cmd.Process.Pid, logf.Name())
+			select {
+			case <-done:
+				fmt.Fprintln(os.Stderr, "using a dockerd another process started")
+			default:
+				fmt.Fprintf(os.Stderr, "started dockerd (pid %d) for this suite; log %s\n", cmd.Process.Pid, logf.Name())
+			}
 			return stop
-		}
-		select {
-		case <-done:
-			b, _ := os.ReadFile(logf.Name())
-			suite.unavailable = fmt.Sprintf("dockerd exited: %s", lastLines(string(b), 5))
-			return stop
-		default:
 		}
 		if time.Now().After(deadline) {
-			suite.unavailable = fmt.Sprintf("dockerd did not answer within 60s: %v", err)
+			b, _ := os.ReadFile(logf.Name())
+			suite.unavailable = fmt.Sprintf("no Docker Engine answered within 60s (%v); dockerd log: %s", err, lastLines(string(b), 5))
 			return stop
 		}
 		time.Sleep(200 * time.Millisecond)
