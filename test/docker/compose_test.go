@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nsredirect/nsredirect/internal/docker"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
@@ -45,16 +46,24 @@ func (c *composeProject) run(args ...string) string {
 	return mustSh(c.t, 3*time.Minute, c.env, c.cmd[0], append(c.cmd[1:], args...)...)
 }
 
-// id returns the ID of the running container of a service. It asks the
-// Engine by compose's labels rather than `compose ps` (over half a second
-// for docker-compose 1.29), which would blur the restart timings.
+// id returns the ID of the running container of a service.
 func (c *composeProject) id(service string) string {
 	c.t.Helper()
+	id, err := c.find(service)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return id
+}
+
+// find asks the Engine by compose's labels rather than `compose ps` (over
+// half a second for docker-compose 1.29), which would blur the timings.
+func (c *composeProject) find(service string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	list, err := suite.client.Running(ctx, "com.docker.compose.project="+c.name)
 	if err != nil {
-		c.t.Fatal(err)
+		return "", err
 	}
 	var ids []string
 	for _, ct := range list {
@@ -63,9 +72,20 @@ func (c *composeProject) id(service string) string {
 		}
 	}
 	if len(ids) != 1 {
-		c.t.Fatalf("running containers of service %s: %v; want one", service, ids)
+		return "", fmt.Errorf("running containers of service %s: %v; want one", service, ids)
 	}
-	return ids[0]
+	return ids[0], nil
+}
+
+// service finds a service's running container, for restartLatency.
+func (c *composeProject) service(name string) func() (docker.Inspected, bool) {
+	return func() (docker.Inspected, bool) {
+		id, err := c.find(name)
+		if err != nil {
+			return docker.Inspected{}, false
+		}
+		return byName(id)()
+	}
 }
 
 // TestCompose is the compose sidecar end to end: the backend's Node-style
@@ -146,8 +166,8 @@ func TestCompose(t *testing.T) {
 	mustDial(t, pid, "127.0.0.1:80")
 
 	// Backend restarts and is recreated: redirect working again within 1 s.
-	restartLatency(t, "compose restart backend", func() { cp.run("restart", "-t", "2", "backend") }, func() string { return cp.id("backend") })
-	restartLatency(t, "compose up -d --force-recreate backend", func() { cp.run("up", "-d", "--force-recreate", "backend") }, func() string { return cp.id("backend") })
+	restartLatency(t, "compose restart backend", func() { cp.run("restart", "-t", "2", "backend") }, cp.service("backend"))
+	restartLatency(t, "compose up -d --force-recreate backend", func() { cp.run("up", "-d", "--force-recreate", "backend") }, cp.service("backend"))
 	if nb := cp.id("backend"); nb == backend {
 		t.Errorf("--force-recreate kept container %s", nb)
 	}

@@ -70,11 +70,11 @@ func TestHostDaemon(t *testing.T) {
 	}
 
 	// Restart and recreate are followed within 1 s.
-	restartLatency(t, "docker restart a", func() { dockerCLI(t, "restart", "-t", "1", run+"-a") }, func() string { return run + "-a" })
+	restartLatency(t, "docker restart a", func() { dockerCLI(t, "restart", "-t", "1", run+"-a") }, byName(run+"-a"))
 	restartLatency(t, "docker rm -f b && docker run b (recreate)", func() {
 		dockerCLI(t, "rm", "-f", run+"-b")
 		dockerCLI(t, "run", "-d", "--name", run+"-b", "--label", label+"=80=3210", img.backend)
-	}, func() string { return run + "-b" })
+	}, byName(run+"-b"))
 	pa, pb = pidOf(t, run+"-a"), pidOf(t, run+"-b")
 	// The recreated b came with other specs: only those apply.
 	mustDial(t, pb, "127.0.0.1:80")
@@ -115,6 +115,13 @@ func TestHostDaemon(t *testing.T) {
 	// then leaves nothing attached or pinned.
 	dockerCLI(t, "stop", "-t", "1", run+"-a")
 	waitStatus(t, pin, "no rule once a stopped", func(rows []statusRow) bool { return len(rowsOf(rows, run+"-a")) == 0 })
+	// No namespace file is held open: a stopped container's netns can die.
+	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", d2.Cmd.Process.Pid))
+	for _, fd := range fds {
+		if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", d2.Cmd.Process.Pid, fd.Name())); strings.HasPrefix(l, "net:") {
+			t.Errorf("daemon holds fd %s -> %s", fd.Name(), l)
+		}
+	}
 	if err := d2.Stop(syscall.SIGTERM, 10*time.Second); err != nil {
 		t.Fatalf("daemon exit: %v\n%s", err, d2.Output())
 	}
