@@ -132,6 +132,9 @@ type Inspected struct {
 	Config struct {
 		Labels map[string]string
 	}
+	HostConfig struct {
+		NetworkMode string
+	}
 }
 
 // Inspect returns one container; ErrNotFound when it is gone.

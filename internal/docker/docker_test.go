@@ -233,6 +233,12 @@ func TestDesiredTargets(t *testing.T) {
 	e.add("bbb", "broken", 1235, map[string]string{DefaultLabel: "80=99999"})
 	e.add("ccc", "plain", 1236, map[string]string{"other": "x"})
 	e.add("ddd", "stopped", 0, map[string]string{DefaultLabel: "80=3210"})
+	e.add("fff", "hostnet", 1237, map[string]string{DefaultLabel: "80=3210"})
+	e.mu.Lock()
+	h := e.containers["fff"]
+	h.HostConfig.NetworkMode = "host"
+	e.containers["fff"] = h
+	e.mu.Unlock()
 	c, _ := New("unix://" + e.socket)
 	if err := c.Negotiate(context.Background()); err != nil {
 		t.Fatal(err)
@@ -241,8 +247,11 @@ func TestDesiredTargets(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if names(got) != "backend,broken" {
-		t.Fatalf("targets %q; want backend,broken (not the unlabelled or stopped ones)", names(got))
+	if names(got) != "backend,broken,hostnet" {
+		t.Fatalf("targets %q; want backend,broken,hostnet (not the unlabelled or stopped ones)", names(got))
+	}
+	if got[2].Err == nil || !strings.Contains(got[2].Err.Error(), "host's network namespace") {
+		t.Errorf("host-network target error = %v; want a refusal", got[2].Err)
 	}
 	b := got[0]
 	if b.Err != nil || b.Netns.Spec != "pid:1234" || b.Netns.Path != "/proc/1234/ns/net" || len(b.Rules) != 2 || b.Rules[1].String() != "443=3211" {

@@ -87,6 +87,12 @@ func (w *Watcher) target(in Inspected) daemon.Target {
 		t.Err = fmt.Errorf("container %s: label %s=%q: %w; fix the label and recreate the container", name, w.label, value, err)
 		return t
 	}
+	if in.HostConfig.NetworkMode == "host" {
+		// A label must not steer the loopback connects of every process on
+		// the host: run `nsredirect run --netns pid:1` for that, knowingly.
+		t.Err = fmt.Errorf("container %s uses the host's network namespace (network_mode: host); nsredirect docker redirects only in containers' own: remove the label, or use `nsredirect run`", name)
+		return t
+	}
 	t.Rules = rules
 	t.Netns, err = netnsx.ParseTarget(fmt.Sprintf("pid:%d", in.State.Pid))
 	if err != nil {

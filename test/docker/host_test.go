@@ -65,6 +65,13 @@ func TestHostDaemon(t *testing.T) {
 	if v := metricValue(body, fmt.Sprintf(`nsredirect_redirects_total{netns="%s-a",rule="80=3210"}`, run)); v < 2 {
 		t.Errorf("redirects counted for a = %v; want >= 2", v)
 	}
+	// A labelled container in the host's netns: refused, the host untouched.
+	dockerCLI(t, "run", "-d", "--name", run+"-hostnet", "--network", "host", "--label", label+"=80=3210", img.backend, "--listen", "127.0.0.1:0")
+	t.Cleanup(func() { _, _ = sh(time.Minute, nil, "docker", "rm", "-f", run+"-hostnet") })
+	d.WaitOutput(t, "container "+run+"-hostnet uses the host's network namespace", 5*time.Second)
+	if r := rowsOf(status(t, pin), run+"-hostnet"); len(r) != 0 {
+		t.Errorf("host-network container enrolled: %+v", r)
+	}
 	if !strings.Contains(d.Output(), `label `+label+`=\"80=3210,80=3211\"`) {
 		t.Errorf("the log does not quote the bad label:\n%s", d.Output())
 	}
