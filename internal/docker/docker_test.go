@@ -335,3 +335,22 @@ func TestRunRetriesWhileEngineIsDown(t *testing.T) {
 	}
 	rec.waitFor(t, "backend once the Engine is up", func(ts []daemon.Target) bool { return names(ts) == "backend" })
 }
+
+func TestSharedNetnsEnrolledOnce(t *testing.T) {
+	e := newFakeEngine(t, "1.41")
+	// Two containers whose pids are in one netns (ours), as with
+	// network_mode: container:X.
+	e.add("aaa", "app", os.Getpid(), map[string]string{DefaultLabel: "80=3210"})
+	e.add("bbb", "sidecar", os.Getppid(), map[string]string{DefaultLabel: "81=3210"})
+	c, _ := New("unix://" + e.socket)
+	if err := c.Negotiate(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	got, err := NewWatcher(c, DefaultLabel, quiet()).Desired(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].Err != nil || got[1].Err == nil || !strings.Contains(got[1].Err.Error(), "shares its network namespace with app") {
+		t.Fatalf("targets %+v; want app enrolled and sidecar refused for sharing its netns", got)
+	}
+}
