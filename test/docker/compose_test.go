@@ -229,7 +229,9 @@ func waitLogs(t *testing.T, id string, words ...string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		out, _ := sh(10*time.Second, nil, "docker", "logs", id)
+		// The daemon logs to stderr, which `docker logs` replays on its own.
+		b, _ := exec.Command("docker", "logs", id).CombinedOutput()
+		out := string(b)
 		for _, line := range strings.Split(out, "\n") {
 			all := true
 			for _, w := range words {

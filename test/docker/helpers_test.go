@@ -25,14 +25,20 @@ import (
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
-// sh runs a command with a deadline and returns its combined output.
+// sh runs a command with a deadline and returns its standard output, or on
+// failure everything it printed. (Warnings on stderr, such as the CLI's about
+// IPv4 forwarding, must not end up in a container ID.)
 func sh(timeout time.Duration, env []string, name string, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Env = env
-	out, err := cmd.CombinedOutput()
-	return strings.TrimSpace(string(out)), err
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return strings.TrimSpace(stdout.String() + stderr.String()), err
+	}
+	return strings.TrimSpace(stdout.String()), nil
 }
 
 func mustSh(t *testing.T, timeout time.Duration, env []string, name string, args ...string) string {

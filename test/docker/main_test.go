@@ -11,6 +11,7 @@ package docker_test
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vishvananda/netlink"
 
 	"github.com/nsredirect/nsredirect/internal/docker"
 )
@@ -69,7 +72,10 @@ func setUp() (stop func()) {
 		suite.unavailable = err.Error()
 		return
 	}
-	cmd := exec.Command(dockerd)
+	// No firewall rules, no ip_forward, no masquerading: the tests need no
+	// traffic to leave a container, and the host is shared with other suites.
+	_, bridgeErr := net.InterfaceByName("docker0")
+	cmd := exec.Command(dockerd, "--iptables=false", "--ip-forward=false")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		suite.unavailable = fmt.Sprintf("start dockerd: %v", err)
@@ -88,6 +94,11 @@ func setUp() (stop func()) {
 		}
 		logf.Close()
 		_ = os.Remove(logf.Name())
+		if bridgeErr != nil { // the default bridge is ours: dockerd leaves it behind
+			if l, err := netlink.LinkByName("docker0"); err == nil {
+				_ = netlink.LinkDel(l)
+			}
+		}
 	}
 	// Another suite may be starting one at the same moment, and ours then
 	// exits (its pid file is taken): whichever answers will do.
