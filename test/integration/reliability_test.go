@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -257,7 +258,10 @@ func TestLeastPrivilege(t *testing.T) {
 		for _, c := range keep {
 			set += ",+" + c
 		}
-		return exec.Command(setpriv, "--inh-caps=-all", "--bounding-set="+set, "--",
+		// Bounded: a daemon that wrongly starts is killed, not waited on forever.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		t.Cleanup(cancel)
+		return exec.CommandContext(ctx, setpriv, "--inh-caps=-all", "--bounding-set="+set, "--",
 			bin, "run", "--netns", ns.Path, "--redirect", "80=3210", "--pin-dir", pin)
 	}
 	p := testenv.Start(t, run(caps))
