@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -97,6 +98,12 @@ func TestCompose(t *testing.T) {
 	testenv.Privileged(t)
 	needDocker(t)
 	img := buildImages(t)
+	for _, ref := range []string{img.nsredirect, img.backend} {
+		size, err := strconv.ParseInt(dockerCLI(t, "image", "inspect", "-f", "{{.Size}}", ref), 10, 64)
+		if err != nil || size >= 15_000_000 {
+			t.Errorf("image %s: %d bytes (%v); want < 15 MB", ref, size, err)
+		}
+	}
 	pin := testenv.BPFFS(t) // <private bpffs>/nsredirect, as the container sees /sys/fs/bpf/nsredirect
 	cp := newCompose(t,
 		"NSREDIRECT_IMAGE="+img.nsredirect,
