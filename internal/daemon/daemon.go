@@ -200,13 +200,15 @@ func (d *Daemon) Shutdown(handover bool) error {
 	return errors.Join(errs...)
 }
 
-// Ready reports whether every desired target is enrolled.
+// Ready reports whether every desired target is enrolled. A target its
+// source could not describe (a bad label) is that workload's problem, shown
+// in logs and metrics; it does not make the daemon unready for the others.
 func (d *Daemon) Ready() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var missing []string
 	for _, t := range d.desired {
-		if d.live[t.Name] == nil {
+		if t.Err == nil && d.live[t.Name] == nil {
 			missing = append(missing, t.Name)
 		}
 	}

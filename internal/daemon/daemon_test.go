@@ -106,6 +106,7 @@ func TestFailureIsolatedAndCounted(t *testing.T) {
 		{Name: "good", Netns: a.Target(), Rules: rules(t, "80=3210")},
 		{Name: "bad", Netns: a.Target(), Rules: rules(t, "81=3210")},
 		{Name: "gone", Netns: missing, Rules: rules(t, "80=3210")},
+		{Name: "badlabel", Err: errors.New(`label "80=x" is not a spec`)},
 	})
 	if err == nil || !strings.Contains(err.Error(), "boom") || !strings.Contains(err.Error(), "nsr-missing-for-test") {
 		t.Errorf("Reconcile error = %v; want both failures", err)
@@ -113,12 +114,12 @@ func TestFailureIsolatedAndCounted(t *testing.T) {
 	if e, ok := k.enrolled[a.Cookie(t)]; !ok || e.Name != "good" {
 		t.Errorf("good target not enrolled: %+v", k.enrolled)
 	}
-	if err := d.Ready(); err == nil || !strings.Contains(err.Error(), "bad") {
-		t.Errorf("Ready = %v; want it to name the failing targets", err)
+	if err := d.Ready(); err == nil || !strings.Contains(err.Error(), "bad, gone") || strings.Contains(err.Error(), "badlabel") {
+		t.Errorf("Ready = %v; want it to name the targets that failed to enroll, not the one its source could not describe", err)
 	}
 	_ = d.Resync() // the same failure again is counted once
 	s := d.Snapshot()
-	if s.EnrollErrors["bad"] != 1 || s.EnrollErrors["gone"] != 1 || s.EnrollErrors["good"] != 0 {
+	if s.EnrollErrors["bad"] != 1 || s.EnrollErrors["gone"] != 1 || s.EnrollErrors["badlabel"] != 1 || s.EnrollErrors["good"] != 0 {
 		t.Errorf("enroll errors %+v", s.EnrollErrors)
 	}
 }
