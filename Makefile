@@ -61,6 +61,14 @@ clean:
 
 # Minutes of connect load in 20 netns with daemons killed and restarted and
 # netns coming and going (NSREDIRECT_SOAK_DURATION, default 5m).
+# Direct vs nsredirect vs socat vs iptables REDIRECT, in throwaway netns on
+# loopback; writes bench/results/latest.{md,png}. bench-quick: < 1 minute.
+bench: deps build
+	$(GO) run ./bench
+
+bench-quick: deps build
+	$(GO) run ./bench --quick
+
 soak: deps build
 	NSREDIRECT_BIN=$(CURDIR)/$(BIN) DEMO_BACKEND_BIN=$(CURDIR)/bin/demo-backend \
 		$(GO) test -count=1 -tags soak -v -timeout 20m ./test/soak/
