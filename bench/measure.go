@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -123,7 +124,7 @@ func measurePath(e *env, r *results, p path, ns netnsx.Target, nsName string) er
 	if err == nil {
 		var p50, p99 float64
 		var fails int
-		p50, p99, fails, err = connectLatency(ns, fmt.Sprintf("127.0.0.1:%d", port(p, 80, httpPort)), e.cfg.dials)
+		p50, p99, fails, err = connectLatency(e.ctx, ns, fmt.Sprintf("127.0.0.1:%d", port(p, 80, httpPort)), e.cfg.dials)
 		r.failures[p.name] += fails
 		r.connectP50[p.name] = append(r.connectP50[p.name], p50)
 		r.connectP99[p.name] = append(r.connectP99[p.name], p99)
@@ -197,14 +198,17 @@ func iperf(e *env, nsName string, port int) (float64, error) {
 	return res.End.SumReceived.BitsPerSecond / 1e9, nil
 }
 
-// connectLatency times n sequential connect() calls from inside ns with a
+// connectLatency times up to n sequential connect() calls, for at most 5 s, from inside ns with a
 // Go client and returns p50 and p99 in µs of the ones that succeeded, and
 // how many failed (a path that drops connects under load).
-func connectLatency(ns netnsx.Target, addr string, n int) (p50, p99 float64, failed int, err error) {
+func connectLatency(ctx context.Context, ns netnsx.Target, addr string, n int) (p50, p99 float64, failed int, err error) {
 	obs := make([]float64, 0, n)
 	err = ns.Do(func() error {
 		d := net.Dialer{Timeout: 500 * time.Millisecond}
-		for i := 0; i < n; i++ {
+		// A path that drops connects (socat) would spend minutes in dial
+		// timeouts: the measurement is bounded in time as well as count.
+		deadline := time.Now().Add(5 * time.Second)
+		for i := 0; i < n && time.Now().Before(deadline) && ctx.Err() == nil; i++ {
 			start := time.Now()
 			c, err := d.Dial("tcp", addr)
 			took := time.Since(start)
@@ -261,7 +265,7 @@ func measureScaling(e *env, r *results, ns netnsx.Target, nsName string) error {
 		}
 		pt := scalePoint{netns: size}
 		for rep := 0; rep < e.cfg.reps; rep++ {
-			p50, p99, failed, err := connectLatency(ns, "127.0.0.1:80", e.cfg.dials)
+			p50, p99, failed, err := connectLatency(e.ctx, ns, "127.0.0.1:80", e.cfg.dials)
 			if err != nil {
 				return err
 			}
