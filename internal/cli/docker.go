@@ -71,11 +71,17 @@ func dockerCmd(ctx context.Context, io IO, args []string) error {
 		if err != nil {
 			return err
 		}
-		// What a previous docker-mode daemon handed over for containers
-		// that are gone now has nothing left to redirect.
+		// What a previous docker-mode daemon handed over is adopted by now
+		// (its owner lock is ours): a record still ownerless belongs to a
+		// container that is gone, or to the old netns of one recreated
+		// under the same name. Keep only a wanted container's record that
+		// failed to enroll this time, so a passing error removes nothing.
 		want := map[string]bool{}
 		for _, t := range desired {
 			want[t.Name] = true
+		}
+		for _, name := range d.Serving() {
+			delete(want, name)
 		}
 		removed, err := kernel.RemoveOrphans("docker", func(r loader.Record) bool { return want[r.Name] })
 		for _, r := range removed {

@@ -106,12 +106,17 @@ func TestHostDaemon(t *testing.T) {
 	mustDial(t, pa, "127.0.0.1:80")
 	assertAttached(t, progs)
 
-	// b goes while no daemon runs; the successor adopts a and drops b.
+	// While no daemon runs, b goes and a is recreated under the same name
+	// (a new netns): the successor serves the new a and drops both b's
+	// record and the old a's.
 	dockerCLI(t, "rm", "-f", run+"-b")
+	dockerCLI(t, "rm", "-f", run+"-a")
+	dockerCLI(t, "run", "-d", "--name", run+"-a", "--label", label+"=80=3210", img.backend)
 	d2 := testenv.Daemon(t, pin, args...)
+	pa = pidOf(t, run+"-a")
 	rows = status(t, pin)
 	if r := rowsOf(rows, run+"-a"); len(r) != 1 || !r[0].Alive || r[0].OwnerPID != d2.Cmd.Process.Pid {
-		t.Errorf("a after restart: %+v; want adopted by pid %d", r, d2.Cmd.Process.Pid)
+		t.Errorf("a after restart: %+v; want one rule, for the recreated a, owned by pid %d", r, d2.Cmd.Process.Pid)
 	}
 	if r := rowsOf(rows, run+"-b"); len(r) != 0 {
 		t.Errorf("b's rules outlived b: %+v", r)
