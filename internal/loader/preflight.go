@@ -77,6 +77,10 @@ func CheckKernel() error {
 			return features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSkStorageGet)
 		}},
 	}
+	probes = append(probes, struct {
+		what string
+		err  func() error
+	}{"getsockopt(SO_NETNS_COOKIE) to identify a network namespace (Linux >= 5.14)", probeNetnsCookie})
 	for _, p := range probes {
 		if err := p.err(); err != nil {
 			if errors.Is(err, ebpf.ErrNotSupported) {
@@ -149,6 +153,20 @@ func EnsureBPFFS(dir string) error {
 	}
 	if err := unix.Mount("bpf", parent, "bpf", 0, "mode=0700"); err != nil {
 		return envErr("no bpffs at %s and mounting one failed (%v); mount it on the host (mount -t bpf bpf /sys/fs/bpf) and bind it in", parent, err)
+	}
+	return nil
+}
+
+func probeNetnsCookie() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	if _, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE); errors.Is(err, unix.ENOPROTOOPT) {
+		return ebpf.ErrNotSupported
+	} else if err != nil {
+		return err
 	}
 	return nil
 }
