@@ -149,8 +149,8 @@ func TestCompose(t *testing.T) {
 	if peer := mustDial(t, pid, "127.0.0.1:80"); peer != "127.0.0.1:80" {
 		t.Errorf("getpeername in backend = %s; want 127.0.0.1:80", peer)
 	}
-	progs := ourProgIDs(t, pin)
-	assertAttached(t, progs)
+	progs := testenv.ProgIDs(t, pin)
+	testenv.AssertAttached(t, progs)
 
 	// Another container on the host, unlabelled: untouched.
 	plain := runContainer(t, img.backend, cp.name+"-plain")
@@ -164,7 +164,7 @@ func TestCompose(t *testing.T) {
 	waitLogs(t, nsr, cp.name+"-bad", "99999")
 	mustRefuse(t, badPID, "127.0.0.1:80", "a bad label enrolls nothing")
 	metrics := curl(t, daemonPID, "http://127.0.0.1:9590/metrics")
-	if v := metricValue(metrics, fmt.Sprintf(`nsredirect_enroll_errors_total{netns="%s-bad"}`, cp.name)); v < 1 {
+	if v := testenv.MetricValue(metrics, fmt.Sprintf(`nsredirect_enroll_errors_total{netns="%s-bad"}`, cp.name)); v < 1 {
 		t.Errorf("enroll errors of the bad-label container = %v; want >= 1 in:\n%s", v, metrics)
 	}
 	if in := inspect(t, nsr); !in.State.Running || in.State.Pid != daemonPID {
@@ -185,8 +185,8 @@ func TestCompose(t *testing.T) {
 	}
 	mustRefuse(t, plainPID, "127.0.0.1:80", "still untouched")
 	backendName := strings.TrimPrefix(inspect(t, backend).Name, "/")
-	waitStatus(t, pin, "the backend owned by a live daemon", func(rows []statusRow) bool {
-		r := rowsOf(rows, backendName)
+	testenv.WaitStatus(t, pin, "the backend owned by a live daemon", func(rows []testenv.StatusRow) bool {
+		r := testenv.RowsOf(rows, backendName)
 		return len(r) == 1 && r[0].Alive && r[0].Mode == "docker"
 	})
 
@@ -202,8 +202,8 @@ func TestCompose(t *testing.T) {
 	if newDaemon == oldDaemon {
 		t.Fatalf("nsredirect was not recreated (pid %d)", newDaemon)
 	}
-	waitStatus(t, pin, "the backend adopted by the new nsredirect", func(rows []statusRow) bool {
-		r := rowsOf(rows, backendName)
+	testenv.WaitStatus(t, pin, "the backend adopted by the new nsredirect", func(rows []testenv.StatusRow) bool {
+		r := testenv.RowsOf(rows, backendName)
 		return len(r) == 1 && r[0].Alive && r[0].OwnerPID == newDaemon
 	})
 	time.Sleep(300 * time.Millisecond)
@@ -213,7 +213,7 @@ func TestCompose(t *testing.T) {
 	if res.failed != 0 || res.ok < 50 {
 		t.Errorf("recreating nsredirect: %d ok, %d failed (first: %v); want zero failures", res.ok, res.failed, res.firstErr)
 	}
-	if got := ourProgIDs(t, pin); len(got) != 4 {
+	if got := testenv.ProgIDs(t, pin); len(got) != 4 {
 		t.Errorf("after the upgrade: links %v", got)
 	} else {
 		progs = append(progs, got...) // link.Update swapped the programs in place
@@ -222,7 +222,7 @@ func TestCompose(t *testing.T) {
 	// compose down: backend stops first, then nsredirect finds nothing to
 	// hand over and removes everything.
 	cp.run("down", "-t", "5")
-	assertGone(t, pin, progs)
+	testenv.AssertGone(t, pin, progs)
 	mustRefuse(t, plainPID, "127.0.0.1:80", "after down")
 }
 

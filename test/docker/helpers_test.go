@@ -3,16 +3,13 @@ package docker_test
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -284,168 +281,6 @@ func byName(name string) func() (docker.Inspected, bool) {
 		in, err := suite.client.Inspect(ctx, name)
 		return in, err == nil
 	}
-}
-
-type statusRow struct {
-	Netns    string `json:"netns"`
-	Mode     string `json:"mode"`
-	Rule     string `json:"rule"`
-	OwnerPID int    `json:"owner_pid"`
-	Alive    bool   `json:"owner_alive"`
-}
-
-func status(t *testing.T, pinDir string) []statusRow {
-	t.Helper()
-	code, out, errOut := testenv.Run(t, nil, "status", "--json", "--pin-dir", pinDir)
-	if code != 0 {
-		t.Fatalf("status: exit %d: %s", code, errOut)
-	}
-	var rows []statusRow
-	if err := json.Unmarshal([]byte(out), &rows); err != nil {
-		t.Fatalf("status --json: %v\n%s", err, out)
-	}
-	return rows
-}
-
-func rowsOf(rows []statusRow, netns string) []statusRow {
-	var out []statusRow
-	for _, r := range rows {
-		if r.Netns == netns {
-			out = append(out, r)
-		}
-	}
-	return out
-}
-
-// waitStatus polls status until ok accepts it.
-func waitStatus(t *testing.T, pinDir, what string, ok func([]statusRow) bool) []statusRow {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		rows := status(t, pinDir)
-		if ok(rows) {
-			return rows
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("status never showed %s: %+v", what, rows)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// ourProgIDs returns the program IDs behind the pinned links, as bpftool
-// (an outside witness) sees them.
-func ourProgIDs(t *testing.T, pinDir string) []int {
-	t.Helper()
-	bpftool := testenv.Tool(t, "bpftool")
-	var ids []int
-	for _, h := range []string{"connect4", "connect6", "getpeername4", "getpeername6"} {
-		out := mustSh(t, 10*time.Second, nil, bpftool, "link", "show", "pinned", filepath.Join(pinDir, "link_"+h), "--json")
-		var l struct {
-			ProgID int `json:"prog_id"`
-		}
-		if err := json.Unmarshal([]byte(out), &l); err != nil || l.ProgID == 0 {
-			t.Fatalf("bpftool link show %s: %v\n%s", h, err, out)
-		}
-		ids = append(ids, l.ProgID)
-	}
-	return ids
-}
-
-// attachedAtRoot returns the programs attached at the cgroup2 root, by ID.
-func attachedAtRoot(t *testing.T) map[int]string {
-	t.Helper()
-	bpftool := testenv.Tool(t, "bpftool")
-	out := mustSh(t, 10*time.Second, nil, bpftool, "cgroup", "show", testenv.RootCgroup(t), "--json")
-	var progs []struct {
-		ID   int    `json:"id"`
-		Name string `json:"name"`
-	}
-	if out != "" {
-		if err := json.Unmarshal([]byte(out), &progs); err != nil {
-			t.Fatalf("bpftool cgroup show --json: %v\n%s", err, out)
-		}
-	}
-	m := map[int]string{}
-	for _, p := range progs {
-		m[p.ID] = p.Name
-	}
-	return m
-}
-
-// assertGone checks nothing of ours is left: no pin dir, none of ids
-// attached at the cgroup2 root.
-func assertGone(t *testing.T, pinDir string, ids []int) {
-	t.Helper()
-	if _, err := os.Stat(pinDir); !os.IsNotExist(err) {
-		entries, _ := os.ReadDir(pinDir)
-		var names []string
-		for _, e := range entries {
-			names = append(names, e.Name())
-		}
-		t.Errorf("pin dir %s still exists (%v), holding %v", pinDir, err, names)
-	}
-	attached := attachedAtRoot(t)
-	for _, id := range ids {
-		if name, ok := attached[id]; ok {
-			t.Errorf("program %d (%s) is still attached at the cgroup2 root", id, name)
-		}
-	}
-}
-
-func assertAttached(t *testing.T, ids []int) {
-	t.Helper()
-	attached := attachedAtRoot(t)
-	for _, id := range ids {
-		if _, ok := attached[id]; !ok {
-			t.Errorf("program %d is not attached at the cgroup2 root; attached: %v", id, attached)
-		}
-	}
-}
-
-func httpGet(t *testing.T, url string) string {
-	t.Helper()
-	c := &http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get(url)
-	if err != nil {
-		t.Fatalf("GET %s: %v", url, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return string(b)
-}
-
-// metricValue returns the value of the sample whose line starts with
-// prefix, or -1.
-func metricValue(body, prefix string) float64 {
-	for _, line := range strings.Split(body, "\n") {
-		if strings.HasPrefix(line, prefix) {
-			f := strings.Fields(line)
-			v, err := strconv.ParseFloat(f[len(f)-1], 64)
-			if err == nil {
-				return v
-			}
-		}
-	}
-	return -1
-}
-
-var addrRe = regexp.MustCompile(`addr"?[=:]"?([0-9.:\[\]]+)`)
-
-// metricsURL finds where a daemon started with --metrics-addr 127.0.0.1:0
-// listens, from its log.
-func metricsURL(t *testing.T, p *testenv.Proc) string {
-	t.Helper()
-	p.WaitOutput(t, "serving /metrics", 10*time.Second)
-	for _, line := range strings.Split(p.Output(), "\n") {
-		if strings.Contains(line, "serving /metrics") {
-			if m := addrRe.FindStringSubmatch(line); m != nil {
-				return "http://" + m[1]
-			}
-		}
-	}
-	t.Fatalf("no metrics address in log:\n%s", p.Output())
-	return ""
 }
 
 // connectLoop dials addr from pid's netns until stop is closed (at most

@@ -37,8 +37,8 @@ func TestHostDaemon(t *testing.T) {
 
 	args := []string{"docker", "--label", label, "--metrics-addr", "127.0.0.1:0", "--cgroup", testenv.RootCgroup(t)}
 	d := testenv.Daemon(t, pin, args...)
-	metrics := metricsURL(t, d)
-	progs := ourProgIDs(t, pin)
+	metrics := testenv.MetricsURL(t, d)
+	progs := testenv.ProgIDs(t, pin)
 
 	pa, pb := pidOf(t, a), pidOf(t, b)
 	waitRedirect(t, pa, "127.0.0.1:80", 5*time.Second)
@@ -58,18 +58,18 @@ func TestHostDaemon(t *testing.T) {
 	mustRefuse(t, pidOf(t, plain), "127.0.0.1:80", "unlabelled")
 	mustRefuse(t, pidOf(t, bad), "127.0.0.1:80", "its label does not parse")
 	d.WaitOutput(t, run+"-bad", 5*time.Second)
-	body := httpGet(t, metrics+"/metrics")
-	if v := metricValue(body, fmt.Sprintf(`nsredirect_enroll_errors_total{netns="%s-bad"}`, run)); v < 1 {
+	_, body := testenv.HTTPGet(t, metrics+"/metrics")
+	if v := testenv.MetricValue(body, fmt.Sprintf(`nsredirect_enroll_errors_total{netns="%s-bad"}`, run)); v < 1 {
 		t.Errorf("enroll errors of %s-bad = %v; want >= 1", run, v)
 	}
-	if v := metricValue(body, fmt.Sprintf(`nsredirect_redirects_total{netns="%s-a",rule="80=3210"}`, run)); v < 2 {
+	if v := testenv.MetricValue(body, fmt.Sprintf(`nsredirect_redirects_total{netns="%s-a",rule="80=3210"}`, run)); v < 2 {
 		t.Errorf("redirects counted for a = %v; want >= 2", v)
 	}
 	// A labelled container in the host's netns: refused, the host untouched.
 	dockerCLI(t, "run", "-d", "--name", run+"-hostnet", "--network", "host", "--label", label+"=80=3210", img.backend, "--listen", "127.0.0.1:0")
 	t.Cleanup(func() { _, _ = sh(time.Minute, nil, "docker", "rm", "-f", run+"-hostnet") })
 	d.WaitOutput(t, "container "+run+"-hostnet uses the host's network namespace", 5*time.Second)
-	if r := rowsOf(status(t, pin), run+"-hostnet"); len(r) != 0 {
+	if r := testenv.RowsOf(testenv.Status(t, pin), run+"-hostnet"); len(r) != 0 {
 		t.Errorf("host-network container enrolled: %+v", r)
 	}
 	if !strings.Contains(d.Output(), `label `+label+`=\"80=3210,80=3211\"`) {
@@ -97,14 +97,14 @@ func TestHostDaemon(t *testing.T) {
 	if !strings.Contains(d.Output(), "handover=true") {
 		t.Errorf("daemon did not hand over with containers running:\n%s", d.Output())
 	}
-	rows := status(t, pin)
+	rows := testenv.Status(t, pin)
 	for _, n := range []string{run + "-a", run + "-b"} {
-		if r := rowsOf(rows, n); len(r) != 1 || r[0].Alive {
+		if r := testenv.RowsOf(rows, n); len(r) != 1 || r[0].Alive {
 			t.Errorf("status of %s after handover: %+v; want one rule, owner gone", n, r)
 		}
 	}
 	mustDial(t, pa, "127.0.0.1:80")
-	assertAttached(t, progs)
+	testenv.AssertAttached(t, progs)
 
 	// While no daemon runs, b goes and a is recreated under the same name
 	// (a new netns): the successor serves the new a and drops both b's
@@ -114,11 +114,11 @@ func TestHostDaemon(t *testing.T) {
 	dockerCLI(t, "run", "-d", "--name", run+"-a", "--label", label+"=80=3210", img.backend)
 	d2 := testenv.Daemon(t, pin, args...)
 	pa = pidOf(t, run+"-a")
-	rows = status(t, pin)
-	if r := rowsOf(rows, run+"-a"); len(r) != 1 || !r[0].Alive || r[0].OwnerPID != d2.Cmd.Process.Pid {
+	rows = testenv.Status(t, pin)
+	if r := testenv.RowsOf(rows, run+"-a"); len(r) != 1 || !r[0].Alive || r[0].OwnerPID != d2.Cmd.Process.Pid {
 		t.Errorf("a after restart: %+v; want one rule, for the recreated a, owned by pid %d", r, d2.Cmd.Process.Pid)
 	}
-	if r := rowsOf(rows, run+"-b"); len(r) != 0 {
+	if r := testenv.RowsOf(rows, run+"-b"); len(r) != 0 {
 		t.Errorf("b's rules outlived b: %+v", r)
 	}
 	mustDial(t, pa, "127.0.0.1:80")
@@ -126,7 +126,7 @@ func TestHostDaemon(t *testing.T) {
 	// The last labelled container stops: its rules go at once, and SIGTERM
 	// then leaves nothing attached or pinned.
 	dockerCLI(t, "stop", "-t", "1", run+"-a")
-	waitStatus(t, pin, "no rule once a stopped", func(rows []statusRow) bool { return len(rowsOf(rows, run+"-a")) == 0 })
+	testenv.WaitStatus(t, pin, "no rule once a stopped", func(rows []testenv.StatusRow) bool { return len(testenv.RowsOf(rows, run+"-a")) == 0 })
 	// No namespace file is held open: a stopped container's netns can die.
 	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", d2.Cmd.Process.Pid))
 	for _, fd := range fds {
@@ -140,7 +140,7 @@ func TestHostDaemon(t *testing.T) {
 	if !strings.Contains(d2.Output(), "handover=false") {
 		t.Errorf("daemon handed over with nothing running:\n%s", d2.Output())
 	}
-	assertGone(t, pin, progs)
+	testenv.AssertGone(t, pin, progs)
 }
 
 // TestDockerBadInput: bad flags and an unreachable Engine are refused with
@@ -190,7 +190,7 @@ func TestDockerReconnect(t *testing.T) {
 
 	a := runContainer(t, img.backend, run+"-a", label+"=80=3210")
 	d := testenv.Daemon(t, pin, "docker", "--docker-host", "unix://"+proxy.path, "--label", label, "--cgroup", testenv.RootCgroup(t))
-	progs := ourProgIDs(t, pin)
+	progs := testenv.ProgIDs(t, pin)
 	waitRedirect(t, pidOf(t, a), "127.0.0.1:80", 5*time.Second)
 
 	proxy.stop()
@@ -198,19 +198,19 @@ func TestDockerReconnect(t *testing.T) {
 	dockerCLI(t, "stop", "-t", "1", run+"-a")
 	c := runContainer(t, img.backend, run+"-c", label+"=80=3210")
 	time.Sleep(500 * time.Millisecond) // a few failed reconnects
-	if r := rowsOf(status(t, pin), run+"-c"); len(r) != 0 {
+	if r := testenv.RowsOf(testenv.Status(t, pin), run+"-c"); len(r) != 0 {
 		t.Fatalf("c enrolled while Docker was unreachable? %+v", r)
 	}
 	proxy.start(t)
 	waitRedirect(t, pidOf(t, c), "127.0.0.1:80", 10*time.Second)
-	waitStatus(t, pin, "a's rules gone after the relisting", func(rows []statusRow) bool { return len(rowsOf(rows, run+"-a")) == 0 })
+	testenv.WaitStatus(t, pin, "a's rules gone after the relisting", func(rows []testenv.StatusRow) bool { return len(testenv.RowsOf(rows, run+"-a")) == 0 })
 
 	dockerCLI(t, "stop", "-t", "1", run+"-c")
-	waitStatus(t, pin, "no rules once c stopped", func(rows []statusRow) bool { return len(rows) == 0 })
+	testenv.WaitStatus(t, pin, "no rules once c stopped", func(rows []testenv.StatusRow) bool { return len(rows) == 0 })
 	if err := d.Stop(syscall.SIGTERM, 10*time.Second); err != nil {
 		t.Fatalf("daemon exit: %v\n%s", err, d.Output())
 	}
-	assertGone(t, pin, progs)
+	testenv.AssertGone(t, pin, progs)
 }
 
 // socketProxy forwards a unix socket to Docker's. stop closes the listener

@@ -18,7 +18,7 @@ func TestBadInputRefused(t *testing.T) {
 	pin := testenv.BPFFS(t)
 	ns := testenv.NewNetns(t)
 	notBPF := filepath.Join(t.TempDir(), "nsredirect")
-	before := attachedAtRoot(t)
+	before := testenv.AttachedAtRoot(t)
 	env := func(kv ...string) []string { return append([]string{"PATH=" + os.Getenv("PATH")}, kv...) }
 
 	for _, tc := range []struct {
@@ -83,7 +83,7 @@ func TestBadInputRefused(t *testing.T) {
 	if _, err := os.Stat(notBPF); !os.IsNotExist(err) {
 		t.Errorf("bad input created %s", notBPF)
 	}
-	for id, name := range attachedAtRoot(t) {
+	for id, name := range testenv.AttachedAtRoot(t) {
 		if _, was := before[id]; !was && strings.HasPrefix(name, "nsr_") {
 			// Another suite may attach its own nsr_ programs concurrently;
 			// ours never got a pin dir, so anything new must not be pinned here.
@@ -137,7 +137,7 @@ func TestMetrics(t *testing.T) {
 	testenv.Server(t, ns, ":3210")
 	d := testenv.Daemon(t, pin, "run", "--netns", ns.Path, "--redirect", "80=3210", "--redirect", "8080=3210",
 		"--metrics-addr", "127.0.0.1:0", "--log-format", "json")
-	url := metricsURL(t, d)
+	url := testenv.MetricsURL(t, d)
 	if !strings.Contains(d.Output(), `"msg":"redirect live"`) || !strings.Contains(d.Output(), `"cookie":`) {
 		t.Errorf("json log lacks fields:\n%s", d.Output())
 	}
@@ -154,7 +154,7 @@ func TestMetrics(t *testing.T) {
 	if _, err := ns.Dial("tcp", "127.0.0.1:3210"); err != nil { // direct: not counted
 		t.Fatal(err)
 	}
-	code, body := httpGet(t, url+"/metrics")
+	code, body := testenv.HTTPGet(t, url+"/metrics")
 	if code != 200 {
 		t.Fatalf("/metrics: %d", code)
 	}
@@ -170,7 +170,7 @@ func TestMetrics(t *testing.T) {
 	}
 	metricValue(t, body, "nsredirect_build_info{")
 	for _, p := range []string{"/healthz", "/readyz"} {
-		if code, b := httpGet(t, url+p); code != 200 {
+		if code, b := testenv.HTTPGet(t, url+p); code != 200 {
 			t.Errorf("%s: %d %s", p, code, b)
 		}
 	}
@@ -199,9 +199,9 @@ func TestCheckStatusCleanup(t *testing.T) {
 		t.Errorf("status:\n%s", text)
 	}
 
-	ids := ourProgIDs(t, pin)
+	ids := testenv.ProgIDs(t, pin)
 	d.Kill()
-	rows := status(t, pin)
+	rows := testenv.Status(t, pin)
 	if len(rows) != 1 || rows[0].Alive || rows[0].OwnerPID != d.Cmd.Process.Pid {
 		t.Errorf("status after kill -9: %+v; want owner pid %d dead", rows, d.Cmd.Process.Pid)
 	}
@@ -213,7 +213,7 @@ func TestCheckStatusCleanup(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "removed netns "+ns.Path) {
 		t.Errorf("cleanup: exit %d\n%s%s", code, out, stderr)
 	}
-	assertGone(t, pin, ids)
+	testenv.AssertGone(t, pin, ids)
 	if code, out, _ := testenv.Run(t, nil, "cleanup", "--pin-dir", pin); code != 0 || !strings.Contains(out, "nothing to clean") {
 		t.Errorf("second cleanup: %d %s", code, out)
 	}
@@ -224,7 +224,7 @@ func TestCleanupKeepsLiveOwnersUnlessAll(t *testing.T) {
 	ns := testenv.NewNetns(t)
 	testenv.Server(t, ns, ":3210")
 	d := testenv.Daemon(t, pin, "run", "--netns", ns.Path, "--redirect", "80=3210")
-	ids := ourProgIDs(t, pin)
+	ids := testenv.ProgIDs(t, pin)
 	if code, out, _ := testenv.Run(t, nil, "cleanup", "--pin-dir", pin); code != 0 || !strings.Contains(out, "0 enrollment(s) removed") {
 		t.Errorf("cleanup with a live owner: %d %s", code, out)
 	}
@@ -234,12 +234,12 @@ func TestCleanupKeepsLiveOwnersUnlessAll(t *testing.T) {
 	if code, out, _ := testenv.Run(t, nil, "cleanup", "--all", "--pin-dir", pin); code != 0 || !strings.Contains(out, "1 enrollment(s) removed") {
 		t.Errorf("cleanup --all: %d %s", code, out)
 	}
-	assertGone(t, pin, ids)
+	testenv.AssertGone(t, pin, ids)
 	// The daemon notices its state is gone and exits 1 for its supervisor,
 	// instead of running on with nothing attached.
 	code, err := d.Wait(5 * time.Second)
 	if err != nil || code != 1 || !strings.Contains(d.Output(), "cleanup --all") {
 		t.Errorf("daemon after cleanup --all: exit %d (%v); want exit 1 saying why\n%s", code, err, d.Output())
 	}
-	assertGone(t, pin, ids)
+	testenv.AssertGone(t, pin, ids)
 }

@@ -126,16 +126,16 @@ func TestTwoInstancesIsolated(t *testing.T) {
 	testenv.Server(t, a, ":3210")
 	testenv.Server(t, b, ":3211")
 	da := testenv.Daemon(t, pin, "run", "--netns", a.Path, "--redirect", "80=3210")
-	linksBefore := ourLinkIDs(t, pin)
+	linksBefore := testenv.LinkIDs(t, pin)
 	db := testenv.Daemon(t, pin, "run", "--netns", b.Path, "--redirect", "80=3211")
 
 	// One program per hook, shared: the second instance replaced the program
 	// inside the same links (link.Update), it did not attach more.
-	if got := ourLinkIDs(t, pin); fmtIDs(got) != fmtIDs(linksBefore) {
+	if got := testenv.LinkIDs(t, pin); fmtIDs(got) != fmtIDs(linksBefore) {
 		t.Errorf("second instance changed the links %v -> %v; it must update them in place", linksBefore, got)
 	}
-	ids := ourProgIDs(t, pin)
-	if attached := attachedAtRoot(t); attached[ids[0]] == "" {
+	ids := testenv.ProgIDs(t, pin)
+	if attached := testenv.AttachedAtRoot(t); attached[ids[0]] == "" {
 		t.Errorf("our connect4 program %d is not attached at the root", ids[0])
 	}
 
@@ -160,7 +160,7 @@ func TestTwoInstancesIsolated(t *testing.T) {
 	if err := db.Stop(syscall.SIGTERM, 5*time.Second); err != nil {
 		t.Fatalf("daemon b exit: %v", err)
 	}
-	assertGone(t, pin, ids)
+	testenv.AssertGone(t, pin, ids)
 }
 
 func TestStopRemovesEverything(t *testing.T) {
@@ -168,7 +168,7 @@ func TestStopRemovesEverything(t *testing.T) {
 	ns := testenv.NewNetns(t)
 	testenv.Server(t, ns, ":3210")
 	d := testenv.Daemon(t, pin, "run", "--netns", ns.Path, "--redirect", "80=3210")
-	ids := ourProgIDs(t, pin)
+	ids := testenv.ProgIDs(t, pin)
 	curl(t, ns, "http://127.0.0.1/")
 
 	start := time.Now()
@@ -176,7 +176,7 @@ func TestStopRemovesEverything(t *testing.T) {
 		t.Fatalf("SIGTERM: exit %v, want 0\n%s", err, d.Output())
 	}
 	t.Logf("stopped in %s", time.Since(start))
-	assertGone(t, pin, ids)
+	testenv.AssertGone(t, pin, ids)
 	if _, err := ns.Dial("tcp", "127.0.0.1:80"); !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Errorf("after stop, connect to 127.0.0.1:80 = %v, want connection refused (no redirect)", err)
 	}
@@ -221,7 +221,7 @@ func TestKillRestartAdoptsWithZeroFailures(t *testing.T) {
 	ns := testenv.NewNetns(t)
 	testenv.Server(t, ns, ":3210")
 	d := testenv.Daemon(t, pin, "run", "--netns", ns.Path, "--redirect", "80=3210")
-	linksBefore := ourLinkIDs(t, pin)
+	linksBefore := testenv.LinkIDs(t, pin)
 
 	stop := make(chan struct{})
 	ok, failed, done := connectLoop(t, ns, "127.0.0.1:80", stop, 200000)
@@ -230,7 +230,7 @@ func TestKillRestartAdoptsWithZeroFailures(t *testing.T) {
 	d.Kill()
 	atKill := ok.Load()
 	waitFor(t, "connects while no daemon runs", 5*time.Second, func() bool { return ok.Load() > atKill+200 })
-	rows := status(t, pin)
+	rows := testenv.Status(t, pin)
 	if len(rows) != 1 || rows[0].Alive {
 		t.Errorf("after kill -9, status = %+v; want the rule kept with a dead owner", rows)
 	}
@@ -249,10 +249,10 @@ func TestKillRestartAdoptsWithZeroFailures(t *testing.T) {
 	if failed.Load() != 0 {
 		t.Errorf("%d connects failed across kill -9 + restart; want 0", failed.Load())
 	}
-	if got := ourLinkIDs(t, pin); fmtIDs(got) != fmtIDs(linksBefore) {
+	if got := testenv.LinkIDs(t, pin); fmtIDs(got) != fmtIDs(linksBefore) {
 		t.Errorf("restart re-attached: links %v -> %v; the program must be swapped with link.Update", linksBefore, got)
 	}
-	rows = status(t, pin)
+	rows = testenv.Status(t, pin)
 	if len(rows) != 1 || !rows[0].Alive {
 		t.Errorf("after restart, status = %+v; want one rule with a live owner", rows)
 	}
@@ -309,7 +309,7 @@ func TestFollowsRecreatedNetns(t *testing.T) {
 		return err == nil
 	})
 	t.Logf("recreated netns redirected again after %s", took)
-	for _, r := range status(t, pin) {
+	for _, r := range testenv.Status(t, pin) {
 		if r.Cookie == oldCookie {
 			t.Errorf("rule for the dead netns (cookie %d) still enrolled", oldCookie)
 		}

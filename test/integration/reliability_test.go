@@ -143,7 +143,7 @@ func TestConcurrentStarts(t *testing.T) {
 			t.Errorf("netns %d: %s", i, peer)
 		}
 	}
-	if got := len(status(t, pin)); got != n {
+	if got := len(testenv.Status(t, pin)); got != n {
 		t.Errorf("status shows %d rules, want %d", got, n)
 	}
 

@@ -8,7 +8,6 @@ package soak
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -92,17 +91,6 @@ func serve(t *testing.T, ns testenv.Netns) net.Listener {
 	return ln
 }
 
-func metricsAddr(t *testing.T, p *testenv.Proc) string {
-	p.WaitOutput(t, "serving /metrics", 10*time.Second)
-	for _, line := range strings.Split(p.Output(), "\n") {
-		if i := strings.Index(line, `addr="127.0.0.1:`); i >= 0 {
-			return "http://" + strings.Trim(strings.Fields(line[i+len("addr="):])[0], `"`)
-		}
-	}
-	t.Fatal("no metrics addr")
-	return ""
-}
-
 func TestSoak(t *testing.T) {
 	dur := 5 * time.Minute
 	if v := os.Getenv("NSREDIRECT_SOAK_DURATION"); v != "" {
@@ -129,7 +117,7 @@ func TestSoak(t *testing.T) {
 		serve(t, nss[i])
 		daemons[i] = start(i)
 		if i < stable {
-			urls[i] = metricsAddr(t, daemons[i])
+			urls[i] = testenv.MetricsURL(t, daemons[i])
 		}
 	}
 
@@ -246,7 +234,7 @@ func TestSoak(t *testing.T) {
 	if code != 0 || !strings.Contains(out, fmt.Sprintf("%d enrollment(s) removed", len(orphans))) {
 		t.Errorf("cleanup: exit %d\n%s%s\nwant %d removed", code, out, errOut, len(orphans))
 	}
-	rows := statusRows(t, pin)
+	rows := testenv.Status(t, pin)
 	if len(rows) != len(nss) {
 		t.Errorf("after GC %d rules enrolled, want %d: %+v", len(rows), len(nss), rows)
 	}
@@ -275,26 +263,8 @@ func TestSoak(t *testing.T) {
 	}
 }
 
-type row struct {
-	Netns string `json:"netns"`
-	Alive bool   `json:"owner_alive"`
-}
-
-func statusRows(t *testing.T, pin string) []row {
-	t.Helper()
-	code, out, errOut := testenv.Run(t, nil, "status", "--json", "--pin-dir", pin)
-	if code != 0 {
-		t.Fatalf("status: %d %s", code, errOut)
-	}
-	var rows []row
-	if err := json.Unmarshal([]byte(out), &rows); err != nil {
-		t.Fatal(err)
-	}
-	return rows
-}
-
 func hasRow(t *testing.T, pin, name string) bool {
-	for _, r := range statusRows(t, pin) {
+	for _, r := range testenv.Status(t, pin) {
 		if r.Netns == name {
 			return true
 		}

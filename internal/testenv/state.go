@@ -1,0 +1,213 @@
+package testenv
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// StatusRow is one line of `nsredirect status --json`.
+type StatusRow struct {
+	Netns     string `json:"netns"`
+	Cookie    uint64 `json:"cookie"`
+	Mode      string `json:"mode"`
+	Rule      string `json:"rule"`
+	OwnerPID  int    `json:"owner_pid"`
+	Alive     bool   `json:"owner_alive"`
+	Redirects uint64 `json:"redirects"`
+}
+
+// Status reads the pinned state through the binary, as a user would.
+func Status(t testing.TB, pinDir string) []StatusRow {
+	t.Helper()
+	code, out, errOut := Run(t, nil, "status", "--json", "--pin-dir", pinDir)
+	if code != 0 {
+		t.Fatalf("status: exit %d: %s", code, errOut)
+	}
+	var rows []StatusRow
+	if err := json.Unmarshal([]byte(out), &rows); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	return rows
+}
+
+// RowsOf keeps the rows of one netns name.
+func RowsOf(rows []StatusRow, netns string) []StatusRow {
+	var out []StatusRow
+	for _, r := range rows {
+		if r.Netns == netns {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// WaitStatus polls Status until ok accepts it, for at most 15 s.
+func WaitStatus(t testing.TB, pinDir, what string, ok func([]StatusRow) bool) []StatusRow {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		rows := Status(t, pinDir)
+		if ok(rows) {
+			return rows
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status never showed %s: %+v", what, rows)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// PinnedLink is a link pinned under a pin dir, as bpftool reports it.
+type PinnedLink struct {
+	ID     int `json:"id"`
+	ProgID int `json:"prog_id"`
+}
+
+// Links returns the four links pinned in pinDir, read by bpftool, an
+// outside witness.
+func Links(t testing.TB, pinDir string) []PinnedLink {
+	t.Helper()
+	bpftool := Tool(t, "bpftool")
+	var links []PinnedLink
+	for _, h := range []string{"connect4", "connect6", "getpeername4", "getpeername6"} {
+		out, err := exec.Command(bpftool, "link", "show", "pinned", filepath.Join(pinDir, "link_"+h), "--json").CombinedOutput()
+		if err != nil {
+			t.Fatalf("bpftool link show %s: %v\n%s", h, err, out)
+		}
+		var l PinnedLink
+		if err := json.Unmarshal(out, &l); err != nil || l.ProgID == 0 {
+			t.Fatalf("bpftool link show %s: %v\n%s", h, err, out)
+		}
+		links = append(links, l)
+	}
+	return links
+}
+
+// ProgIDs returns the program IDs behind the pinned links.
+func ProgIDs(t testing.TB, pinDir string) []int {
+	t.Helper()
+	var ids []int
+	for _, l := range Links(t, pinDir) {
+		ids = append(ids, l.ProgID)
+	}
+	return ids
+}
+
+// LinkIDs returns the IDs of the pinned links.
+func LinkIDs(t testing.TB, pinDir string) []int {
+	t.Helper()
+	var ids []int
+	for _, l := range Links(t, pinDir) {
+		ids = append(ids, l.ID)
+	}
+	return ids
+}
+
+// AttachedAtRoot returns every program attached at the cgroup2 root, by ID.
+func AttachedAtRoot(t testing.TB) map[int]string {
+	t.Helper()
+	bpftool := Tool(t, "bpftool")
+	out, err := exec.Command(bpftool, "cgroup", "show", RootCgroup(t), "--json").CombinedOutput()
+	if err != nil {
+		t.Fatalf("bpftool cgroup show: %v\n%s", err, out)
+	}
+	var progs []struct {
+		ID   int    `json:"id"`
+		Name string `json:"name"`
+	}
+	if len(strings.TrimSpace(string(out))) > 0 {
+		if err := json.Unmarshal(out, &progs); err != nil {
+			t.Fatalf("bpftool cgroup show --json: %v\n%s", err, out)
+		}
+	}
+	m := map[int]string{}
+	for _, p := range progs {
+		m[p.ID] = p.Name
+	}
+	return m
+}
+
+// AssertGone checks nothing of ours is left: no pin dir, none of ids
+// attached at the cgroup2 root.
+func AssertGone(t testing.TB, pinDir string, ids []int) {
+	t.Helper()
+	if _, err := os.Stat(pinDir); !os.IsNotExist(err) {
+		entries, _ := os.ReadDir(pinDir)
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		t.Errorf("pin dir %s still exists (%v), holding %v", pinDir, err, names)
+	}
+	attached := AttachedAtRoot(t)
+	for _, id := range ids {
+		if name, ok := attached[id]; ok {
+			t.Errorf("program %d (%s) is still attached at the cgroup2 root", id, name)
+		}
+	}
+}
+
+// AssertAttached checks every one of ids is attached at the cgroup2 root.
+func AssertAttached(t testing.TB, ids []int) {
+	t.Helper()
+	attached := AttachedAtRoot(t)
+	for _, id := range ids {
+		if _, ok := attached[id]; !ok {
+			t.Errorf("program %d is not attached at the cgroup2 root; attached: %v", id, attached)
+		}
+	}
+}
+
+// HTTPGet fetches url and returns the status code and body.
+func HTTPGet(t testing.TB, url string) (int, string) {
+	t.Helper()
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// MetricValue returns the value of the sample whose line starts with
+// prefix, or -1 when there is none.
+func MetricValue(body, prefix string) float64 {
+	for _, line := range strings.Split(body, "\n") {
+		if strings.HasPrefix(line, prefix) {
+			f := strings.Fields(line)
+			if v, err := strconv.ParseFloat(f[len(f)-1], 64); err == nil {
+				return v
+			}
+		}
+	}
+	return -1
+}
+
+var addrRe = regexp.MustCompile(`addr"?[=:]"?([0-9.:\[\]]+)`)
+
+// MetricsURL finds where a daemon started with --metrics-addr 127.0.0.1:0
+// listens, from its log (text or JSON).
+func MetricsURL(t testing.TB, p *Proc) string {
+	t.Helper()
+	p.WaitOutput(t, "serving /metrics", 10*time.Second)
+	for _, line := range strings.Split(p.Output(), "\n") {
+		if strings.Contains(line, "serving /metrics") {
+			if m := addrRe.FindStringSubmatch(line); m != nil {
+				return "http://" + m[1]
+			}
+		}
+	}
+	t.Fatalf("no metrics address in log:\n%s", p.Output())
+	return ""
+}
