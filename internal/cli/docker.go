@@ -27,15 +27,9 @@ func dockerCmd(ctx context.Context, io IO, args []string) error {
 	fs := flagSet("docker", io)
 	var host, label string
 	var kf kernelFlags
-	var lf logFlags
 	fs.StringVar(&host, "docker-host", docker.DefaultHost, "Docker Engine socket, unix:///PATH")
 	fs.StringVar(&label, "label", docker.DefaultLabel, "container label whose value is SPEC[,SPEC...]")
-	kf.register(fs)
-	lf.register(fs)
-	if err := parse(fs, args, io.Getenv); err != nil {
-		return err
-	}
-	log, err := lf.logger(io.Stderr)
+	log, err := kf.parse(fs, args, io)
 	if err != nil {
 		return err
 	}

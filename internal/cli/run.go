@@ -26,6 +26,18 @@ type kernelFlags struct {
 	cgroup, pinDir, metricsAddr string
 }
 
+// parse registers the flags every long-running mode shares (kernel,
+// metrics, logging) beside the mode's own, parses args and builds the logger.
+func (k *kernelFlags) parse(fs *flag.FlagSet, args []string, io IO) (*logrus.Logger, error) {
+	var lf logFlags
+	k.register(fs)
+	lf.register(fs)
+	if err := parse(fs, args, io.Getenv); err != nil {
+		return nil, err
+	}
+	return lf.logger(io.Stderr)
+}
+
 func (k *kernelFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&k.cgroup, "cgroup", "", "cgroup2 mount to attach at (default: the first cgroup2 mount in /proc/self/mountinfo)")
 	fs.StringVar(&k.pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory for pinned programs, maps and links")
@@ -75,15 +87,9 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 	var netnsArg string
 	var redirects listFlag
 	var kf kernelFlags
-	var lf logFlags
 	fs.StringVar(&netnsArg, "netns", "", "target netns: self, a path (/run/netns/NAME, /proc/PID/ns/net) or pid:N")
 	fs.Var(&redirects, "redirect", "SPEC [FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT; repeat for more")
-	kf.register(fs)
-	lf.register(fs)
-	if err := parse(fs, args, io.Getenv); err != nil {
-		return err
-	}
-	log, err := lf.logger(io.Stderr)
+	log, err := kf.parse(fs, args, io)
 	if err != nil {
 		return err
 	}

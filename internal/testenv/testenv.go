@@ -174,9 +174,15 @@ func (n Netns) Command(ctx context.Context, name string, args ...string) *exec.C
 // Dial connects from inside n with a Go client and returns the peer address
 // getpeername() reports.
 func (n Netns) Dial(network, addr string) (string, error) {
+	return DialIn(n.Target(), network, addr, 2*time.Second)
+}
+
+// DialIn connects from inside target and returns the peer address
+// getpeername() reports there.
+func DialIn(target netnsx.Target, network, addr string, timeout time.Duration) (string, error) {
 	var peer string
-	err := n.Target().Do(func() error {
-		c, err := net.DialTimeout(network, addr, 2*time.Second)
+	err := target.Do(func() error {
+		c, err := net.DialTimeout(network, addr, timeout)
 		if err != nil {
 			return err
 		}

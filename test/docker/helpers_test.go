@@ -162,17 +162,7 @@ func dial(pid int, addr string, timeout time.Duration) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	var peer string
-	err = target.Do(func() error {
-		c, err := net.DialTimeout("tcp", addr, timeout)
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		peer = c.RemoteAddr().String()
-		return nil
-	})
-	return peer, err
+	return testenv.DialIn(target, "tcp", addr, timeout)
 }
 
 func mustDial(t *testing.T, pid int, addr string) string {
