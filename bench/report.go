@@ -51,10 +51,7 @@ func render(r *results) string {
 	fmt.Fprintf(&b, "Loads: wrk -t1 -c16 for %d s, iperf3 for %d s, %d sequential connect() per repeat. Each path has its own netns and server; paths rotate order every repeat.\n\n",
 		r.cfg.wrkSecs, r.cfg.iperfSecs, r.cfg.dials)
 
-	header := []string{"workload"}
-	for _, p := range pathNames {
-		header = append(header, p)
-	}
+	header := append([]string{"workload"}, pathNames...)
 	row := func(name, format string, m map[string]sample, ratios bool) []string {
 		out := []string{name}
 		for _, p := range pathNames {
