@@ -43,6 +43,7 @@ func dockerCmd(ctx context.Context, io IO, args []string) error {
 	if err := kf.preflight(); err != nil {
 		return err
 	}
+	defer kf.cookies.Close()
 	// Docker must answer before anything is attached.
 	nctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	err = client.Negotiate(nctx)

@@ -48,7 +48,12 @@ func checkCmd(_ context.Context, io IO, args []string) error {
 			return usagef("--dial %q: %v; use ADDR:PORT, e.g. 127.0.0.1:80 or [::1]:80", dial, err)
 		}
 	}
-	cookie, _, err := target.Resolve()
+	cookies, err := checkCookieSource(io.Getenv)
+	if err != nil {
+		return err
+	}
+	defer cookies.Close()
+	cookie, _, err := target.ResolveWith(cookies.Read)
 	if err != nil {
 		return err
 	}
@@ -78,6 +83,20 @@ func checkCmd(_ context.Context, io IO, args []string) error {
 	}
 	fmt.Fprintf(io.Stdout, "ok: netns %s (%s): %s live, owner pid %d %s\n", target, rec.Name, strings.Join(rec.Specs, ","), rec.OwnerPID, aliveWord(rec.OwnerAlive))
 	return nil
+}
+
+// checkCookieSource reads netns cookies as the daemon does; the BPF probe,
+// where needed, is attached at the first cgroup2 mount, the daemon's default.
+func checkCookieSource(getenv Env) (*loader.CookieSource, error) {
+	force, err := parseCookieKnob(getenv)
+	if err != nil {
+		return nil, err
+	}
+	cgroup, err := loader.FindCgroup2("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	return loader.NewCookieSource(cgroup, force)
 }
 
 func checkAttached(io IO, pinDir string) error {

@@ -24,6 +24,26 @@ const resyncEvery = time.Second
 // kernelFlags are the flags of every command that attaches.
 type kernelFlags struct {
 	cgroup, pinDir, metricsAddr string
+	// forceProbe is NSREDIRECT_NETNS_COOKIE=bpf-probe: learn netns cookies
+	// through the BPF probe even where SO_NETNS_COOKIE exists. A test knob,
+	// not a flag: both ways give the same cookie, so a user never needs it.
+	forceProbe bool
+	// cookies reads netns cookies; set by preflight, closed by serve.
+	cookies *loader.CookieSource
+}
+
+// cookieKnob is the environment variable that forces the BPF probe.
+const cookieKnob = "NSREDIRECT_NETNS_COOKIE"
+
+func parseCookieKnob(getenv Env) (bool, error) {
+	switch v := getenv(cookieKnob); v {
+	case "", loader.CookieSockopt:
+		return false, nil
+	case loader.CookieBPFProbe:
+		return true, nil
+	default:
+		return false, usagef("%s=%q: use %s (the default where the kernel has it) or %s", cookieKnob, v, loader.CookieSockopt, loader.CookieBPFProbe)
+	}
 }
 
 // parse registers the flags every long-running mode shares (kernel,
@@ -35,6 +55,11 @@ func (k *kernelFlags) parse(fs *flag.FlagSet, args []string, io IO) (*logrus.Log
 	if err := parse(fs, args, io.Getenv); err != nil {
 		return nil, err
 	}
+	force, err := parseCookieKnob(io.Getenv)
+	if err != nil {
+		return nil, err
+	}
+	k.forceProbe = force
 	return lf.logger(io.Stderr)
 }
 
@@ -45,7 +70,8 @@ func (k *kernelFlags) register(fs *flag.FlagSet) {
 }
 
 // preflight checks everything that can be checked before touching the
-// kernel, so bad input leaves nothing attached.
+// kernel, so bad input leaves nothing attached, and picks how netns cookies
+// are read (the caller closes k.cookies).
 func (k *kernelFlags) preflight() error {
 	if err := loader.CheckPrivileges(); err != nil {
 		return err
@@ -60,7 +86,15 @@ func (k *kernelFlags) preflight() error {
 	if err := loader.CheckCgroup2(k.cgroup); err != nil {
 		return err
 	}
-	return loader.CheckKernel()
+	if err := loader.CheckKernel(); err != nil {
+		return err
+	}
+	cookies, err := loader.NewCookieSource(k.cgroup, k.forceProbe)
+	if err != nil {
+		return err
+	}
+	k.cookies = cookies
+	return nil
 }
 
 // listenMetrics opens the metrics socket if asked; nil listener otherwise.
@@ -110,8 +144,9 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 	if err := kf.preflight(); err != nil {
 		return err
 	}
+	defer kf.cookies.Close()
 	// The target must exist before anything is attached.
-	if _, _, err := target.Resolve(); err != nil {
+	if _, _, err := target.ResolveWith(kf.cookies.Read); err != nil {
 		return err
 	}
 	name := target.Spec
@@ -138,11 +173,14 @@ func serve(ctx context.Context, kf *kernelFlags, owner string, log *logrus.Logge
 	if ln != nil {
 		defer ln.Close()
 	}
+	if kf.cookies.Name == loader.CookieBPFProbe {
+		log.WithField("netns_cookie", kf.cookies.Name).Info("netns cookies are learnt through a BPF probe: getsockopt(SO_NETNS_COOKIE) needs Linux >= 5.14 (or NSREDIRECT_NETNS_COOKIE=bpf-probe)")
+	}
 	kernel, err := kf.attach(log)
 	if err != nil {
 		return err
 	}
-	d := daemon.New(kernel, owner, log)
+	d := daemon.New(kernel, owner, log, daemon.WithCookieReader(kf.cookies.Read))
 	stop := func(handingOver bool) error {
 		err := d.Shutdown(handingOver)
 		if !handingOver {
@@ -167,7 +205,7 @@ func serve(ctx context.Context, kf *kernelFlags, owner string, log *logrus.Logge
 	if loop != nil {
 		go func() { errc <- loop(ctx, d) }()
 	}
-	log.WithFields(logrus.Fields{"pin_dir": kf.pinDir, "cgroup": kf.cgroup, "netns": d.Serving()}).Info("nsredirect running")
+	log.WithFields(logrus.Fields{"pin_dir": kf.pinDir, "cgroup": kf.cgroup, "netns": d.Serving(), "netns_cookie": kf.cookies.Name}).Info("nsredirect running")
 
 	tick := time.NewTicker(resyncEvery)
 	defer tick.Stop()

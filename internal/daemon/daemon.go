@@ -50,9 +50,10 @@ type live struct {
 
 // Daemon tracks the targets one process serves.
 type Daemon struct {
-	kernel Kernel
-	owner  string
-	log    logrus.FieldLogger
+	kernel  Kernel
+	owner   string
+	log     logrus.FieldLogger
+	cookies netnsx.CookieReader
 
 	mu      sync.Mutex
 	desired []Target
@@ -61,17 +62,32 @@ type Daemon struct {
 	errors  map[string]uint64
 }
 
+// Option changes how a Daemon works.
+type Option func(*Daemon)
+
+// WithCookieReader makes the daemon read netns cookies with read (the
+// loader's CookieSource on kernels without SO_NETNS_COOKIE) instead of
+// netnsx.SockoptCookie.
+func WithCookieReader(read netnsx.CookieReader) Option {
+	return func(d *Daemon) { d.cookies = read }
+}
+
 // New returns a daemon that enrolls through kernel, tagging its enrollments
 // with owner (the mode: run, docker, kube).
-func New(kernel Kernel, owner string, log logrus.FieldLogger) *Daemon {
-	return &Daemon{
+func New(kernel Kernel, owner string, log logrus.FieldLogger, opts ...Option) *Daemon {
+	d := &Daemon{
 		kernel:  kernel,
 		owner:   owner,
 		log:     log,
+		cookies: netnsx.SockoptCookie,
 		live:    map[string]*live{},
 		failing: map[string]string{},
 		errors:  map[string]uint64{},
 	}
+	for _, o := range opts {
+		o(d)
+	}
+	return d
 }
 
 // Reconcile makes the kernel match desired. A target that fails does not
@@ -143,7 +159,7 @@ func (d *Daemon) apply(t Target) error {
 			return nil
 		}
 	}
-	cookie, id, err := t.Netns.Resolve()
+	cookie, id, err := t.Netns.ResolveWith(d.cookies)
 	if err != nil {
 		if cur != nil {
 			// The netns is gone: its rules have nothing left to redirect.

@@ -68,7 +68,7 @@ func quiet() logrus.FieldLogger {
 func TestReconcileAddUpdateRemove(t *testing.T) {
 	a, b := testenv.NewNetns(t), testenv.NewNetns(t)
 	k := newFake()
-	d := New(k, "test", quiet())
+	d := New(k, "test", quiet(), WithCookieReader(testenv.Cookies(t)))
 
 	err := d.Reconcile([]Target{{Name: "a", Netns: a.Target(), Rules: rules(t, "80=3210")}, {Name: "b", Netns: b.Target(), Rules: rules(t, "80=3211")}})
 	if err != nil {
@@ -100,7 +100,7 @@ func TestFailureIsolatedAndCounted(t *testing.T) {
 	a := testenv.NewNetns(t)
 	k := newFake()
 	k.fail["bad"] = errors.New("boom")
-	d := New(k, "test", quiet())
+	d := New(k, "test", quiet(), WithCookieReader(testenv.Cookies(t)))
 	missing, _ := netnsx.ParseTarget("/run/netns/nsr-missing-for-test")
 	err := d.Reconcile([]Target{
 		{Name: "good", Netns: a.Target(), Rules: rules(t, "80=3210")},
@@ -127,7 +127,7 @@ func TestFailureIsolatedAndCounted(t *testing.T) {
 func TestHandoverReleasesWithoutRemoving(t *testing.T) {
 	a := testenv.NewNetns(t)
 	k := newFake()
-	d := New(k, "test", quiet())
+	d := New(k, "test", quiet(), WithCookieReader(testenv.Cookies(t)))
 	if err := d.Reconcile([]Target{{Name: "a", Netns: a.Target(), Rules: rules(t, "80=3210")}}); err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +143,7 @@ func TestHandoverReleasesWithoutRemoving(t *testing.T) {
 func TestTargetErrIsCountedNotEnrolled(t *testing.T) {
 	a := testenv.NewNetns(t)
 	k := newFake()
-	d := New(k, "test", quiet())
+	d := New(k, "test", quiet(), WithCookieReader(testenv.Cookies(t)))
 	_, badErr := rule.ParseList("80=99999")
 	err := d.Reconcile([]Target{
 		{Name: "good", Netns: a.Target(), Rules: rules(t, "80=3210")},

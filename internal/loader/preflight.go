@@ -59,32 +59,40 @@ func CheckPrivileges() error {
 	return nil
 }
 
-// CheckKernel probes for every kernel feature the programs use.
+// kernelProbes are the kernel features nsredirect needs, each with the
+// first Linux version that has it. getsockopt(SO_NETNS_COOKIE) (5.14) is
+// not one: without it the netns cookie is learnt through a BPF probe
+// (NewCookieSource), which needs bpf_get_socket_cookie in connect4.
+var kernelProbes = []struct {
+	what string
+	err  func() error
+}{
+	{"cgroup sock_addr programs (Linux >= 4.17)", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
+	{"BPF_MAP_TYPE_SK_STORAGE (Linux >= 5.2)", func() error { return features.HaveMapType(ebpf.SkStorage) }},
+	{"bpf_sk_storage_get in cgroup/connect programs (Linux >= 5.3)", func() error {
+		return features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSkStorageGet)
+	}},
+	{"bpf_get_socket_cookie in cgroup/connect programs (Linux >= 4.19)", func() error {
+		return features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnGetSocketCookie)
+	}},
+	{"bpf_get_netns_cookie in cgroup/connect programs (Linux >= 5.7)", func() error {
+		return features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnGetNetnsCookie)
+	}},
+	// The last feature to arrive; cgroup bpf_links and link.Update (5.7)
+	// come with it.
+	{"cgroup/getpeername4 and getpeername6 hooks (Linux >= 5.8)", probeGetpeername},
+}
+
+// CheckKernel probes for every kernel feature the programs use and names the
+// first one missing, with the Linux version that added it.
 func CheckKernel() error {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return envErr("raise RLIMIT_MEMLOCK for eBPF maps: %v; run as root or raise the limit (ulimit -l unlimited)", err)
 	}
-	probes := []struct {
-		what string
-		err  func() error
-	}{
-		{"cgroup sock_addr programs (Linux >= 4.17)", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
-		{"bpf_get_netns_cookie in cgroup/connect programs (Linux >= 5.8)", func() error {
-			return features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnGetNetnsCookie)
-		}},
-		{"BPF_MAP_TYPE_SK_STORAGE (Linux >= 5.2)", func() error { return features.HaveMapType(ebpf.SkStorage) }},
-		{"bpf_sk_storage_get in cgroup/connect programs (Linux >= 5.8)", func() error {
-			return features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSkStorageGet)
-		}},
-	}
-	probes = append(probes, struct {
-		what string
-		err  func() error
-	}{"getsockopt(SO_NETNS_COOKIE) to identify a network namespace (Linux >= 5.14)", probeNetnsCookie})
-	for _, p := range probes {
+	for _, p := range kernelProbes {
 		if err := p.err(); err != nil {
 			if errors.Is(err, ebpf.ErrNotSupported) {
-				return envErr("this kernel lacks %s; upgrade the kernel", p.what)
+				return envErr("this kernel (%s) lacks %s; upgrade the kernel", kernelRelease(), p.what)
 			}
 			if errors.Is(err, unix.EPERM) {
 				return envErr("probing %s: permission denied; run as root with CAP_BPF and CAP_NET_ADMIN", p.what)
@@ -93,6 +101,35 @@ func CheckKernel() error {
 		}
 	}
 	return nil
+}
+
+// probeGetpeername loads a do-nothing program for the getpeername4 hook:
+// kernels before 5.8 refuse the expected attach type at load.
+func probeGetpeername() error {
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:       ebpf.CGroupSockAddr,
+		AttachType: ebpf.AttachCgroupInet4GetPeername,
+		License:    "Dual BSD/GPL",
+		Instructions: asm.Instructions{
+			asm.LoadImm(asm.R0, 1, asm.DWord),
+			asm.Return(),
+		},
+	})
+	if errors.Is(err, unix.EINVAL) {
+		return ebpf.ErrNotSupported
+	}
+	if err != nil {
+		return err
+	}
+	return prog.Close()
+}
+
+func kernelRelease() string {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return "unknown release"
+	}
+	return "Linux " + unix.ByteSliceToString(u.Release[:])
 }
 
 // FindCgroup2 returns the first cgroup2 mount point in mountinfo. On hybrid
@@ -153,20 +190,6 @@ func EnsureBPFFS(dir string) error {
 	}
 	if err := unix.Mount("bpf", parent, "bpf", 0, "mode=0700"); err != nil {
 		return envErr("no bpffs at %s and mounting one failed (%v); mount it on the host (mount -t bpf bpf /sys/fs/bpf) and bind it in", parent, err)
-	}
-	return nil
-}
-
-func probeNetnsCookie() error {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(fd)
-	if _, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE); errors.Is(err, unix.ENOPROTOOPT) {
-		return ebpf.ErrNotSupported
-	} else if err != nil {
-		return err
 	}
 	return nil
 }

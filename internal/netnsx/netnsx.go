@@ -28,7 +28,10 @@ var ErrTarget = errors.New("bad netns target")
 type Target struct {
 	// Spec is the text given: "self", "pid:N" or a path.
 	Spec string
-	// Path is what is opened: /proc/self/ns/net, /proc/N/ns/net or Spec.
+	// Path is what is opened: /proc/thread-self/ns/net, /proc/N/ns/net or
+	// Spec. Not /proc/self: that is the main thread's, and the Go runtime
+	// parks rather than ends the main thread when a goroutine locked to it
+	// exits inside a Do, leaving it in the target namespace for good.
 	Path string
 }
 
@@ -51,7 +54,7 @@ func ParseTarget(s string) (Target, error) {
 	case s == "":
 		return Target{}, fmt.Errorf("%w: empty; use self, a path like /run/netns/NAME or /proc/PID/ns/net, or pid:N", ErrTarget)
 	case s == "self":
-		return Target{Spec: s, Path: "/proc/self/ns/net"}, nil
+		return Target{Spec: s, Path: "/proc/thread-self/ns/net"}, nil
 	case strings.HasPrefix(s, "pid:"):
 		n, err := strconv.ParseUint(strings.TrimPrefix(s, "pid:"), 10, 31)
 		if err != nil || n == 0 {
@@ -76,20 +79,25 @@ func (t Target) Stat() (ID, error) {
 	return idOf(&st), nil
 }
 
-// Resolve opens the target, checks it is a network namespace and returns
-// its cookie and identity.
+// CookieReader reads the netns cookie of the namespace the calling thread
+// is in. SockoptCookie is one; on kernels before 5.14 the loader's BPF probe
+// is another.
+type CookieReader func() (uint64, error)
+
+// Resolve is ResolveWith(SockoptCookie).
 func (t Target) Resolve() (uint64, ID, error) {
+	return t.ResolveWith(SockoptCookie)
+}
+
+// ResolveWith opens the target, checks it is a network namespace and returns
+// its cookie, read by read from inside it, and its identity.
+func (t Target) ResolveWith(read CookieReader) (uint64, ID, error) {
 	var cookie uint64
 	var id ID
 	err := t.Do(func() error {
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return fmt.Errorf("socket in netns %s: %w", t, err)
-		}
-		defer unix.Close(fd)
-		cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-		if err != nil {
-			return fmt.Errorf("read netns cookie (SO_NETNS_COOKIE needs Linux >= 5.14): %w", err)
+		var err error
+		if cookie, err = read(); err != nil {
+			return fmt.Errorf("read the cookie of netns %s: %w", t, err)
 		}
 		return nil
 	}, func(f *os.File) error {
@@ -150,12 +158,17 @@ func (t Target) openErr(err error) error {
 	}
 }
 
-// SelfCookie returns the cookie of the caller's own network namespace.
-func SelfCookie() (uint64, error) {
+// SockoptCookie reads the cookie of the calling thread's network namespace
+// with getsockopt(SO_NETNS_COOKIE). Kernels before 5.14 answer ENOPROTOOPT.
+func SockoptCookie() (uint64, error) {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("socket: %w", err)
 	}
 	defer unix.Close(fd)
-	return unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	if err != nil {
+		return 0, fmt.Errorf("getsockopt(SO_NETNS_COOKIE), Linux >= 5.14: %w", err)
+	}
+	return c, nil
 }

@@ -4,12 +4,15 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"runtime"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestParseTarget(t *testing.T) {
 	for in, want := range map[string]string{
-		"self":           "/proc/self/ns/net",
+		"self":           "/proc/thread-self/ns/net",
 		"pid:1":          "/proc/1/ns/net",
 		"pid:4242":       "/proc/4242/ns/net",
 		"/run/netns/x":   "/run/netns/x",
@@ -40,27 +43,39 @@ func TestResolveRefusesMissingAndNonNetns(t *testing.T) {
 	}
 }
 
-// Resolve enters the namespace on a throwaway thread: the caller's own
-// namespace is unchanged, and resolving our own netns gives our own cookie.
-func TestResolveSelf(t *testing.T) {
+// ResolveWith runs the reader on a throwaway thread inside the namespace: the
+// caller's own thread is unchanged. The reader here returns the namespace
+// inode its thread sees, so this holds on kernels without SO_NETNS_COOKIE.
+func TestResolveWithReadsInsideAndLeavesCallerAlone(t *testing.T) {
 	if os.Geteuid() != 0 {
 		if os.Getenv("CI") == "true" {
 			t.Fatal("needs root; CI runs as root")
 		}
 		t.Skip("entering a netns needs CAP_SYS_ADMIN; run as root")
 	}
-	self, _ := ParseTarget("self")
-	want, err := SelfCookie()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	threadIno := func() (uint64, error) {
+		var st unix.Stat_t
+		err := unix.Stat("/proc/thread-self/ns/net", &st)
+		return st.Ino, err
+	}
+	before, err := threadIno()
 	if err != nil {
 		t.Fatal(err)
 	}
+	self, _ := ParseTarget("self")
 	for i := 0; i < 20; i++ {
-		got, id, err := self.Resolve()
-		if err != nil || got != want || id.Ino == 0 {
-			t.Fatalf("Resolve(self) = %d, %+v, %v; want cookie %d", got, id, err, want)
+		got, id, err := self.ResolveWith(threadIno)
+		if err != nil || got != before || id.Ino != before {
+			t.Fatalf("ResolveWith(self) = %d, %+v, %v; want netns inode %d from inside", got, id, err, before)
 		}
 	}
-	if after, _ := SelfCookie(); after != want {
-		t.Fatalf("caller's netns changed: cookie %d -> %d", want, after)
+	if after, _ := threadIno(); after != before {
+		t.Fatalf("caller's netns changed: inode %d -> %d", before, after)
+	}
+	failing := errors.New("no cookie here")
+	if _, _, err := self.ResolveWith(func() (uint64, error) { return 0, failing }); !errors.Is(err, failing) {
+		t.Fatalf("a failing reader: %v, want it wrapped", err)
 	}
 }

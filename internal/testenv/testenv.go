@@ -27,6 +27,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/netnsx"
 )
 
@@ -155,14 +156,29 @@ func (n Netns) Delete(t testing.TB) {
 	}
 }
 
-// Cookie reads the netns cookie of n.
+// Cookie reads the netns cookie of n, as the daemon does (see Cookies).
 func (n Netns) Cookie(t testing.TB) uint64 {
 	t.Helper()
-	c, _, err := n.Target().Resolve()
+	c, _, err := n.Target().ResolveWith(Cookies(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return c
+}
+
+// Cookies reads netns cookies the way the daemon would on this kernel:
+// getsockopt(SO_NETNS_COOKIE) from 5.14, the loader's BPF probe before, or
+// the probe anywhere under NSREDIRECT_NETNS_COOKIE=bpf-probe (which the
+// daemons the test starts inherit too). Use it with Target.ResolveWith.
+func Cookies(t testing.TB) netnsx.CookieReader {
+	t.Helper()
+	Privileged(t)
+	src, err := loader.NewCookieSource(RootCgroup(t), os.Getenv("NSREDIRECT_NETNS_COOKIE") == loader.CookieBPFProbe)
+	if err != nil {
+		t.Fatalf("netns cookie source: %v", err)
+	}
+	t.Cleanup(func() { _ = src.Close() })
+	return src.Read
 }
 
 // Command builds cmd to run inside n (through `ip netns exec`), so foreign
