@@ -173,12 +173,13 @@ func serve(ctx context.Context, kf *kernelFlags, owner string, log *logrus.Logge
 	if ln != nil {
 		defer ln.Close()
 	}
-	if kf.cookies.Name == loader.CookieBPFProbe {
-		log.WithField("netns_cookie", kf.cookies.Name).Info("netns cookies are learnt through a BPF probe: getsockopt(SO_NETNS_COOKIE) needs Linux >= 5.14 (or NSREDIRECT_NETNS_COOKIE=bpf-probe)")
-	}
 	kernel, err := kf.attach(log)
 	if err != nil {
 		return err
+	}
+	// Said only once attached: a refusal before that stays one line.
+	if kf.cookies.Name == loader.CookieBPFProbe {
+		log.WithField("netns_cookie", kf.cookies.Name).Info("netns cookies are learnt through a BPF probe: getsockopt(SO_NETNS_COOKIE) needs Linux >= 5.14 (or NSREDIRECT_NETNS_COOKIE=bpf-probe)")
 	}
 	d := daemon.New(kernel, owner, log, daemon.WithCookieReader(kf.cookies.Read))
 	stop := func(handingOver bool) error {

@@ -7,7 +7,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/bpfobj"
@@ -52,8 +51,8 @@ func NewCookieSource(cgroup string, forceProbe bool) (*CookieSource, error) {
 			return nil, fmt.Errorf("probe getsockopt(SO_NETNS_COOKIE): %w", err)
 		}
 	}
-	if err := rlimit.RemoveMemlock(); err != nil {
-		return nil, fmt.Errorf("raise RLIMIT_MEMLOCK for the netns cookie probe: %w", err)
+	if err := removeMemlock(); err != nil {
+		return nil, err
 	}
 	var objs bpfobj.NetnsCookieObjects
 	if err := bpfobj.LoadNetnsCookieObjects(&objs, nil); err != nil {

@@ -87,6 +87,9 @@ type Loader struct {
 // link.Update (no connect() is ever missed), and a missing one is attached
 // and pinned. On failure nothing new is left behind.
 func Attach(dir, cgroup string, log logrus.FieldLogger) (*Loader, error) {
+	if err := removeMemlock(); err != nil {
+		return nil, err
+	}
 	lk, err := lockDir(dir, lockEx, true)
 	if err != nil {
 		return nil, err

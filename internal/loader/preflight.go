@@ -86,8 +86,8 @@ var kernelProbes = []struct {
 // CheckKernel probes for every kernel feature the programs use and names the
 // first one missing, with the Linux version that added it.
 func CheckKernel() error {
-	if err := rlimit.RemoveMemlock(); err != nil {
-		return envErr("raise RLIMIT_MEMLOCK for eBPF maps: %v; run as root or raise the limit (ulimit -l unlimited)", err)
+	if err := removeMemlock(); err != nil {
+		return err
 	}
 	for _, p := range kernelProbes {
 		if err := p.err(); err != nil {
@@ -99,6 +99,15 @@ func CheckKernel() error {
 			}
 			return envErr("probing %s: %v", p.what, err)
 		}
+	}
+	return nil
+}
+
+// removeMemlock lifts RLIMIT_MEMLOCK where the kernel charges eBPF maps to
+// it (before 5.11; later kernels use memcg and it does nothing).
+func removeMemlock() error {
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return envErr("this kernel (%s, before 5.11) charges eBPF maps to RLIMIT_MEMLOCK and raising it failed (%v); raise the limit (ulimit -l unlimited, systemd LimitMEMLOCK=infinity, docker --ulimit memlock=-1) or grant CAP_SYS_RESOURCE", kernelRelease(), err)
 	}
 	return nil
 }
