@@ -8,10 +8,15 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // StatusRow is one line of `nsredirect status --json`.
@@ -112,26 +117,51 @@ func LinkIDs(t testing.TB, pinDir string) []int {
 	return ids
 }
 
-// AttachedAtRoot returns every program attached at the cgroup2 root, by ID.
+var ourHooks = map[ebpf.AttachType]bool{
+	ebpf.AttachCGroupInet4Connect: true, ebpf.AttachCGroupInet6Connect: true,
+	ebpf.AttachCgroupInet4GetPeername: true, ebpf.AttachCgroupInet6GetPeername: true,
+}
+
+// AttachedAtRoot returns every program attached at the cgroup2 root, by ID,
+// with its name. It asks BPF_PROG_QUERY directly, with the attribute layout
+// of Linux 4.15, for every attach type: bpftool 7 sends a newer layout that
+// Linux 5.10 refuses (E2BIG) as soon as a program is attached.
 func AttachedAtRoot(t testing.TB) map[int]string {
 	t.Helper()
-	bpftool := Tool(t, "bpftool")
-	out, err := exec.Command(bpftool, "cgroup", "show", RootCgroup(t), "--json").CombinedOutput()
+	root, err := os.Open(RootCgroup(t))
 	if err != nil {
-		t.Fatalf("bpftool cgroup show: %v\n%s", err, out)
+		t.Fatal(err)
 	}
-	var progs []struct {
-		ID   int    `json:"id"`
-		Name string `json:"name"`
-	}
-	if len(strings.TrimSpace(string(out))) > 0 {
-		if err := json.Unmarshal(out, &progs); err != nil {
-			t.Fatalf("bpftool cgroup show --json: %v\n%s", err, out)
-		}
-	}
+	defer root.Close()
 	m := map[int]string{}
-	for _, p := range progs {
-		m[p.ID] = p.Name
+	for typ := uint32(0); typ < 64; typ++ {
+		ids := make([]uint32, 256)
+		attr := struct {
+			targetFd, attachType, queryFlags, attachFlags uint32
+			progIDs                                       uint64
+			progCnt                                       uint32
+			_                                             uint32
+		}{targetFd: uint32(root.Fd()), attachType: typ, progIDs: uint64(uintptr(unsafe.Pointer(&ids[0]))), progCnt: uint32(len(ids))}
+		_, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_PROG_QUERY, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
+		runtime.KeepAlive(ids)
+		if errno != 0 {
+			// Not a cgroup attach type, or one this kernel does not know;
+			// but ours must answer.
+			if ourHooks[ebpf.AttachType(typ)] {
+				t.Fatalf("BPF_PROG_QUERY attach type %d at %s: %v", typ, root.Name(), errno)
+			}
+			continue
+		}
+		for _, id := range ids[:attr.progCnt] {
+			name := "?"
+			if p, err := ebpf.NewProgramFromID(ebpf.ProgramID(id)); err == nil {
+				if info, err := p.Info(); err == nil {
+					name = info.Name
+				}
+				p.Close()
+			}
+			m[int(id)] = name
+		}
 	}
 	return m
 }
