@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -178,11 +179,25 @@ func AssertGone(t testing.TB, pinDir string, ids []int) {
 		}
 		t.Errorf("pin dir %s still exists (%v), holding %v", pinDir, err, names)
 	}
-	attached := AttachedAtRoot(t)
-	for _, id := range ids {
-		if name, ok := attached[id]; ok {
-			t.Errorf("program %d (%s) is still attached at the cgroup2 root", id, name)
+	// The kernel detaches a link whose last reference went away from a
+	// deferred work item, so give it a moment; there is no event to wait on.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var left []string
+		attached := AttachedAtRoot(t)
+		for _, id := range ids {
+			if name, ok := attached[id]; ok {
+				left = append(left, fmt.Sprintf("program %d (%s)", id, name))
+			}
 		}
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("still attached at the cgroup2 root 5s after removal: %s", strings.Join(left, ", "))
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
