@@ -1,9 +1,12 @@
 package integration
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -114,5 +117,49 @@ func TestCookieKnobRefusesBadValue(t *testing.T) {
 	}
 	if entries, err := os.ReadDir(pin); err == nil && len(entries) > 0 {
 		t.Errorf("bad knob left state in %s: %v", pin, entries)
+	}
+}
+
+// Before Linux 5.11 eBPF maps are charged to RLIMIT_MEMLOCK. Without
+// CAP_SYS_RESOURCE and under a low hard limit the daemon cannot lift it:
+// one line naming the limit and the fixes, exit 2, nothing pinned. From 5.11
+// (memcg accounting) the same daemon runs.
+func TestLowMemlockLimit(t *testing.T) {
+	pin := testenv.BPFFS(t)
+	ns := testenv.NewNetns(t)
+	testenv.Server(t, ns, ":3210")
+	prlimit := testenv.Tool(t, "prlimit")
+	setpriv := testenv.Tool(t, "setpriv")
+	bin := testenv.Binary(t, "NSREDIRECT_BIN", "github.com/nsredirect/nsredirect/cmd/nsredirect")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	cmd := exec.CommandContext(ctx, prlimit, "--memlock=65536:65536", "--",
+		setpriv, "--inh-caps=-all", "--bounding-set=-all,+bpf,+net_admin,+sys_admin", "--",
+		bin, "run", "--netns", ns.Path, "--redirect", "80=3210", "--pin-dir", pin)
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
+	var major, minor int
+	fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &major, &minor)
+	if major > 5 || (major == 5 && minor >= 11) {
+		p := testenv.Start(t, cmd)
+		p.WaitOutput(t, "nsredirect running", 20*time.Second)
+		if peer := hostPeer(ns, "127.0.0.1:80"); peer != "127.0.0.1:80" {
+			t.Errorf("redirect under a 64 KiB memlock limit on %d.%d: %s", major, minor, peer)
+		}
+		return
+	}
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 2 {
+		t.Fatalf("daemon under a 64 KiB memlock limit on %d.%d: %v, want exit 2\n%s", major, minor, err, out)
+	}
+	line := strings.TrimSpace(string(out))
+	if strings.Contains(line, "\n") || !strings.Contains(line, "RLIMIT_MEMLOCK") || !strings.Contains(line, "LimitMEMLOCK=infinity") {
+		t.Errorf("want one line naming RLIMIT_MEMLOCK and how to lift it, got:\n%s", out)
+	}
+	if entries, err := os.ReadDir(pin); err == nil && len(entries) > 0 {
+		t.Errorf("refused daemon left state in %s: %v", pin, entries)
 	}
 }
