@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"time"
 
@@ -80,7 +81,11 @@ func (w *Watcher) Desired(ctx context.Context) ([]daemon.Target, error) {
 // netns (network_mode: container:X): a netns has one set of rules, and
 // two owners would remove each other's.
 func sharedNetns(ts []daemon.Target) {
-	first := map[netnsx.ID]string{}
+	type seen struct {
+		id   netnsx.ID
+		name string
+	}
+	var first []seen
 	for i := range ts {
 		if ts[i].Err != nil {
 			continue
@@ -89,11 +94,14 @@ func sharedNetns(ts []daemon.Target) {
 		if err != nil {
 			continue // gone already; the daemon will find out
 		}
-		if other, ok := first[id]; ok {
-			ts[i].Err = fmt.Errorf("container %s shares its network namespace with %s, which is labelled too; label only one of them", ts[i].Name, other)
+		// Not a map keyed by ID: the Ctime of one live netns can differ
+		// between two looks (see netnsx.ID).
+		at := slices.IndexFunc(first, func(s seen) bool { return s.id.SameLive(id) })
+		if at >= 0 {
+			ts[i].Err = fmt.Errorf("container %s shares its network namespace with %s, which is labelled too; label only one of them", ts[i].Name, first[at].name)
 			continue
 		}
-		first[id] = ts[i].Name
+		first = append(first, seen{id, ts[i].Name})
 	}
 }
 

@@ -38,10 +38,20 @@ type Target struct {
 // ID identifies a namespace by its nsfs inode, cheap to compare without
 // entering the namespace. Inode numbers of dead namespaces are reused, but
 // a new namespace always gets a new inode object, so the change time
-// tells a recreated namespace from the old one.
+// tells a recreated namespace from the old one. The converse does not hold:
+// while nothing keeps it open or bind-mounted, the kernel drops a live
+// namespace's inode object and makes a new one on the next look, so two IDs
+// of one namespace can differ in Ctime. Equal IDs mean the same namespace; a
+// differing one means "look again" (Resolve), or use SameLive.
 type ID struct {
 	Dev, Ino uint64
 	Ctime    unix.Timespec
+}
+
+// SameLive reports whether a and b, both taken from namespaces alive at the
+// same time, are one namespace: live namespaces never share an inode number.
+func (a ID) SameLive(b ID) bool {
+	return a.Dev == b.Dev && a.Ino == b.Ino
 }
 
 func idOf(st *unix.Stat_t) ID {
