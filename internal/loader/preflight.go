@@ -63,10 +63,12 @@ func CheckPrivileges() error {
 // first Linux version that has it. getsockopt(SO_NETNS_COOKIE) (5.14) is
 // not one: without it the netns cookie is learnt through a BPF probe
 // (NewCookieSource), which needs bpf_get_socket_cookie in connect4.
-var kernelProbes = []struct {
+type kernelProbe struct {
 	what string
 	err  func() error
-}{
+}
+
+var kernelProbes = []kernelProbe{
 	{"cgroup sock_addr programs (Linux >= 4.17)", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
 	{"BPF_MAP_TYPE_SK_STORAGE (Linux >= 5.2)", func() error { return features.HaveMapType(ebpf.SkStorage) }},
 	{"bpf_sk_storage_get in cgroup/connect programs (Linux >= 5.3)", func() error {
@@ -89,10 +91,14 @@ func CheckKernel() error {
 	if err := removeMemlock(); err != nil {
 		return err
 	}
-	for _, p := range kernelProbes {
+	return checkProbes(kernelProbes)
+}
+
+func checkProbes(probes []kernelProbe) error {
+	for _, p := range probes {
 		if err := p.err(); err != nil {
 			if errors.Is(err, ebpf.ErrNotSupported) {
-				return envErr("this kernel (%s) lacks %s; upgrade the kernel", kernelRelease(), p.what)
+				return envErr("this kernel (%s) lacks %s; nsredirect needs Linux >= 5.8, upgrade the kernel", kernelRelease(), p.what)
 			}
 			if errors.Is(err, unix.EPERM) {
 				return envErr("probing %s: permission denied; run as root with CAP_BPF and CAP_NET_ADMIN", p.what)

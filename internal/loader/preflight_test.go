@@ -2,9 +2,14 @@ package loader
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 func TestFindCgroup2(t *testing.T) {
@@ -46,5 +51,35 @@ func TestEnsureBPFFSRefusesRelativeAndNonBPF(t *testing.T) {
 	}
 	if err := CheckCgroup2(t.TempDir()); !errors.Is(err, ErrEnvironment) {
 		t.Errorf("CheckCgroup2 on a plain dir: %v", err)
+	}
+}
+
+// A missing feature is one line naming it with the version that added it and
+// the version nsredirect needs; the probes after it are not run.
+func TestCheckProbesNamesFirstMissingFeature(t *testing.T) {
+	ran := 0
+	probes := []kernelProbe{
+		{"present (Linux >= 4.17)", func() error { ran++; return nil }},
+		{"cgroup/getpeername4 and getpeername6 hooks (Linux >= 5.8)", func() error { ran++; return fmt.Errorf("load: %w", ebpf.ErrNotSupported) }},
+		{"never probed", func() error { ran++; return nil }},
+	}
+	err := checkProbes(probes)
+	if !errors.Is(err, ErrEnvironment) || ran != 2 {
+		t.Fatalf("checkProbes = %v after %d probes; want ErrEnvironment after 2", err, ran)
+	}
+	msg := err.Error()
+	for _, want := range []string{"lacks cgroup/getpeername4 and getpeername6 hooks (Linux >= 5.8)", "needs Linux >= 5.8", "(Linux "} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("%q lacks %q", msg, want)
+		}
+	}
+	if strings.Contains(msg, "\n") {
+		t.Errorf("not one line: %q", msg)
+	}
+	if err := checkProbes([]kernelProbe{{"x", func() error { return unix.EPERM }}}); !errors.Is(err, ErrEnvironment) || !strings.Contains(err.Error(), "permission denied") {
+		t.Errorf("EPERM: %v", err)
+	}
+	if err := checkProbes(probes[:1]); err != nil {
+		t.Errorf("all present: %v", err)
 	}
 }
