@@ -50,9 +50,11 @@ type live struct {
 
 // Daemon tracks the targets one process serves.
 type Daemon struct {
-	kernel  Kernel
-	owner   string
-	log     logrus.FieldLogger
+	kernel Kernel
+	owner  string
+	log    logrus.FieldLogger
+
+	// cookies: see WithCookieReader.
 	cookies netnsx.CookieReader
 
 	mu      sync.Mutex
@@ -62,12 +64,12 @@ type Daemon struct {
 	errors  map[string]uint64
 }
 
-// Option changes how a Daemon works.
+// Option changes how a Daemon treats its targets.
 type Option func(*Daemon)
 
 // WithCookieReader makes the daemon read netns cookies with read (the
-// loader's CookieSource on kernels without SO_NETNS_COOKIE) instead of
-// netnsx.SockoptCookie.
+// loader's CookieSource, which falls back to a BPF probe before Linux 5.14)
+// instead of netnsx.SockoptCookie.
 func WithCookieReader(read netnsx.CookieReader) Option {
 	return func(d *Daemon) { d.cookies = read }
 }
@@ -79,13 +81,15 @@ func New(kernel Kernel, owner string, log logrus.FieldLogger, opts ...Option) *D
 		kernel:  kernel,
 		owner:   owner,
 		log:     log,
-		cookies: netnsx.SockoptCookie,
 		live:    map[string]*live{},
 		failing: map[string]string{},
 		errors:  map[string]uint64{},
 	}
 	for _, o := range opts {
 		o(d)
+	}
+	if d.cookies == nil {
+		d.cookies = netnsx.SockoptCookie
 	}
 	return d
 }

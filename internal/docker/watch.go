@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"sort"
 	"time"
 
@@ -81,11 +80,7 @@ func (w *Watcher) Desired(ctx context.Context) ([]daemon.Target, error) {
 // netns (network_mode: container:X): a netns has one set of rules, and
 // two owners would remove each other's.
 func sharedNetns(ts []daemon.Target) {
-	type seen struct {
-		id   netnsx.ID
-		name string
-	}
-	var first []seen
+	first := map[netnsx.LiveID]string{} // not ID: see netnsx.ID.Live
 	for i := range ts {
 		if ts[i].Err != nil {
 			continue
@@ -94,14 +89,11 @@ func sharedNetns(ts []daemon.Target) {
 		if err != nil {
 			continue // gone already; the daemon will find out
 		}
-		// Not a map keyed by ID: the Ctime of one live netns can differ
-		// between two looks (see netnsx.ID).
-		at := slices.IndexFunc(first, func(s seen) bool { return s.id.SameLive(id) })
-		if at >= 0 {
-			ts[i].Err = fmt.Errorf("container %s shares its network namespace with %s, which is labelled too; label only one of them", ts[i].Name, first[at].name)
+		if other, ok := first[id.Live()]; ok {
+			ts[i].Err = fmt.Errorf("container %s shares its network namespace with %s, which is labelled too; label only one of them", ts[i].Name, other)
 			continue
 		}
-		first = append(first, seen{id, ts[i].Name})
+		first[id.Live()] = ts[i].Name
 	}
 }
 

@@ -42,17 +42,19 @@ type Target struct {
 // while nothing keeps it open or bind-mounted, the kernel drops a live
 // namespace's inode object and makes a new one on the next look, so two IDs
 // of one namespace can differ in Ctime. Equal IDs mean the same namespace; a
-// differing one means "look again" (Resolve), or use SameLive.
+// differing one means "look again" (Resolve), or compare Live.
 type ID struct {
 	Dev, Ino uint64
 	Ctime    unix.Timespec
 }
 
-// SameLive reports whether a and b, both taken from namespaces alive at the
-// same time, are one namespace: live namespaces never share an inode number.
-func (a ID) SameLive(b ID) bool {
-	return a.Dev == b.Dev && a.Ino == b.Ino
-}
+// Live identifies the namespace among those alive at one moment: live
+// namespaces never share an inode number. Key by it, not by ID, to find
+// targets that are one namespace.
+func (a ID) Live() LiveID { return LiveID{Dev: a.Dev, Ino: a.Ino} }
+
+// LiveID is ID without the change time; see ID.Live.
+type LiveID struct{ Dev, Ino uint64 }
 
 func idOf(st *unix.Stat_t) ID {
 	return ID{Dev: st.Dev, Ino: st.Ino, Ctime: st.Ctim}
