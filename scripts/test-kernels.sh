@@ -5,6 +5,7 @@
 #
 #   scripts/test-kernels.sh [--repo DIR] [--kernels "5.10 6.1 6.12"] [--run REGEX]
 #                           [--pkgs "./internal/... ./test/integration"] [--timeout MIN] [--refresh]
+#                           [--exec SCRIPT]   (run SCRIPT with bash in each guest before the tests)
 #
 # Kernels are Debian's linux-image-*-amd64 packages, the newest ABI of each
 # series: 5.10 from bullseye(-security), 6.1 from bookworm(-security), 6.12
@@ -25,6 +26,7 @@ harness=$(cd "$here/.." && pwd)
 repo=$harness
 kernels="5.10 6.1 6.12"
 run_re=""
+exec_script=""
 pkgs="./internal/... ./test/integration"
 timeout_min=20
 refresh=0
@@ -43,6 +45,7 @@ while [ $# -gt 0 ]; do
 	--pkgs) pkgs=${2:?--pkgs needs Go package patterns}; shift 2 ;;
 	--timeout) timeout_min=${2:?--timeout needs minutes}; shift 2 ;;
 	--refresh) refresh=1; shift ;;
+	--exec) exec_script=$(realpath "${2:?--exec needs a script}"); shift 2 ;;
 	-h | --help) usage ;;
 	*) echo "test-kernels: unknown argument $1 (see --help)" >&2; exit 2 ;;
 	esac
@@ -52,6 +55,9 @@ log() { echo "test-kernels: $*" >&2; }
 die() { log "$*"; exit 2; }
 
 [ "$(id -u)" = 0 ] || die "run as root: the guest shares the host's root filesystem read-only and qemu must read all of it"
+case $repo/ in
+/tmp/* | /run/*) die "--repo $repo: the guest has its own /tmp and /run; use a checkout elsewhere" ;;
+esac
 [[ $timeout_min =~ ^[0-9]+$ ]] || die "--timeout $timeout_min: give whole minutes, e.g. --timeout 20"
 for tool in qemu-system-x86_64 go xz dpkg-deb; do
 	command -v "$tool" >/dev/null || die "$tool is not installed; \`make test-kernels\` installs qemu-system-x86 and busybox-static"
@@ -73,6 +79,15 @@ pattern() {
 	esac
 }
 for k in $kernels; do pattern "$k" >/dev/null; done
+
+# One run at a time per cache: runs share the results directories, and two
+# TCG guests on a 2-core machine would only slow each other down.
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+if ! flock -n 9; then
+	log "another run holds $cache/.lock; waiting for it"
+	flock 9
+fi
 
 # --- kernels from Debian, through a private apt configuration -------------
 aptdir=$cache/apt
@@ -214,6 +229,11 @@ export NSREDIRECT_BIN=$bindir/nsredirect DEMO_BACKEND_BIN=$bindir/demo-backend
 ip link set lo up
 echo "guest: \$(uname -r), \$(nproc) cpus"
 EOF
+	if [ -n "$exec_script" ]; then
+		# A copy in the results share: the guest's /tmp and /run are its own.
+		cp "$exec_script" "$res/exec.sh"
+		echo "bash $res/exec.sh 2>&1 | tee $res/exec.out"
+	fi
 	while read -r name dir; do
 		cat <<EOF
 echo "=== NSR-PKG $name"
@@ -254,7 +274,7 @@ for series in $kernels; do
 	secs=$(($(date +%s) - start))
 	pass=0 fail=0 skip=0 result=PASS
 	for log in "$res"/*.log; do
-		[ "$(basename "$log")" = console.log ] && continue
+		case $(basename "$log") in console.log | exec.out) continue ;; esac
 		pass=$((pass + $(grep -c '^--- PASS' "$log" || true)))
 		fail=$((fail + $(grep -c '^--- FAIL' "$log" || true)))
 		skip=$((skip + $(grep -c '^--- SKIP' "$log" || true)))
@@ -273,9 +293,15 @@ for series in $kernels; do
 	rows+=("| $series ($(cat "$kdir/kver")) | $ver | $pass | $fail | $skip | $((secs / 60))m$((secs % 60))s | $result$note |")
 	# Each failed top-level test with its first error line.
 	for log in "$res"/*.log; do
-		[ "$(basename "$log")" = console.log ] && continue
+		case $(basename "$log") in console.log | exec.out) continue ;; esac
 		while read -r t; do
-			line=$(awk -v t="$t" '$0 ~ "^=== (RUN|CONT) +"t"$" {on=1; next} on && /^ +[^ ]+\.go:[0-9]+: / {sub(/^ +/, ""); print; exit}' "$log")
+			# -v output cannot tell t.Log from t.Error: keep the first three
+			# lines the test's own files wrote.
+			line=$(awk -v t="$t" '
+				$0 ~ "^=== (RUN|CONT) +"t"$" {on=1; next}
+				on && /^--- / {exit}
+				on && /^ +[^ ]+_test\.go:[0-9]+: / {sub(/^ +/, ""); out = out (n++ ? " / " : "") $0; if (n == 3) exit}
+				END {print out}' "$log")
 			details+=("- $series $t: ${line:-see $log}")
 		done < <(sed -n 's/^--- FAIL: \([^ ]*\) .*/\1/p' "$log")
 	done
