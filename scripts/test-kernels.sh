@@ -55,8 +55,13 @@ log() { echo "test-kernels: $*" >&2; }
 die() { log "$*"; exit 2; }
 
 [ "$(id -u)" = 0 ] || die "run as root: the guest shares the host's root filesystem read-only and qemu must read all of it"
+# The guest mounts its own tmpfs on /tmp and /run: the checkout, the
+# built binaries and the results share must live elsewhere.
 case $repo/ in
 /tmp/* | /run/*) die "--repo $repo: the guest has its own /tmp and /run; use a checkout elsewhere" ;;
+esac
+case $cache/ in
+/tmp/* | /run/*) die "NSR_KERNELS_CACHE=$cache: the guest has its own /tmp and /run; use e.g. /var/tmp/nsr-kernels" ;;
 esac
 [[ $timeout_min =~ ^[0-9]+$ ]] || die "--timeout $timeout_min: give whole minutes, e.g. --timeout 20"
 for tool in qemu-system-x86_64 go xz dpkg-deb; do
