@@ -8,7 +8,7 @@ BIN := bin/nsredirect
 DEPS_STAMP := .cache/deps.stamp
 DEB_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl socat wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
 
-.PHONY: all build generate check-generate test test-unit test-privileged demo deps lint bench bench-quick image test-docker clean soak
+.PHONY: all build generate check-generate test test-unit test-privileged demo deps lint bench bench-quick image test-docker clean soak test-kernels
 
 all: build
 
@@ -87,3 +87,17 @@ image: build
 test-docker: deps build
 	NSREDIRECT_BIN=$(CURDIR)/$(BIN) DEMO_BACKEND_BIN=$(CURDIR)/bin/demo-backend \
 		$(GO) test -count=1 -v -timeout 10m ./test/docker/
+
+# The privileged suite on Debian's 5.10, 6.1 and 6.12 kernels under qemu
+# (TCG, no KVM needed): one table, also in .cache/kernels/results.md.
+# KERNELS="6.1" and RUN=REGEX narrow it; see scripts/test-kernels.sh.
+KERNELS_STAMP := .cache/kernels-deps.stamp
+KERNELS_PACKAGES := qemu-system-x86 busybox-static
+KERNELS ?= 5.10 6.1 6.12
+test-kernels: deps build $(KERNELS_STAMP)
+	./scripts/test-kernels.sh --repo $(CURDIR) --kernels "$(KERNELS)" $(if $(RUN),--run '$(RUN)')
+
+$(KERNELS_STAMP):
+	@if [ "$$(id -u)" != 0 ]; then echo "make test-kernels: run as root (sudo make test-kernels) to apt-get install: $(KERNELS_PACKAGES)" >&2; exit 2; fi
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(KERNELS_PACKAGES)
+	@mkdir -p $(dir $@) && touch $@

@@ -347,7 +347,9 @@ func Server(t testing.TB, n Netns, addr string) *Proc {
 	t.Helper()
 	bin := Binary(t, "DEMO_BACKEND_BIN", "github.com/nsredirect/nsredirect/cmd/demo-backend")
 	p := Start(t, n.Command(context.Background(), bin, "--listen", addr))
-	p.WaitOutput(t, "serving on", 10*time.Second)
+	// A readiness bound, not a speed limit: the first start of a freshly
+	// built binary under qemu without KVM (make test-kernels) can take >10s.
+	p.WaitOutput(t, "serving on", 30*time.Second)
 	return p
 }
 

@@ -225,11 +225,13 @@ func TestKillRestartAdoptsWithZeroFailures(t *testing.T) {
 
 	stop := make(chan struct{})
 	ok, failed, done := connectLoop(t, ns, "127.0.0.1:80", stop, 200000)
-	waitFor(t, "connect loop started", 5*time.Second, func() bool { return ok.Load() > 50 })
+	// The waits are progress bounds, not speed limits: under qemu without
+	// KVM (make test-kernels) the loop manages ~60 connects a second.
+	waitFor(t, "connect loop started", 30*time.Second, func() bool { return ok.Load() > 50 })
 
 	d.Kill()
 	atKill := ok.Load()
-	waitFor(t, "connects while no daemon runs", 5*time.Second, func() bool { return ok.Load() > atKill+200 })
+	waitFor(t, "connects while no daemon runs", 30*time.Second, func() bool { return ok.Load() > atKill+200 })
 	rows := testenv.Status(t, pin)
 	if len(rows) != 1 || rows[0].Alive {
 		t.Errorf("after kill -9, status = %+v; want the rule kept with a dead owner", rows)
@@ -240,7 +242,7 @@ func TestKillRestartAdoptsWithZeroFailures(t *testing.T) {
 		t.Errorf("restarted daemon did not say it adopted:\n%s", d2.Output())
 	}
 	atRestart := ok.Load()
-	waitFor(t, "connects after restart", 5*time.Second, func() bool { return ok.Load() > atRestart+200 })
+	waitFor(t, "connects after restart", 30*time.Second, func() bool { return ok.Load() > atRestart+200 })
 	close(stop)
 	if err := <-done; err != nil {
 		t.Fatal(err)
@@ -314,7 +316,11 @@ func TestFollowsRecreatedNetns(t *testing.T) {
 			t.Errorf("rule for the dead netns (cookie %d) still enrolled", oldCookie)
 		}
 	}
-	if !strings.Contains(d.Output(), "netns was replaced; following it") {
-		t.Errorf("daemon did not log following the netns:\n%s", d.Output())
+	// Two correct paths, depending on whether a resync fell between the
+	// del and the add (it does on a slow machine, e.g. under qemu): the
+	// cookie changed under a live rule, or the path vanished and came back.
+	out := d.Output()
+	if !strings.Contains(out, "netns was replaced; following it") && !strings.Contains(out, "netns enrolled again") {
+		t.Errorf("daemon did not log following the netns:\n%s", out)
 	}
 }

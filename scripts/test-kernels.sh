@@ -1,0 +1,325 @@
+#!/usr/bin/env bash
+# Runs the privileged suite of a checkout on Debian's own kernels under qemu
+# (TCG: no KVM needed) and prints one markdown table, also written to
+# .cache/kernels/results.md. Exits non-zero if any kernel fails.
+#
+#   scripts/test-kernels.sh [--repo DIR] [--kernels "5.10 6.1 6.12"] [--run REGEX]
+#                           [--pkgs "./internal/... ./test/integration"] [--timeout MIN] [--refresh]
+#                           [--exec SCRIPT]   (run SCRIPT with bash in each guest before the tests)
+#
+# Kernels are Debian's linux-image-*-amd64 packages, the newest ABI of each
+# series: 5.10 from bullseye(-security), 6.1 from bookworm(-security), 6.12
+# from bookworm-backports. They come through a private apt configuration
+# under the cache; /etc/apt is never touched. (The -cloud-amd64 flavour is
+# smaller but has no 9p, which the guest uses to see the host's tools.)
+#
+# Each kernel boots a busybox initramfs (scripts/kernels/init) that mounts
+# the host's root read-only over 9p under a tmpfs overlay, chroots into it
+# and runs the test binaries built here from --repo with CI=true, so a
+# privileged test that cannot run fails. Debs, extracted kernels, modules
+# and initramfs images (keyed by content hash) are cached in .cache/kernels;
+# a second run downloads and rebuilds nothing that did not change.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+harness=$(cd "$here/.." && pwd)
+repo=$harness
+kernels="5.10 6.1 6.12"
+run_re=""
+exec_script=""
+pkgs="./internal/... ./test/integration"
+timeout_min=20
+refresh=0
+cache=${NSR_KERNELS_CACHE:-$harness/.cache/kernels}
+
+usage() {
+	sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+	exit 2
+}
+
+while [ $# -gt 0 ]; do
+	case $1 in
+	--repo) repo=$(cd "${2:?--repo needs a directory}" && pwd); shift 2 ;;
+	--kernels) kernels=${2:?--kernels needs a list such as \"5.10 6.1 6.12\"}; shift 2 ;;
+	--run) run_re=${2:?--run needs a regular expression}; shift 2 ;;
+	--pkgs) pkgs=${2:?--pkgs needs Go package patterns}; shift 2 ;;
+	--timeout) timeout_min=${2:?--timeout needs minutes}; shift 2 ;;
+	--refresh) refresh=1; shift ;;
+	--exec) exec_script=$(realpath "${2:?--exec needs a script}"); shift 2 ;;
+	-h | --help) usage ;;
+	*) echo "test-kernels: unknown argument $1 (see --help)" >&2; exit 2 ;;
+	esac
+done
+
+log() { echo "test-kernels: $*" >&2; }
+die() { log "$*"; exit 2; }
+
+[ "$(id -u)" = 0 ] || die "run as root: the guest shares the host's root filesystem read-only and qemu must read all of it"
+# The guest mounts its own tmpfs on /tmp and /run: the checkout, the
+# built binaries and the results share must live elsewhere.
+case $repo/ in
+/tmp/* | /run/*) die "--repo $repo: the guest has its own /tmp and /run; use a checkout elsewhere" ;;
+esac
+case $cache/ in
+/tmp/* | /run/*) die "NSR_KERNELS_CACHE=$cache: the guest has its own /tmp and /run; use e.g. /var/tmp/nsr-kernels" ;;
+esac
+[[ $timeout_min =~ ^[0-9]+$ ]] || die "--timeout $timeout_min: give whole minutes, e.g. --timeout 20"
+for tool in qemu-system-x86_64 go xz dpkg-deb; do
+	command -v "$tool" >/dev/null || die "$tool is not installed; \`make test-kernels\` installs qemu-system-x86 and busybox-static"
+done
+# The initramfs needs a static busybox (busybox-static): the guest runs it
+# before any library is reachable.
+busybox_bin=/bin/busybox
+if [ ! -x "$busybox_bin" ] || ! dpkg -s busybox-static >/dev/null 2>&1; then
+	die "busybox-static is not installed (the dynamic busybox cannot run in the initramfs); apt-get install busybox-static"
+fi
+
+# series -> package-name pattern (newest match wins, by version sort).
+pattern() {
+	case $1 in
+	5.10) echo '^linux-image-5\.10\.0-[0-9]+-amd64$' ;;
+	6.1) echo '^linux-image-6\.1\.0-[0-9]+-amd64$' ;;
+	6.12) echo '^linux-image-6\.12\.[0-9]+\+deb[0-9.]+-amd64$' ;;
+	*) die "--kernels: unknown series $1; known: 5.10 6.1 6.12" ;;
+	esac
+}
+for k in $kernels; do pattern "$k" >/dev/null; done
+
+# One run at a time per cache: runs share the results directories, and two
+# TCG guests on a 2-core machine would only slow each other down.
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+if ! flock -n 9; then
+	log "another run holds $cache/.lock; waiting for it"
+	flock 9
+fi
+
+# --- kernels from Debian, through a private apt configuration -------------
+aptdir=$cache/apt
+mkdir -p "$aptdir/lists/partial" "$aptdir/archives/partial" "$aptdir/cache"
+cat >"$aptdir/sources.list.new" <<'EOF'
+deb http://deb.debian.org/debian bullseye main
+deb http://deb.debian.org/debian-security bullseye-security main
+deb http://deb.debian.org/debian bookworm main
+deb http://deb.debian.org/debian-security bookworm-security main
+deb http://deb.debian.org/debian bookworm-backports main
+EOF
+if ! cmp -s "$aptdir/sources.list.new" "$aptdir/sources.list"; then
+	mv "$aptdir/sources.list.new" "$aptdir/sources.list"
+	refresh=1
+else
+	rm "$aptdir/sources.list.new"
+fi
+apt_opts=(
+	-o "Dir::Etc::SourceList=$aptdir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+	-o "Dir::State::Lists=$aptdir/lists" -o "Dir::Cache=$aptdir/cache"
+	-o "Dir::Cache::Archives=$aptdir/archives" -o APT::Sandbox::User=root
+)
+# Indexes are refreshed once a day (or with --refresh), so a re-run within
+# the day downloads nothing.
+stamp=$aptdir/lists/.updated
+if [ "$refresh" = 1 ] || [ -z "$(find "$stamp" -mmin -1440 2>/dev/null)" ]; then
+	log "apt-get update (private sources: bullseye, bookworm, bookworm-backports)"
+	apt-get "${apt_opts[@]}" -qq update >&2
+	touch "$stamp"
+fi
+
+# fetch_kernel SERIES: prints "PKG VERSION DIR", DIR holding vmlinuz, config
+# and modules/ with what the guest loads.
+fetch_kernel() {
+	local series=$1 pkg ver deb dir tmp kver moddir
+	pkg=$(apt-cache "${apt_opts[@]}" search --names-only "$(pattern "$series")" | awk '{print $1}' | sort -V | tail -1)
+	[ -n "$pkg" ] || die "no Debian package matches $(pattern "$series")"
+	ver=$(apt-cache "${apt_opts[@]}" show "$pkg" | awk '/^Version:/ {print $2}' | sort -V | tail -1)
+	dir=$cache/kernels/${pkg}_$ver
+	if [ ! -f "$dir/.done" ]; then
+		deb=$(find "$aptdir/archives" -maxdepth 1 -name "${pkg}_*.deb" | sort -V | tail -1)
+		if [ -z "$deb" ]; then
+			log "$series: downloading $pkg $ver"
+			(cd "$aptdir/archives" && apt-get "${apt_opts[@]}" -qq download "$pkg=$ver" >&2)
+			deb=$(find "$aptdir/archives" -maxdepth 1 -name "${pkg}_*.deb" | sort -V | tail -1)
+		fi
+		log "$series: extracting $(basename "$deb")"
+		tmp=$(mktemp -d "$cache/extract.XXXXXX")
+		dpkg-deb -x "$deb" "$tmp"
+		kver=$(basename "$(find "$tmp/lib/modules" -mindepth 1 -maxdepth 1 -type d | head -1)")
+		rm -rf "$dir" && mkdir -p "$dir/modules"
+		cp "$tmp/boot/vmlinuz-$kver" "$dir/vmlinuz"
+		cp "$tmp/boot/config-$kver" "$dir/config"
+		moddir=$tmp/lib/modules/$kver
+		# Modules the guest needs, dependencies first. Built-in ones are
+		# listed in modules.builtin and skipped.
+		: >"$dir/modules.order"
+		local -A seen=()
+		add_module() {
+			local name=$1 f dep deps
+			[ -z "${seen[$name]:-}" ] || return 0
+			seen[$name]=1
+			if grep -qE "/${name//_/[-_]}\.ko\$" "$moddir/modules.builtin"; then return 0; fi
+			f=$(find "$moddir" -regextype egrep -regex ".*/${name//_/[-_]}\.ko(\.xz|\.zst)?" | head -1)
+			[ -n "$f" ] || die "$series: module $name is neither built in nor in $pkg"
+			case $f in
+			*.xz) xz -dc "$f" >"$dir/modules/$name.ko" ;;
+			*.zst) zstd -qdc "$f" >"$dir/modules/$name.ko" ;;
+			*) cp "$f" "$dir/modules/$name.ko" ;;
+			esac
+			deps=$(tr '\0' '\n' <"$dir/modules/$name.ko" | sed -n 's/^depends=//p' | tr ',' ' ')
+			for dep in $deps; do add_module "$dep"; done
+			echo "$name.ko" >>"$dir/modules.order"
+		}
+		# virtio_pci + 9pnet_virtio + 9p: the host's root; overlay: a
+		# writable root on top; veth: for tests that pair namespaces.
+		for m in virtio_pci 9pnet_virtio 9p overlay veth; do add_module "$m"; done
+		echo "$kver" >"$dir/kver"
+		rm -rf "$tmp"
+		touch "$dir/.done"
+	fi
+	echo "$pkg $ver $dir"
+}
+
+# build_initramfs DIR: prints the path of the initramfs for that kernel,
+# keyed by the hash of everything in it.
+build_initramfs() {
+	local kdir=$1 key out tmp
+	key=$(cat "$here/kernels/init" "$busybox_bin" "$kdir/modules.order" "$kdir"/modules/*.ko | sha256sum | cut -c1-16)
+	out=$cache/initramfs/$key.cpio.gz
+	if [ ! -f "$out" ]; then
+		log "building initramfs $key"
+		tmp=$(mktemp -d "$cache/initramfs.XXXXXX")
+		mkdir -p "$tmp"/{bin,dev,proc,sys,modules}
+		cp "$busybox_bin" "$tmp/bin/busybox"
+		cp "$here/kernels/init" "$tmp/init" && chmod 755 "$tmp/init"
+		cp "$kdir/modules.order" "$tmp/modules.order"
+		cp "$kdir"/modules/*.ko "$tmp/modules/"
+		mkdir -p "$(dirname "$out")"
+		(cd "$tmp" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1 >"$out.tmp")
+		mv "$out.tmp" "$out"
+		rm -rf "$tmp"
+	fi
+	echo "$out"
+}
+
+# --- the checkout's binaries ---------------------------------------------
+export PATH=/usr/local/go/bin:$PATH
+bindir=$cache/build/$(echo "$repo" | sha256sum | cut -c1-12)
+rm -rf "$bindir" && mkdir -p "$bindir"
+log "building test binaries from $repo ($pkgs)"
+(
+	cd "$repo"
+	export CGO_ENABLED=0
+	go build -trimpath -o "$bindir/nsredirect" ./cmd/nsredirect
+	go build -trimpath -o "$bindir/demo-backend" ./cmd/demo-backend
+	# One static test binary per package that has tests; the guest runs
+	# each from its package directory, as `go test` does.
+	# shellcheck disable=SC2086 # pkgs is a list of patterns
+	go list -f '{{if or .TestGoFiles .XTestGoFiles}}{{.ImportPath}} {{.Dir}}{{end}}' $pkgs |
+		while read -r ip dir; do
+			name=$(echo "$ip" | tr '/' '_')
+			go test -c -o "$bindir/$name.test" "$ip"
+			echo "$name $dir" >>"$bindir/tests"
+		done
+)
+[ -s "$bindir/tests" ] || die "--pkgs $pkgs: no package with tests in $repo"
+
+# guest_script RESULTS: the script the guest runs after chroot.
+guest_script() {
+	local res=$1 name dir
+	cat <<EOF
+#!/bin/bash
+# Generated by scripts/test-kernels.sh; runs inside the guest.
+set -uo pipefail
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root TMPDIR=/tmp CI=true
+export NSREDIRECT_BIN=$bindir/nsredirect DEMO_BACKEND_BIN=$bindir/demo-backend
+ip link set lo up
+echo "guest: \$(uname -r), \$(nproc) cpus"
+EOF
+	if [ -n "$exec_script" ]; then
+		# A copy in the results share: the guest's /tmp and /run are its own.
+		cp "$exec_script" "$res/exec.sh"
+		echo "bash $res/exec.sh 2>&1 | tee $res/exec.out"
+	fi
+	while read -r name dir; do
+		cat <<EOF
+echo "=== NSR-PKG $name"
+start=\$(date +%s)
+(cd $dir && $bindir/$name.test -test.v -test.count=1 -test.timeout=$((timeout_min - 1))m ${run_re:+-test.run $(printf %q "$run_re")}) 2>&1 | tee $res/$name.log
+echo \$? >$res/$name.rc
+echo "=== NSR-PKG-END $name rc=\$(cat $res/$name.rc) \$((\$(date +%s) - start))s"
+EOF
+	done <"$bindir/tests"
+}
+
+# --- boot each kernel ------------------------------------------------------
+results_md=$cache/results.md
+rows=()
+details=()
+overall=0
+for series in $kernels; do
+	read -r pkg ver kdir < <(fetch_kernel "$series")
+	initrd=$(build_initramfs "$kdir")
+	res=$cache/results/$series
+	rm -rf "$res" && mkdir -p "$res"
+	guest_script "$res" >"$res/guest.sh"
+	log "$series: booting $pkg $ver under qemu (TCG), console in $res/console.log"
+	start=$(date +%s)
+	set +e
+	# timeout ends qemu by its pid if the guest hangs; -no-reboot and
+	# panic=-1 turn a guest panic into a qemu exit.
+	timeout --kill-after=10 "${timeout_min}m" qemu-system-x86_64 \
+		-accel tcg,thread=multi -cpu max -smp 2 -m 2G \
+		-display none -monitor none -serial stdio -no-reboot -nic none \
+		-kernel "$kdir/vmlinuz" -initrd "$initrd" \
+		-append "console=ttyS0 panic=-1 loglevel=4 nsr.run=$res/guest.sh nsr.results=$res" \
+		-virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+		-virtfs "local,path=$res,mount_tag=results,security_model=none,multidevs=remap" \
+		</dev/null 2>&1 | tee "$res/console.log" | sed -u "s/^/[$series] /" >&2
+	qemu_rc=${PIPESTATUS[0]}
+	set -e
+	secs=$(($(date +%s) - start))
+	pass=0 fail=0 skip=0 result=PASS
+	for log in "$res"/*.log; do
+		case $(basename "$log") in console.log | exec.out) continue ;; esac
+		pass=$((pass + $(grep -c '^--- PASS' "$log" || true)))
+		fail=$((fail + $(grep -c '^--- FAIL' "$log" || true)))
+		skip=$((skip + $(grep -c '^--- SKIP' "$log" || true)))
+	done
+	note=""
+	if [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then
+		result=FAIL note=" (timed out after ${timeout_min}m)"
+	elif ! grep -q 'NSR-INIT-DONE' "$res/console.log"; then
+		result=FAIL note=" (guest did not finish: see $res/console.log)"
+	fi
+	while read -r name _; do
+		rc=$(cat "$res/$name.rc" 2>/dev/null || echo missing)
+		[ "$rc" = 0 ] || { result=FAIL; [ "$rc" = missing ] || [ "$fail" -gt 0 ] || note="$note ($name exited $rc)"; }
+	done <"$bindir/tests"
+	[ "$result" = PASS ] || overall=1
+	rows+=("| $series ($(cat "$kdir/kver")) | $ver | $pass | $fail | $skip | $((secs / 60))m$((secs % 60))s | $result$note |")
+	# Each failed top-level test with its first error line.
+	for log in "$res"/*.log; do
+		case $(basename "$log") in console.log | exec.out) continue ;; esac
+		while read -r t; do
+			# -v output cannot tell t.Log from t.Error: keep the first three
+			# lines the test's own files wrote.
+			line=$(awk -v t="$t" '
+				$0 ~ "^=== (RUN|CONT) +"t"$" {on=1; next}
+				on && /^--- / {exit}
+				on && /^ +[^ ]+_test\.go:[0-9]+: / {sub(/^ +/, ""); out = out (n++ ? " / " : "") $0; if (n == 3) exit}
+				END {print out}' "$log")
+			details+=("- $series $t: ${line:-see $log}")
+		done < <(sed -n 's/^--- FAIL: \([^ ]*\) .*/\1/p' "$log")
+	done
+done
+
+{
+	echo "| kernel | package version | tests passed | failed | skipped | time | result |"
+	echo "|---|---|---|---|---|---|---|"
+	printf '%s\n' "${rows[@]}"
+	if [ ${#details[@]} -gt 0 ]; then
+		echo
+		echo "Failures:"
+		printf '%s\n' "${details[@]}"
+	fi
+} | tee "$results_md"
+exit $overall
