@@ -86,11 +86,11 @@ type kubeconfig struct {
 	Clusters []struct {
 		Name    string `json:"name"`
 		Cluster struct {
-			Server       string `json:"server"`
-			CA           string `json:"certificate-authority"`
-			CAData       string `json:"certificate-authority-data"`
-			Insecure     bool   `json:"insecure-skip-tls-verify"`
-			ServerName   string `json:"tls-server-name"`
+			Server     string `json:"server"`
+			CA         string `json:"certificate-authority"`
+			CAData     string `json:"certificate-authority-data"`
+			Insecure   bool   `json:"insecure-skip-tls-verify"`
+			ServerName string `json:"tls-server-name"`
 		} `json:"cluster"`
 	} `json:"clusters"`
 	Users []struct {
