@@ -74,9 +74,6 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 	if err := kf.preflight(); err != nil {
 		return err
 	}
-	if podName == "" || podNamespace == "" {
-		log.Warn("own pod unknown (--pod-name/--pod-namespace): handing over on shutdown while annotated pods run, so an uninstall then needs `nsredirect cleanup --all`")
-	}
 
 	ctl := kube.NewController(kube.Config{
 		API: client, Node: node, Annotation: annotation, Proc: proc,
@@ -89,6 +86,9 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 		return err
 	}
 	log.WithFields(logrus.Fields{"server": client.Server(), "node": node, "annotation": annotation}).Info("watching this node's pods")
+	if podName == "" || podNamespace == "" {
+		log.Warn("own pod unknown (--pod-name/--pod-namespace): handing over on shutdown while annotated pods run, so an uninstall then needs `nsredirect cleanup --all`")
+	}
 
 	var d *daemon.Daemon
 	start := func(dm *daemon.Daemon, kernel *loader.Loader) error {

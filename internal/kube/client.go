@@ -318,7 +318,7 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, body
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("%s %s: %w", method, u.Redacted(), err)
+		return nil, err // a *url.Error: it names the method and URL
 	}
 	if resp.StatusCode/100 != 2 {
 		defer resp.Body.Close()

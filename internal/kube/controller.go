@@ -87,10 +87,16 @@ func NewController(cfg Config) *Controller {
 		c.errMu.Unlock()
 		cfg.Log.WithError(err).Warn("pod list/watch failed; retrying")
 	})
+	changed := func(o any) {
+		if p, ok := o.(*Pod); ok {
+			cfg.Log.WithFields(logrus.Fields{"pod": key(p), "phase": p.Status.Phase, "deleting": p.DeletionTimestamp != nil}).Debug("pod changed")
+		}
+		c.poke()
+	}
 	_, _ = c.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { c.poke() },
-		UpdateFunc: func(any, any) { c.poke() },
-		DeleteFunc: func(any) { c.poke() },
+		AddFunc:    changed,
+		UpdateFunc: func(_, o any) { changed(o) },
+		DeleteFunc: changed,
 	})
 	return c
 }
@@ -113,9 +119,14 @@ func (c *Controller) poke() {
 // is in the cache, for at most timeout. A failure to reach the API server
 // in time is returned with the last error seen.
 func (c *Controller) Start(ctx context.Context, timeout time.Duration) error {
-	go c.informer.RunWithContext(klog.NewContext(ctx, klogTo(c.cfg.Log)))
 	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	// One plain request first: a refused connection, a bad certificate or
+	// token is reported as it is, at once, not after the informer's retries.
+	if _, err := c.cfg.API.ListPods(wctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + c.cfg.Node, Limit: 1}); err != nil {
+		return fmt.Errorf("reach the API server: %w", err)
+	}
+	go c.informer.RunWithContext(klog.NewContext(ctx, klogTo(c.cfg.Log)))
 	if cache.WaitForCacheSync(wctx.Done(), c.informer.HasSynced) {
 		return nil
 	}

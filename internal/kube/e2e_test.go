@@ -3,8 +3,6 @@ package kube
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"slices"
 	"sync/atomic"
 	"testing"
@@ -12,66 +10,11 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/nsredirect/nsredirect/internal/daemon"
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
-
-// sandbox is a pod's network namespace with a real process in a cgroup
-// shaped like kubelet's: <cgroup2>/<unique>/burstable/pod<UID>/<container>.
-type sandbox struct {
-	ns   testenv.Netns
-	proc *testenv.Proc
-}
-
-// kubepods makes the unique top of the kubelet-shaped tree, removed (with
-// everything under it, children first) at cleanup, after the processes in
-// it are stopped (cleanups run last-in first-out).
-func kubepods(t *testing.T) string {
-	top := filepath.Join(testenv.RootCgroup(t), testenv.Name("kubepods-test-"))
-	if err := os.Mkdir(top, 0o755); err != nil {
-		t.Fatalf("create cgroup %s: %v", top, err)
-	}
-	t.Cleanup(func() {
-		var dirs []string
-		_ = filepath.WalkDir(top, func(p string, d os.DirEntry, err error) error {
-			if err == nil && d.IsDir() {
-				dirs = append(dirs, p)
-			}
-			return nil
-		})
-		slices.Reverse(dirs)
-		for _, d := range dirs {
-			for i := 0; i < 100 && os.Remove(d) != nil; i++ {
-				time.Sleep(20 * time.Millisecond)
-			}
-			if _, err := os.Stat(d); err == nil {
-				t.Errorf("cgroup %s not removed", d)
-			}
-		}
-	})
-	return top
-}
-
-// startSandbox starts the demo backend on :3210 in a new netns and moves it
-// into container dir ctr of pod uid.
-func startSandbox(t *testing.T, top string, uid types.UID, ctr string) sandbox {
-	t.Helper()
-	dir := filepath.Join(top, "burstable", "pod"+string(uid), ctr)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatalf("create kubelet-shaped cgroup: %v", err)
-	}
-	ns := testenv.NewNetns(t)
-	proc := testenv.Server(t, ns, ":3210")
-	// Server waited for the backend to print, so `ip netns exec` has
-	// exec'd it: the pid is the backend, inside ns.
-	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(fmt.Sprint(proc.Cmd.Process.Pid)), 0o644); err != nil {
-		t.Fatalf("move pid %d into %s: %v", proc.Cmd.Process.Pid, dir, err)
-	}
-	return sandbox{ns: ns, proc: proc}
-}
 
 // dials reports whether a connect from inside ns to 127.0.0.1:port works;
 // nothing listens on the ports tests use but 3210, so only a redirect makes
@@ -162,29 +105,29 @@ func serving(n *node, name string) func() bool {
 func TestControllerEndToEnd(t *testing.T) {
 	testenv.Privileged(t)
 	pinDir := testenv.BPFFS(t)
-	top := kubepods(t)
+	top := testenv.KubePods(t)
 	f := newFakeAPI()
 	n := startNode(t, f, pinDir, Config{Node: "node-a"})
 
 	// add
 	a := pod("shop", "web", "node-a", "80=3210")
-	sa := startSandbox(t, top, a.UID, "c1")
+	sa := testenv.PodSandbox(t, top, string(a.UID), "c1")
 	f.add(t, a)
-	waitDial(t, sa.ns, 80, true)
+	waitDial(t, sa.Netns, 80, true)
 	waitFor(t, "a Redirected event", func() bool { return len(f.eventsOf(t, "shop", "web", ReasonRedirected)) == 1 })
 
 	// update: the new rules replace the old
 	a.Annotations[DefaultAnnotation] = "81=3210"
 	f.update(t, a)
-	waitDial(t, sa.ns, 81, true)
-	waitDial(t, sa.ns, 80, false)
+	waitDial(t, sa.Netns, 81, true)
+	waitDial(t, sa.Netns, 80, false)
 
 	// re-create: a new sandbox (new netns, new process) for the same pod
 	// UID, with no API event, is followed on the tick
-	sb := startSandbox(t, top, a.UID, "c2")
-	sa.proc.Kill()
-	sa.ns.Delete(t)
-	waitDial(t, sb.ns, 81, true)
+	sb := testenv.PodSandbox(t, top, string(a.UID), "c2")
+	sa.Proc.Kill()
+	sa.Netns.Delete(t)
+	waitDial(t, sb.Netns, 81, true)
 
 	// bad annotation: an Event and the metric, the other pod unaffected
 	bad := pod("shop", "broken", "node-a", "81=oops")
@@ -193,7 +136,7 @@ func TestControllerEndToEnd(t *testing.T) {
 	if got := n.d.Snapshot().EnrollErrors["shop/broken"]; got < 1 {
 		t.Errorf("enroll errors of shop/broken = %d, want >= 1", got)
 	}
-	if !dials(sb.ns, 81) {
+	if !dials(sb.Netns, 81) {
 		t.Error("a bad annotation on another pod broke shop/web")
 	}
 
@@ -205,11 +148,11 @@ func TestControllerEndToEnd(t *testing.T) {
 
 	// a pod on another node is not ours, even if the API hands it over
 	other := pod("shop", "elsewhere", "node-b", "80=3210")
-	so := startSandbox(t, top, other.UID, "c1")
+	so := testenv.PodSandbox(t, top, string(other.UID), "c1")
 	f.add(t, other)
 	cached(t, n.c, "shop", "web", anyPod) // the cache is current up to here
 	time.Sleep(300 * time.Millisecond)    // three ticks: it would have been enrolled by now
-	if dials(so.ns, 80) || slices.Contains(n.d.Serving(), "shop/elsewhere") {
+	if dials(so.Netns, 80) || slices.Contains(n.d.Serving(), "shop/elsewhere") {
 		t.Error("a pod of node-b was enrolled by node-a's daemon")
 	}
 	if got := n.d.Serving(); !slices.Equal(got, []string{"shop/web"}) {
@@ -222,7 +165,7 @@ func TestControllerEndToEnd(t *testing.T) {
 
 	// delete: the rules go
 	f.remove(t, a)
-	waitDial(t, sb.ns, 81, false)
+	waitDial(t, sb.Netns, 81, false)
 	waitFor(t, "nothing served", func() bool { return len(n.d.Serving()) == 0 })
 }
 
@@ -234,7 +177,7 @@ func TestControllerEndToEnd(t *testing.T) {
 func TestRolloutHandsOver(t *testing.T) {
 	testenv.Privileged(t)
 	pinDir := testenv.BPFFS(t)
-	top := kubepods(t)
+	top := testenv.KubePods(t)
 	f := newFakeAPI()
 
 	yes := true
@@ -247,11 +190,11 @@ func TestRolloutHandsOver(t *testing.T) {
 	oldPod := daemonPod("nsredirect-old")
 	f.add(t, oldPod)
 	app := pod("shop", "web", "node-a", "80=3210")
-	sa := startSandbox(t, top, app.UID, "c1")
+	sa := testenv.PodSandbox(t, top, string(app.UID), "c1")
 	f.add(t, app)
 
 	old := startNode(t, f, pinDir, Config{Node: "node-a", PodName: oldPod.Name, PodNamespace: oldPod.Namespace})
-	waitDial(t, sa.ns, 80, true)
+	waitDial(t, sa.Netns, 80, true)
 	progs := testenv.ProgIDs(t, pinDir)
 
 	// A connect loop inside the pod, bounded in count and time.
@@ -267,7 +210,7 @@ func TestRolloutHandsOver(t *testing.T) {
 				return
 			default:
 			}
-			if dials(sa.ns, 80) {
+			if dials(sa.Netns, 80) {
 				ok.Add(1)
 			} else {
 				failed.Add(1)
@@ -317,7 +260,7 @@ func TestRolloutHandsOver(t *testing.T) {
 		t.Fatalf("last daemon: Successor() = %v, %v; want none", succ, known)
 	}
 	next.shutdown(t, false)
-	if dials(sa.ns, 80) {
+	if dials(sa.Netns, 80) {
 		t.Error("rules still redirect after the uninstall")
 	}
 	testenv.AssertGone(t, pinDir, progs)
