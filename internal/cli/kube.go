@@ -96,19 +96,8 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 		ctl.Sync(ctx, d)
 		// What a predecessor handed over is adopted by now, or is held by
 		// it still (a live owner, never touched): an ownerless kube record
-		// left is a pod that is gone, unless it is wanted and failed now.
-		want := map[string]bool{}
-		for _, n := range ctl.Wanted() {
-			want[n] = true
-		}
-		for _, n := range d.Serving() {
-			delete(want, n)
-		}
-		removed, err := kernel.RemoveOrphans("kube", func(r loader.Record) bool { return want[r.Name] })
-		for _, r := range removed {
-			log.WithFields(logrus.Fields{"netns": r.Name, "cookie": r.Cookie}).Info("removed rules handed over for a pod that is gone")
-		}
-		return err
+		// left is a pod that is gone.
+		return removeGone(kernel, d, "kube", ctl.Wanted(), log)
 	}
 	loop := func(ctx context.Context, d *daemon.Daemon) error { return ctl.Run(ctx, d) }
 	handover := func() bool {

@@ -226,25 +226,9 @@ func TestKubeRolloutAndUninstall(t *testing.T) {
 	}
 	progs := testenv.ProgIDs(t, pinDir)
 
-	var ok, failed atomic.Int64
 	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		end := time.Now().Add(60 * time.Second)
-		for i := 0; i < 200000 && time.Now().Before(end); i++ {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if _, err := testenv.DialIn(sb.Netns.Target(), "tcp", "127.0.0.1:80", time.Second); err != nil {
-				failed.Add(1)
-			} else {
-				ok.Add(1)
-			}
-		}
-	}()
+	ok, failed, done := connectLoop(t, sb.Netns, "127.0.0.1:80", stop, 200000)
+	waitFor(t, "connect loop started", 30*time.Second, func() bool { return ok.Load() > 10 })
 
 	newPod := kubePod("kube-system", "nsredirect-new", "", ds)
 	api.put(t, newPod)
@@ -268,7 +252,9 @@ func TestKubeRolloutAndUninstall(t *testing.T) {
 		return len(r) == 1 && r[0].OwnerPID == next.Cmd.Process.Pid && r[0].Alive
 	})
 	close(stop)
-	<-done
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
 	if failed.Load() != 0 || ok.Load() == 0 {
 		t.Fatalf("connects across the rollout: %d ok, %d failed; want none failed", ok.Load(), failed.Load())
 	}
