@@ -176,9 +176,18 @@ func kubePod(ns, name, annotation string, owner *metav1.OwnerReference) *corev1.
 
 func (a *apiServer) daemon(t *testing.T, pinDir string, self *corev1.Pod) *testenv.Proc {
 	t.Helper()
-	p := testenv.StartNsredirect(t, pinDir, "kube", "--kubeconfig", a.kubeconfig, "--node-name", "node-a",
+	// On a hybrid host, pass the v1 root as a DaemonSet's hostPath would:
+	// the daemon must find the cgroup2 part under it.
+	cgroup := testenv.RootCgroup(t)
+	if filepath.Base(cgroup) == "unified" {
+		cgroup = filepath.Dir(cgroup)
+	}
+	p := testenv.StartNsredirect(t, pinDir, "kube", "--kubeconfig", a.kubeconfig, "--node-name", "node-a", "--cgroup", cgroup,
 		"--pod-name", self.Name, "--pod-namespace", self.Namespace, "--metrics-addr", "127.0.0.1:0", "--log-level", "debug")
 	p.WaitOutput(t, "nsredirect running", 20*time.Second)
+	if cgroup != testenv.RootCgroup(t) && !strings.Contains(p.Output(), "attaching at its cgroup2 part") {
+		t.Errorf("--cgroup %s (hybrid): the daemon did not say it used its cgroup2 part:\n%s", cgroup, p.Output())
+	}
 	select {
 	case <-a.watches:
 	case <-time.After(10 * time.Second):
