@@ -3,7 +3,10 @@ package kube
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -15,6 +18,28 @@ import (
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
+
+// joinPod puts a process of pod uid into ns (a second pod claiming the
+// netns of another): a sleep entered into ns, then moved into the pod's
+// kubelet-shaped cgroup.
+func joinPod(t *testing.T, top, uid string, ns testenv.Netns) {
+	t.Helper()
+	dir := filepath.Join(top, "burstable", "pod"+uid, "c1")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p := testenv.Start(t, ns.Command(context.Background(), "sleep", "60"))
+	pid := p.Cmd.Process.Pid
+	// `ip netns exec` enters ns, then execs sleep in place: once the pid
+	// runs sleep it is inside ns.
+	waitFor(t, "the sleep to enter the netns", func() bool {
+		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		return strings.HasSuffix(exe, "/sleep")
+	})
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(fmt.Sprint(pid)), 0o644); err != nil {
+		t.Fatalf("move pid %d into %s: %v", pid, dir, err)
+	}
+}
 
 // dials reports whether a connect from inside ns to 127.0.0.1:port works;
 // nothing listens on the ports tests use but 3210, so only a redirect makes
@@ -145,6 +170,19 @@ func TestControllerEndToEnd(t *testing.T) {
 	host.Spec.HostNetwork = true
 	f.add(t, host)
 	waitFor(t, "a hostNetwork event", func() bool { return len(f.eventsOf(t, "shop", "hostnet", ReasonInvalid)) == 1 })
+
+	// two annotated pods in one netns: the second (by name) is refused
+	twin := pod("shop", "zz-twin", "node-a", "83=3210")
+	joinPod(t, top, string(twin.UID), sb.Netns)
+	f.add(t, twin)
+	waitFor(t, "a shared-netns event", func() bool {
+		ev := f.eventsOf(t, "shop", "zz-twin", ReasonInvalid)
+		return len(ev) == 1 && strings.Contains(ev[0].Message, "shares its network namespace with pod shop/web")
+	})
+	if dials(sb.Netns, 83) {
+		t.Error("the twin's rules were enrolled in shop/web's netns")
+	}
+	f.remove(t, twin)
 
 	// a pod on another node is not ours, even if the API hands it over
 	other := pod("shop", "elsewhere", "node-b", "80=3210")
