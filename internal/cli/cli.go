@@ -58,6 +58,7 @@ func commands() []command {
 	return []command{
 		{"run", "--netns TARGET --redirect SPEC [--redirect SPEC...]", "redirect loopback connects in one netns, in the foreground", runCmd},
 		{"docker", "[--docker-host unix:///var/run/docker.sock] [--label nsredirect.redirect]", "redirect in every running container labelled nsredirect.redirect=SPEC[,SPEC...]", dockerCmd},
+		{"kube", "--node-name NODE [--annotation nsredirect.io/redirect] [--kubeconfig PATH] [--proc /proc]", "redirect in every running pod of this node annotated nsredirect.io/redirect: SPEC[,SPEC...] (a DaemonSet)", kubeCmd},
 		{"check", "--netns TARGET [--dial ADDR:PORT]", "exit 0 when a rule for TARGET is live (healthcheck)", checkCmd},
 		{"status", "[--json]", "list live rules from the pinned state", statusCmd},
 		{"cleanup", "[--all]", "remove rules left by dead daemons (--all: everything of ours)", cleanupCmd},

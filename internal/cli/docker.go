@@ -69,20 +69,12 @@ func dockerCmd(ctx context.Context, io IO, args []string) error {
 		// What a previous docker-mode daemon handed over is adopted by now
 		// (its owner lock is ours): a record still ownerless belongs to a
 		// container that is gone, or to the old netns of one recreated
-		// under the same name. Keep only a wanted container's record that
-		// failed to enroll this time, so a passing error removes nothing.
-		want := map[string]bool{}
-		for _, t := range desired {
-			want[t.Name] = true
+		// under the same name.
+		names := make([]string, len(desired))
+		for i, t := range desired {
+			names[i] = t.Name
 		}
-		for _, name := range d.Serving() {
-			delete(want, name)
-		}
-		removed, err := kernel.RemoveOrphans("docker", func(r loader.Record) bool { return want[r.Name] })
-		for _, r := range removed {
-			log.WithFields(logrus.Fields{"netns": r.Name, "cookie": r.Cookie}).Info("removed rules handed over for a container that is gone")
-		}
-		return err
+		return removeGone(kernel, d, "docker", names, log)
 	}
 	loop := func(ctx context.Context, d *daemon.Daemon) error { return w.Run(ctx, d) }
 	handover := func() bool {
@@ -97,4 +89,23 @@ func dockerCmd(ctx context.Context, io IO, args []string) error {
 		return len(d.Serving()) > 0
 	}
 	return serve(ctx, &kf, "docker", log, start, loop, handover)
+}
+
+// removeGone removes the ownerless records of mode owner that no wanted
+// target claims, after a discovery mode's first sync. A wanted target's
+// record that failed to enroll this time is kept, so a passing error
+// removes nothing.
+func removeGone(kernel *loader.Loader, d *daemon.Daemon, owner string, wanted []string, log logrus.FieldLogger) error {
+	want := map[string]bool{}
+	for _, n := range wanted {
+		want[n] = true
+	}
+	for _, n := range d.Serving() {
+		delete(want, n)
+	}
+	removed, err := kernel.RemoveOrphans(owner, func(r loader.Record) bool { return want[r.Name] })
+	for _, r := range removed {
+		log.WithFields(logrus.Fields{"netns": r.Name, "cookie": r.Cookie}).Info("removed rules handed over for a target that is gone")
+	}
+	return err
 }

@@ -158,6 +158,15 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 	return serve(ctx, &kf, "run", log, func(d *daemon.Daemon, _ *loader.Loader) error { return d.Reconcile(desired) }, nil, nil)
 }
 
+// serveExtra is what a mode may add to serve's life.
+type serveExtra struct {
+	// resync, if set, runs on the resync tick instead of d.Resync: a mode
+	// whose targets' netns paths change (a pod's sandbox pid) recomputes
+	// them rather than re-resolving stale ones.
+	resync     func(*daemon.Daemon)
+	daemonOpts []daemon.Option
+}
+
 // serve is the life of every long-running mode: attach, enroll what start
 // says (start gets the loader too, for a discovery mode's RemoveOrphans after
 // its first listing), serve metrics, resync until ctx ends, then remove this instance's
@@ -165,7 +174,11 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 // out, everything. loop, if given, runs alongside (a discovery mode's watch)
 // and ends the daemon with its error.
 func serve(ctx context.Context, kf *kernelFlags, owner string, log *logrus.Logger,
-	start func(*daemon.Daemon, *loader.Loader) error, loop func(context.Context, *daemon.Daemon) error, handover func() bool) error {
+	start func(*daemon.Daemon, *loader.Loader) error, loop func(context.Context, *daemon.Daemon) error, handover func() bool, extra ...serveExtra) error {
+	var x serveExtra
+	if len(extra) > 0 {
+		x = extra[0]
+	}
 	ln, err := kf.listenMetrics()
 	if err != nil {
 		return err
@@ -181,7 +194,7 @@ func serve(ctx context.Context, kf *kernelFlags, owner string, log *logrus.Logge
 	if kf.cookies.Name == loader.CookieBPFProbe {
 		log.WithField("netns_cookie", kf.cookies.Name).Info("netns cookies are learnt through a BPF probe: getsockopt(SO_NETNS_COOKIE) needs Linux >= 5.14 (or NSREDIRECT_NETNS_COOKIE=bpf-probe)")
 	}
-	d := daemon.New(kernel, owner, log, daemon.WithCookieReader(kf.cookies.Read))
+	d := daemon.New(kernel, owner, log, append([]daemon.Option{daemon.WithCookieReader(kf.cookies.Read)}, x.daemonOpts...)...)
 	stop := func(handingOver bool) error {
 		err := d.Shutdown(handingOver)
 		if !handingOver {
@@ -226,7 +239,11 @@ func serve(ctx context.Context, kf *kernelFlags, owner string, log *logrus.Logge
 				running = false
 				break
 			}
-			_ = d.Resync() // failures are logged once by the daemon
+			if x.resync != nil {
+				x.resync(d)
+			} else {
+				_ = d.Resync() // failures are logged once by the daemon
+			}
 		}
 	}
 	cancel()

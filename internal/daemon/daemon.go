@@ -57,11 +57,15 @@ type Daemon struct {
 	// cookies: see WithCookieReader.
 	cookies netnsx.CookieReader
 
+	// waitOwners: see WaitForOwners.
+	waitOwners bool
+
 	mu      sync.Mutex
 	desired []Target
 	live    map[string]*live
 	failing map[string]string // name -> last error, so each is logged once
 	errors  map[string]uint64
+	held    map[string]bool // desired targets another live nsredirect serves
 }
 
 // Option changes how a Daemon treats its targets.
@@ -74,6 +78,13 @@ func WithCookieReader(read netnsx.CookieReader) Option {
 	return func(d *Daemon) { d.cookies = read }
 }
 
+// WaitForOwners makes a target that another live nsredirect serves (the
+// loader's ErrBusy) a wait, not a failure: it is not counted as an error,
+// it counts as served for Ready, and it is adopted on the first reconcile
+// after the owner lets go. A DaemonSet rollout starts the new daemon while
+// the old one still serves every pod; the new one must become ready then.
+func WaitForOwners() Option { return func(d *Daemon) { d.waitOwners = true } }
+
 // New returns a daemon that enrolls through kernel, tagging its enrollments
 // with owner (the mode: run, docker, kube).
 func New(kernel Kernel, owner string, log logrus.FieldLogger, opts ...Option) *Daemon {
@@ -84,6 +95,7 @@ func New(kernel Kernel, owner string, log logrus.FieldLogger, opts ...Option) *D
 		live:    map[string]*live{},
 		failing: map[string]string{},
 		errors:  map[string]uint64{},
+		held:    map[string]bool{},
 	}
 	for _, o := range opts {
 		o(d)
@@ -118,6 +130,14 @@ func (d *Daemon) reconcile() error {
 		want[t.Name] = true
 		err := d.apply(t)
 		log := d.log.WithFields(logrus.Fields{"netns": t.Name})
+		if d.waitOwners && errors.Is(err, loader.ErrBusy) {
+			if !d.held[t.Name] {
+				d.held[t.Name] = true
+				log.WithError(err).Info("served by another live nsredirect; adopting it when that one lets go")
+			}
+			continue
+		}
+		delete(d.held, t.Name)
 		if err != nil {
 			errs = append(errs, err)
 			if d.failing[t.Name] != err.Error() {
@@ -142,6 +162,11 @@ func (d *Daemon) reconcile() error {
 	for name := range d.failing {
 		if !want[name] {
 			delete(d.failing, name)
+		}
+	}
+	for name := range d.held {
+		if !want[name] {
+			delete(d.held, name)
 		}
 	}
 	return errors.Join(errs...)
@@ -220,15 +245,16 @@ func (d *Daemon) Shutdown(handover bool) error {
 	return errors.Join(errs...)
 }
 
-// Ready reports whether every desired target is enrolled. A target its
-// source could not describe (a bad label) is that workload's problem, shown
-// in logs and metrics; it does not make the daemon unready for the others.
+// Ready reports whether every desired target is enrolled (or, with
+// WaitForOwners, served by another live nsredirect). A target its source
+// could not describe (a bad label) is that workload's problem, shown in logs
+// and metrics; it does not make the daemon unready for the others.
 func (d *Daemon) Ready() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var missing []string
 	for _, t := range d.desired {
-		if t.Err == nil && d.live[t.Name] == nil {
+		if t.Err == nil && d.live[t.Name] == nil && !d.held[t.Name] {
 			missing = append(missing, t.Name)
 		}
 	}
@@ -267,6 +293,28 @@ func (d *Daemon) Snapshot() metrics.Snapshot {
 		s.EnrollErrors[n] = c
 	}
 	return s
+}
+
+// RefuseSharedNetns sets Err on all but the first of targets that are one
+// netns (containers or pods sharing a network namespace): a netns has one
+// set of rules, and two owners would remove each other's. why says what to
+// tell the user about name, which shares with first.
+func RefuseSharedNetns(ts []Target, why func(name, first string) error) {
+	first := map[netnsx.LiveID]string{} // not ID: see netnsx.ID.Live
+	for i := range ts {
+		if ts[i].Err != nil {
+			continue
+		}
+		id, err := ts[i].Netns.Stat()
+		if err != nil {
+			continue // gone already; reconcile will find out
+		}
+		if other, ok := first[id.Live()]; ok {
+			ts[i].Err = why(ts[i].Name, other)
+			continue
+		}
+		first[id.Live()] = ts[i].Name
+	}
 }
 
 func specsOf(rules []rule.Rule) string {

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -158,5 +159,40 @@ func TestTargetErrIsCountedNotEnrolled(t *testing.T) {
 	_ = d.Resync()
 	if s := d.Snapshot(); s.EnrollErrors["badlabel"] != 1 || s.EnrollErrors["good"] != 0 {
 		t.Errorf("enroll errors %+v; want badlabel counted once", s.EnrollErrors)
+	}
+}
+
+// TestWaitForOwners: with the option, a netns another live nsredirect
+// serves is a wait (ready, not an error) and is adopted once it lets go;
+// without it, it is a failure.
+func TestWaitForOwners(t *testing.T) {
+	a := testenv.NewNetns(t)
+	busy := fmt.Errorf("%w: pid 1 serves %q", loader.ErrBusy, "a")
+	want := []Target{{Name: "a", Netns: a.Target(), Rules: rules(t, "80=3210")}}
+
+	k := newFake()
+	k.fail["a"] = busy
+	d := New(k, "kube", quiet(), WaitForOwners())
+	_ = d.Reconcile(want)
+	if err := d.Ready(); err != nil {
+		t.Errorf("Ready while another owner serves: %v; want ready", err)
+	}
+	if n := d.Snapshot().EnrollErrors["a"]; n != 0 || len(d.Serving()) != 0 {
+		t.Errorf("held target: %d errors, serving %v; want none of either", n, d.Serving())
+	}
+	k.mu.Lock()
+	delete(k.fail, "a") // the old owner let go
+	k.mu.Unlock()
+	_ = d.Reconcile(want)
+	if got := d.Serving(); len(got) != 1 || got[0] != "a" {
+		t.Errorf("after the owner let go: serving %v; want a adopted", got)
+	}
+
+	k2 := newFake()
+	k2.fail["a"] = busy
+	d2 := New(k2, "run", quiet())
+	_ = d2.Reconcile(want)
+	if err := d2.Ready(); err == nil || d2.Snapshot().EnrollErrors["a"] != 1 {
+		t.Errorf("without WaitForOwners: Ready = %v, errors %v; want a failure", err, d2.Snapshot().EnrollErrors)
 	}
 }

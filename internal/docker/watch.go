@@ -76,25 +76,12 @@ func (w *Watcher) Desired(ctx context.Context) ([]daemon.Target, error) {
 	return out, nil
 }
 
-// sharedNetns refuses all but the first (by name) of targets that are one
-// netns (network_mode: container:X): a netns has one set of rules, and
-// two owners would remove each other's.
+// sharedNetns refuses all but the first (by name) of labelled containers
+// that are one netns (network_mode: container:X).
 func sharedNetns(ts []daemon.Target) {
-	first := map[netnsx.LiveID]string{} // not ID: see netnsx.ID.Live
-	for i := range ts {
-		if ts[i].Err != nil {
-			continue
-		}
-		id, err := ts[i].Netns.Stat()
-		if err != nil {
-			continue // gone already; the daemon will find out
-		}
-		if other, ok := first[id.Live()]; ok {
-			ts[i].Err = fmt.Errorf("container %s shares its network namespace with %s, which is labelled too; label only one of them", ts[i].Name, other)
-			continue
-		}
-		first[id.Live()] = ts[i].Name
-	}
+	daemon.RefuseSharedNetns(ts, func(name, first string) error {
+		return fmt.Errorf("container %s shares its network namespace with %s, which is labelled too; label only one of them", name, first)
+	})
 }
 
 func (w *Watcher) target(in Inspected) daemon.Target {

@@ -117,7 +117,7 @@ func TestPodNetnsRealCgroup(t *testing.T) {
 	if found != pid {
 		t.Errorf("found pid %d, want %d", found, pid)
 	}
-	cookie, _, err := target.Resolve()
+	cookie, _, err := target.ResolveWith(testenv.Cookies(t))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,126 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/nsredirect/nsredirect/internal/daemon"
+	"github.com/nsredirect/nsredirect/internal/kube"
+	"github.com/nsredirect/nsredirect/internal/loader"
+)
+
+// apiTimeout bounds the wait for the API server at start: past it the
+// daemon exits 1 with nothing attached.
+const apiTimeout = 30 * time.Second
+
+// kubeCmd enrolls the annotated running pods of one node (a DaemonSet).
+//
+// Lifecycle. A rollout (maxSurge: 1, maxUnavailable: 0) starts the new
+// daemon pod beside the old: the new one is ready while the old still owns
+// every pod's netns (daemon.WaitForOwners), and adopts each on the resync
+// tick after the old one lets go. On SIGTERM a daemon hands over (rules
+// stay, owner locks released) if another running pod of its DaemonSet is on
+// the node; otherwise (uninstall) it removes its rules, and the last one out
+// unpins and detaches everything.
+func kubeCmd(ctx context.Context, io IO, args []string) error {
+	fs := flagSet("kube", io)
+	var node, podName, podNamespace, annotation, kubeconfig, proc string
+	var kf kernelFlags
+	fs.StringVar(&node, "node-name", "", "this node's name (downward API spec.nodeName); only its pods are watched")
+	fs.StringVar(&podName, "pod-name", "", "this daemon's pod (downward API metadata.name), to tell a rollout from an uninstall")
+	fs.StringVar(&podNamespace, "pod-namespace", "", "this daemon's namespace (downward API metadata.namespace)")
+	fs.StringVar(&annotation, "annotation", kube.DefaultAnnotation, "pod annotation whose value is SPEC[,SPEC...]")
+	fs.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig file (default: the in-cluster service account)")
+	fs.StringVar(&proc, "proc", "/proc", "the host's /proc (hostPath), where pods' processes and netns are found")
+	log, err := kf.parse(fs, args, io)
+	if err != nil {
+		return err
+	}
+	if node == "" {
+		return usagef("--node-name is required (or NSREDIRECT_NODE_NAME, from the downward API: fieldRef spec.nodeName)")
+	}
+	if errs := validation.IsQualifiedName(annotation); len(errs) > 0 {
+		return usagef("--annotation %q is not a Kubernetes annotation key (%s); use e.g. %s", annotation, strings.Join(errs, "; "), kube.DefaultAnnotation)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(proc, &st); err != nil || st.Type != unix.PROC_SUPER_MAGIC {
+		return usagef("--proc %q is not a procfs; mount the host's /proc (hostPath /proc) and pass its path", proc)
+	}
+	var client *kube.Client
+	if kubeconfig != "" {
+		client, err = kube.FromKubeconfig(kubeconfig)
+	} else {
+		client, err = kube.InCluster(io.Getenv, kube.ServiceAccountDir)
+	}
+	if err != nil {
+		if kubeconfig == "" {
+			return usagef("%v; run in a pod with a service account, or pass --kubeconfig PATH (or NSREDIRECT_KUBECONFIG)", err)
+		}
+		return UsageError{err}
+	}
+	// The pins must outlive this pod for a successor to adopt them: a
+	// private bpffs would vanish with the pod's mount namespace.
+	parent := filepath.Dir(filepath.Clean(kf.pinDir))
+	if !filepath.IsAbs(kf.pinDir) || unix.Statfs(parent, &st) != nil || st.Type != unix.BPF_FS_MAGIC {
+		return usagef("--pin-dir %q: %s is not a bpffs; mount bpffs on the node (mount -t bpf bpf /sys/fs/bpf) and into the pod (hostPath /sys/fs/bpf)", kf.pinDir, parent)
+	}
+	// A DaemonSet mounts the host's /sys/fs/cgroup at one path whatever
+	// the node: on a hybrid (v1 + v2) node the cgroup2 root is its unified/
+	// subdirectory, carried along by the recursive hostPath bind.
+	if kf.cgroup != "" && loader.CheckCgroup2(kf.cgroup) != nil && loader.CheckCgroup2(filepath.Join(kf.cgroup, "unified")) == nil {
+		log.WithField("cgroup", filepath.Join(kf.cgroup, "unified")).Info("--cgroup is a hybrid hierarchy; attaching at its cgroup2 part")
+		kf.cgroup = filepath.Join(kf.cgroup, "unified")
+	}
+	if err := kf.preflight(); err != nil {
+		return err
+	}
+
+	ctl := kube.NewController(kube.Config{
+		API: client, Node: node, Annotation: annotation, Proc: proc,
+		PodName: podName, PodNamespace: podNamespace, Log: log,
+	})
+	// The API server must answer before anything is attached.
+	ictx, stopInformer := context.WithCancel(ctx)
+	defer stopInformer()
+	if err := ctl.Start(ictx, apiTimeout); err != nil {
+		return err
+	}
+	log.WithFields(logrus.Fields{"server": client.Server(), "node": node, "annotation": annotation}).Info("watching this node's pods")
+	if podName == "" || podNamespace == "" {
+		log.Warn("own pod unknown (--pod-name/--pod-namespace): handing over on shutdown while annotated pods run, so an uninstall then needs `nsredirect cleanup --all`")
+	}
+
+	var d *daemon.Daemon
+	start := func(dm *daemon.Daemon, kernel *loader.Loader) error {
+		d = dm
+		ctl.Sync(ctx, d)
+		// What a predecessor handed over is adopted by now, or is held by
+		// it still (a live owner, never touched): an ownerless kube record
+		// left is a pod that is gone.
+		return removeGone(kernel, d, "kube", ctl.Wanted(), log)
+	}
+	loop := func(ctx context.Context, d *daemon.Daemon) error { return ctl.Run(ctx, d) }
+	handover := func() bool {
+		if d == nil {
+			return false
+		}
+		if successor, known := ctl.Successor(); known {
+			log.WithField("successor", successor).Info("shutting down")
+			return successor
+		}
+		return len(d.Serving()) > 0
+	}
+	extra := serveExtra{resync: func(d *daemon.Daemon) { ctl.Sync(ctx, d) }, daemonOpts: []daemon.Option{daemon.WaitForOwners()}}
+	err = serve(ctx, &kf, "kube", log, start, loop, handover, extra)
+	if errors.Is(err, context.Canceled) {
+		err = nil
+	}
+	return err
+}
