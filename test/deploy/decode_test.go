@@ -31,6 +31,7 @@ import (
 var (
 	repoRoot       = filepath.Join("..", "..")
 	kustomizeDir   = filepath.Join(repoRoot, "deploy", "kubernetes")
+	hybridDir      = filepath.Join(repoRoot, "deploy", "kubernetes-hybrid-cgroup")
 	chartDir       = filepath.Join(repoRoot, "deploy", "helm", "nsredirect")
 	dockerfilePath = filepath.Join(repoRoot, "Dockerfile")
 )
@@ -148,40 +149,40 @@ func (b *bundle) complete(withNamespace bool) error {
 	return nil
 }
 
-// kustomizeYAML builds deploy/kubernetes exactly as `kubectl apply -k`
-// does, and returns one YAML document per object.
-func kustomizeYAML(t *testing.T) [][]byte {
+// kustomizeYAML builds a kustomization directory exactly as `kubectl apply
+// -k` does, and returns one YAML document per object.
+func kustomizeYAML(t *testing.T, dir string) [][]byte {
 	t.Helper()
-	m, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), kustomizeDir)
+	m, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), dir)
 	if err != nil {
-		t.Fatalf("kustomize build %s: %v", kustomizeDir, err)
+		t.Fatalf("kustomize build %s: %v", dir, err)
 	}
 	var docs [][]byte
 	for _, r := range m.Resources() {
 		y, err := r.AsYAML()
 		if err != nil {
-			t.Fatalf("kustomize build %s: %s as YAML: %v", kustomizeDir, r.CurId(), err)
+			t.Fatalf("kustomize build %s: %s as YAML: %v", dir, r.CurId(), err)
 		}
 		docs = append(docs, y)
 	}
 	return docs
 }
 
-// kustomizeBundle is deploy/kubernetes built and decoded strictly.
-func kustomizeBundle(t *testing.T) *bundle {
+// kustomizeBundle is a kustomization built and decoded strictly.
+func kustomizeBundle(t *testing.T, dir string) *bundle {
 	t.Helper()
 	b := &bundle{}
-	for _, doc := range kustomizeYAML(t) {
+	for _, doc := range kustomizeYAML(t, dir) {
 		obj, err := decodeStrict(doc)
 		if err != nil {
-			t.Fatalf("kustomize build %s: %v\n%s", kustomizeDir, err, doc)
+			t.Fatalf("kustomize build %s: %v\n%s", dir, err, doc)
 		}
 		if err := b.add(obj); err != nil {
-			t.Fatalf("kustomize build %s: %v", kustomizeDir, err)
+			t.Fatalf("kustomize build %s: %v", dir, err)
 		}
 	}
 	if err := b.complete(true); err != nil {
-		t.Fatalf("kustomize build %s: %v", kustomizeDir, err)
+		t.Fatalf("kustomize build %s: %v", dir, err)
 	}
 	return b
 }

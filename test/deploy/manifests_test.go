@@ -64,7 +64,35 @@ func TestKustomizationFilesDecodeStrictly(t *testing.T) {
 // What `kubectl apply -k deploy/kubernetes` applies has every field the issue
 // and the controller contract ask for.
 func TestKustomizeBuild(t *testing.T) {
-	checkBundle(t, kustomizeBundle(t), wantDefaults())
+	checkBundle(t, kustomizeBundle(t, kustomizeDir), wantDefaults())
+}
+
+// The overlay for hybrid (cgroup v1 + v2) nodes changes the cgroup2 host path
+// and nothing else.
+func TestKustomizeHybridCgroup(t *testing.T) {
+	w := wantDefaults()
+	w.cgroup2 = "/sys/fs/cgroup/unified"
+	hybrid := kustomizeBundle(t, hybridDir)
+	checkBundle(t, hybrid, w)
+
+	// Put the base's path back (the patch also moves the volume first):
+	// then the objects must be the base's.
+	vols := hybrid.daemonSet.Spec.Template.Spec.Volumes
+	for i := range vols {
+		if vols[i].Name == "cgroup2" && vols[i].HostPath != nil {
+			vols[i].HostPath.Path = wantDefaults().cgroup2
+		}
+	}
+	sort.Slice(vols, func(i, j int) bool { return vols[i].Name < vols[j].Name })
+	base := kustomizeBundle(t, kustomizeDir)
+	for _, pair := range [][2]any{
+		{hybrid.namespace, base.namespace}, {hybrid.account, base.account}, {hybrid.role, base.role},
+		{hybrid.binding, base.binding}, {hybrid.daemonSet, base.daemonSet},
+	} {
+		for _, d := range diff(t, pair[0], pair[1]) {
+			t.Errorf("hybrid overlay != deploy/kubernetes at %s", d)
+		}
+	}
 }
 
 // The decoding the other tests rely on refuses what the API server would
@@ -129,7 +157,7 @@ func TestChartDefaultsMatchKustomize(t *testing.T) {
 		t.Errorf("NOTES.txt does not show the annotation:\n%s", notes)
 	}
 
-	fromKustomize := kustomizeBundle(t)
+	fromKustomize := kustomizeBundle(t, kustomizeDir)
 	for _, labels := range []map[string]string{
 		fromChart.account.Labels, fromChart.role.Labels, fromChart.binding.Labels,
 		fromChart.daemonSet.Labels, fromChart.daemonSet.Spec.Template.Labels,
@@ -355,7 +383,7 @@ func TestKubectlKustomizeMatchesKrusty(t *testing.T) {
 		fromKubectl = append(fromKubectl, obj)
 	}
 	var fromKrusty []any
-	for _, doc := range kustomizeYAML(t) {
+	for _, doc := range kustomizeYAML(t, kustomizeDir) {
 		var obj any
 		if err := yaml.Unmarshal(doc, &obj); err != nil {
 			t.Fatal(err)
