@@ -58,10 +58,11 @@ test-unit:
 
 # The Kubernetes manifests and the Helm chart, with no cluster: built
 # in-process as `kubectl apply -k` and `helm install` would, decoded strictly
-# into k8s.io/api types and checked field by field. Its own module
-# (test/deploy/go.mod), so helm and kustomize stay out of the daemon's go.mod.
-test-deploy:
-	cd test/deploy && $(GO) test -count=1 ./...
+# into k8s.io/api types and checked field by field, and their flags checked
+# against `bin/nsredirect kube`. Its own module (test/deploy/go.mod), so helm
+# and kustomize stay out of the daemon's go.mod.
+test-deploy: $(BIN)
+	cd test/deploy && NSREDIRECT_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 ./...
 
 demo: deps build
 	./scripts/demo.sh
