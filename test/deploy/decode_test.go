@@ -267,6 +267,19 @@ func onlyComments(doc string) bool {
 	return true
 }
 
+// decodeFileStrict decodes a YAML file strictly into a typed struct (a
+// Kustomization, a chart's metadata).
+func decodeFileStrict(t *testing.T, path string, into any) {
+	t.Helper()
+	js, err := yaml.YAMLToJSONStrict(readFile(t, path))
+	if err == nil {
+		err = strictJSON(js, into)
+	}
+	if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+}
+
 func readFile(t *testing.T, path string) []byte {
 	t.Helper()
 	b, err := os.ReadFile(path)

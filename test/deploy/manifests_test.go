@@ -23,14 +23,8 @@ import (
 // Every file of deploy/kubernetes is listed in the kustomization and decodes
 // strictly on its own, and the kustomization itself has no unknown field.
 func TestKustomizationFilesDecodeStrictly(t *testing.T) {
-	js, err := yaml.YAMLToJSONStrict(readFile(t, filepath.Join(kustomizeDir, "kustomization.yaml")))
-	if err != nil {
-		t.Fatal(err)
-	}
 	var k types.Kustomization
-	if err := strictJSON(js, &k); err != nil {
-		t.Fatalf("kustomization.yaml: %v", err)
-	}
+	decodeFileStrict(t, filepath.Join(kustomizeDir, "kustomization.yaml"), &k)
 	entries, err := os.ReadDir(kustomizeDir)
 	if err != nil {
 		t.Fatal(err)
@@ -126,14 +120,8 @@ func TestStrictDecodeRefusesTypos(t *testing.T) {
 
 // Chart.yaml has no unknown field and the chart passes helm's own checks.
 func TestChartMetadata(t *testing.T) {
-	js, err := yaml.YAMLToJSONStrict(readFile(t, filepath.Join(chartDir, "Chart.yaml")))
-	if err != nil {
-		t.Fatal(err)
-	}
 	var md chart.Metadata
-	if err := strictJSON(js, &md); err != nil {
-		t.Fatalf("Chart.yaml: %v", err)
-	}
+	decodeFileStrict(t, filepath.Join(chartDir, "Chart.yaml"), &md)
 	if err := md.Validate(); err != nil {
 		t.Fatalf("Chart.yaml: %v", err)
 	}
