@@ -82,6 +82,8 @@ func checkBundle(t *testing.T, b *bundle, w want) {
 		}
 	}
 
+	checkQuota(t, b, w)
+
 	if b.account.Name != w.name || b.account.Namespace != w.namespace {
 		t.Errorf("ServiceAccount is %s/%s, want %s/%s", b.account.Namespace, b.account.Name, w.namespace, w.name)
 	}
@@ -109,6 +111,37 @@ func checkBundle(t *testing.T, b *bundle, w want) {
 	}
 	checkUpdateStrategy(t, b)
 	checkPodSpec(t, b, w)
+}
+
+// checkQuota: GKE admits a system-critical priority class outside
+// kube-system only in a namespace with a ResourceQuota scoped to it. The
+// quota must admit the class and never bind a DaemonSet.
+func checkQuota(t *testing.T, b *bundle, w want) {
+	t.Helper()
+	critical := w.priorityClass == "system-node-critical" || w.priorityClass == "system-cluster-critical"
+	if !critical {
+		if b.quota != nil {
+			t.Errorf("ResourceQuota %s without a system-critical priority class", b.quota.Name)
+		}
+		return
+	}
+	q := b.quota
+	if q == nil {
+		t.Fatalf("no ResourceQuota for priority class %s: GKE would refuse the daemon pods", w.priorityClass)
+	}
+	if q.Name != w.name+"-critical-pods" || q.Namespace != w.namespace {
+		t.Errorf("ResourceQuota is %s/%s, want %s/%s-critical-pods", q.Namespace, q.Name, w.namespace, w.name)
+	}
+	wantScope := &corev1.ScopeSelector{MatchExpressions: []corev1.ScopedResourceSelectorRequirement{{
+		ScopeName: corev1.ResourceQuotaScopePriorityClass, Operator: corev1.ScopeSelectorOpIn, Values: []string{w.priorityClass},
+	}}}
+	if !reflect.DeepEqual(q.Spec.ScopeSelector, wantScope) || len(q.Spec.Scopes) != 0 {
+		t.Errorf("ResourceQuota scopes %v selector %+v, want only %+v", q.Spec.Scopes, q.Spec.ScopeSelector, wantScope)
+	}
+	pods, ok := q.Spec.Hard[corev1.ResourcePods]
+	if len(q.Spec.Hard) != 1 || !ok || pods.Cmp(resource.MustParse("1M")) < 0 {
+		t.Errorf("ResourceQuota hard %v, want pods only, far above any node count", q.Spec.Hard)
+	}
 }
 
 func checkUpdateStrategy(t *testing.T, b *bundle) {

@@ -46,6 +46,7 @@ const (
 // bundle holds the objects nsredirect installs, one of each kind.
 type bundle struct {
 	namespace *corev1.Namespace
+	quota     *corev1.ResourceQuota
 	account   *corev1.ServiceAccount
 	role      *rbacv1.ClusterRole
 	binding   *rbacv1.ClusterRoleBinding
@@ -82,6 +83,8 @@ func decodeStrict(doc []byte) (any, error) {
 	switch head.APIVersion + " " + head.Kind {
 	case "v1 Namespace":
 		obj = &corev1.Namespace{}
+	case "v1 ResourceQuota":
+		obj = &corev1.ResourceQuota{}
 	case "v1 ServiceAccount":
 		obj = &corev1.ServiceAccount{}
 	case "rbac.authorization.k8s.io/v1 ClusterRole":
@@ -105,6 +108,8 @@ func (b *bundle) add(obj any) error {
 	switch o := obj.(type) {
 	case *corev1.Namespace:
 		dup, b.namespace = b.namespace != nil, o
+	case *corev1.ResourceQuota:
+		dup, b.quota = b.quota != nil, o
 	case *corev1.ServiceAccount:
 		dup, b.account = b.account != nil, o
 	case *rbacv1.ClusterRole:
@@ -123,7 +128,8 @@ func (b *bundle) add(obj any) error {
 }
 
 // complete reports a missing object. The chart has no Namespace (helm
-// install --create-namespace makes it), so it is asked for separately.
+// install --create-namespace makes it), so it is asked for separately. The
+// ResourceQuota depends on the priority class: checkBundle checks it.
 func (b *bundle) complete(withNamespace bool) error {
 	var missing []string
 	if withNamespace && b.namespace == nil {

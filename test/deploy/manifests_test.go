@@ -80,7 +80,7 @@ func TestKustomizeHybridCgroup(t *testing.T) {
 	sort.Slice(vols, func(i, j int) bool { return vols[i].Name < vols[j].Name })
 	base := kustomizeBundle(t, kustomizeDir)
 	for _, pair := range [][2]any{
-		{hybrid.namespace, base.namespace}, {hybrid.account, base.account}, {hybrid.role, base.role},
+		{hybrid.namespace, base.namespace}, {hybrid.quota, base.quota}, {hybrid.account, base.account}, {hybrid.role, base.role},
 		{hybrid.binding, base.binding}, {hybrid.daemonSet, base.daemonSet},
 	} {
 		for _, d := range diff(t, pair[0], pair[1]) {
@@ -147,7 +147,7 @@ func TestChartDefaultsMatchKustomize(t *testing.T) {
 
 	fromKustomize := kustomizeBundle(t, kustomizeDir)
 	for _, labels := range []map[string]string{
-		fromChart.account.Labels, fromChart.role.Labels, fromChart.binding.Labels,
+		fromChart.quota.Labels, fromChart.account.Labels, fromChart.role.Labels, fromChart.binding.Labels,
 		fromChart.daemonSet.Labels, fromChart.daemonSet.Spec.Template.Labels,
 	} {
 		for _, l := range helmOnlyLabels {
@@ -161,6 +161,7 @@ func TestChartDefaultsMatchKustomize(t *testing.T) {
 		kind         string
 		chart, kusto any
 	}{
+		{"ResourceQuota", fromChart.quota, fromKustomize.quota},
 		{"ServiceAccount", fromChart.account, fromKustomize.account},
 		{"ClusterRole", fromChart.role, fromKustomize.role},
 		{"ClusterRoleBinding", fromChart.binding, fromKustomize.binding},
