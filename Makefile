@@ -8,7 +8,7 @@ BIN := bin/nsredirect
 DEPS_STAMP := .cache/deps.stamp
 DEB_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl socat wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
 
-.PHONY: all build generate check-generate test test-unit test-privileged demo deps lint bench bench-quick image test-docker clean soak test-kernels
+.PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick image test-docker clean soak test-kernels
 
 all: build
 
@@ -41,17 +41,28 @@ lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting" >&2; exit 1; }
 	$(GO) vet ./...
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+	cd test/deploy && $(GO) vet ./...
+	cd test/deploy && $(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 
 # Everything: unit tests (with the fuzz seed corpora) under the race
 # detector, then the privileged suites against the real kernel, in
 # namespaces the tests create. Under CI=true privileged tests fail, never skip.
 test: deps build
 	$(GO) test -count=1 -race $$($(GO) list ./... | grep -v /test/)
+	$(MAKE) --no-print-directory test-deploy
 	NSREDIRECT_BIN=$(CURDIR)/$(BIN) DEMO_BACKEND_BIN=$(CURDIR)/bin/demo-backend \
 		$(GO) test -count=1 -p 1 -v -timeout 40m ./test/...
 
 test-unit:
 	$(GO) test -count=1 ./internal/... ./cmd/...
+
+# The Kubernetes manifests and the Helm chart, with no cluster: built
+# in-process as `kubectl apply -k` and `helm install` would, decoded strictly
+# into k8s.io/api types and checked field by field, and their flags checked
+# against `bin/nsredirect kube`. Its own module (test/deploy/go.mod), so helm
+# and kustomize stay out of the daemon's go.mod.
+test-deploy: $(BIN)
+	cd test/deploy && NSREDIRECT_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 ./...
 
 demo: deps build
 	./scripts/demo.sh
