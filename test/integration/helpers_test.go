@@ -14,7 +14,9 @@ import (
 // client runs a foreign client inside ns and returns its trimmed output.
 func client(t *testing.T, ns testenv.Netns, name string, args ...string) (string, error) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	// A hang bound, not a speed limit: Node alone takes several seconds to
+	// start under qemu without KVM (make test-kernels).
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	out, err := ns.Command(ctx, name, args...).CombinedOutput()
 	return strings.TrimSpace(string(out)), err
