@@ -9,9 +9,11 @@
 package netnsx
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -36,29 +38,73 @@ type Target struct {
 }
 
 // ID identifies a namespace by its nsfs inode, cheap to compare without
-// entering the namespace. Inode numbers of dead namespaces are reused, but
-// a new namespace always gets a new inode object, so the change time
-// tells a recreated namespace from the old one. The converse does not hold:
-// while nothing keeps it open or bind-mounted, the kernel drops a live
-// namespace's inode object and makes a new one on the next look, so two IDs
-// of one namespace can differ in Ctime. Equal IDs mean the same namespace; a
-// differing one means "look again" (Resolve), or compare Live.
+// entering the namespace. Inode numbers of dead namespaces are reused at
+// once, so the inode number alone cannot tell a recreated namespace from
+// the old one; a second field does:
+//   - for /proc/PID/ns/net (pid:N, and a host /proc's pid paths) the start
+//     time of that process: a process keeps its namespace, and a reused pid
+//     is a new process with a new start time;
+//   - for any other path (a bind mount such as /run/netns/NAME) the inode's
+//     change time: the mount keeps the inode object, and a new namespace
+//     always gets a new one.
+//
+// The change time is no use for /proc paths: while nothing holds the
+// namespace open or bind-mounted, the kernel drops its inode object and
+// makes a new one, with a new change time, on the next look. Comparing it
+// would re-enter such a namespace on every resync.
 type ID struct {
 	Dev, Ino uint64
 	Ctime    unix.Timespec
+	// Start is the start time (clock ticks after boot) of the process the
+	// path belongs to, for /proc/PID/ns/net paths; Ctime is zero then.
+	Start uint64
 }
 
 // Live identifies the namespace among those alive at one moment: live
 // namespaces never share an inode number. Key by it, not by ID, to find
-// targets that are one namespace.
+// targets that are one namespace through different paths.
 func (a ID) Live() LiveID { return LiveID{Dev: a.Dev, Ino: a.Ino} }
 
-// LiveID is ID without the change time; see ID.Live.
+// LiveID is ID without the change or start time; see ID.Live.
 type LiveID struct{ Dev, Ino uint64 }
 
-func idOf(st *unix.Stat_t) ID {
-	return ID{Dev: st.Dev, Ino: st.Ino, Ctime: st.Ctim}
+// procPidNetns matches PROC/PID/ns/net under any proc mount, a host /proc
+// mounted elsewhere included, capturing PROC/PID.
+var procPidNetns = regexp.MustCompile(`^(.*/[0-9]+)/ns/net$`)
+
+func (t Target) idOf(st *unix.Stat_t) ID {
+	id := ID{Dev: st.Dev, Ino: st.Ino, Ctime: st.Ctim}
+	switch m := procPidNetns.FindStringSubmatch(t.Path); {
+	case t.Path == selfPath:
+		// Our own namespace: it cannot change under us.
+		id.Ctime = unix.Timespec{}
+	case m != nil:
+		if start, err := procStart(m[1]); err == nil {
+			id.Ctime, id.Start = unix.Timespec{}, start
+		}
+	}
+	return id
 }
+
+// procStart reads field 22 (starttime) of PROC/PID/stat. The command name,
+// field 2, may hold spaces and parentheses: count from the last ')'.
+func procStart(procPid string) (uint64, error) {
+	b, err := os.ReadFile(procPid + "/stat")
+	if err != nil {
+		return 0, err
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("%s/stat: no command name", procPid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return 0, fmt.Errorf("%s/stat: %d fields after the command name", procPid, len(f))
+	}
+	return strconv.ParseUint(f[19], 10, 64)
+}
+
+const selfPath = "/proc/thread-self/ns/net"
 
 // ParseTarget checks the syntax of a target; it does not open it.
 func ParseTarget(s string) (Target, error) {
@@ -66,7 +112,7 @@ func ParseTarget(s string) (Target, error) {
 	case s == "":
 		return Target{}, fmt.Errorf("%w: empty; use self, a path like /run/netns/NAME or /proc/PID/ns/net, or pid:N", ErrTarget)
 	case s == "self":
-		return Target{Spec: s, Path: "/proc/thread-self/ns/net"}, nil
+		return Target{Spec: s, Path: selfPath}, nil
 	case strings.HasPrefix(s, "pid:"):
 		n, err := strconv.ParseUint(strings.TrimPrefix(s, "pid:"), 10, 31)
 		if err != nil || n == 0 {
@@ -88,7 +134,7 @@ func (t Target) Stat() (ID, error) {
 	if err := unix.Stat(t.Path, &st); err != nil {
 		return ID{}, t.openErr(err)
 	}
-	return idOf(&st), nil
+	return t.idOf(&st), nil
 }
 
 // CookieReader reads the netns cookie of the namespace the calling thread
@@ -117,7 +163,7 @@ func (t Target) ResolveWith(read CookieReader) (uint64, ID, error) {
 		if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 			return err
 		}
-		id = idOf(&st)
+		id = t.idOf(&st)
 		return nil
 	})
 	return cookie, id, err

@@ -2,10 +2,14 @@ package netnsx
 
 import (
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -77,5 +81,106 @@ func TestResolveWithReadsInsideAndLeavesCallerAlone(t *testing.T) {
 	failing := errors.New("no cookie here")
 	if _, _, err := self.ResolveWith(func() (uint64, error) { return 0, failing }); !errors.Is(err, failing) {
 		t.Fatalf("a failing reader: %v, want it wrapped", err)
+	}
+}
+
+// A namespace that only a process keeps alive (no fd, no bind mount: a
+// container's, before its runtime pins it) has the same ID on every look,
+// though the kernel makes a new nsfs inode object, with a new change time,
+// each time; a new namespace under the same path, or a reused pid, does not.
+func TestStatStableForUnheldNetns(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("needs root; CI runs as root")
+		}
+		t.Skip("unshare -n needs CAP_SYS_ADMIN; run as root")
+	}
+	start := func() (*exec.Cmd, Target) {
+		t.Helper()
+		cmd := exec.Command("unshare", "--net", "sleep", "60")
+		if err := cmd.Start(); err != nil {
+			t.Fatalf("unshare --net sleep: %v", err)
+		}
+		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+		tg, err := ParseTarget(fmt.Sprintf("pid:%d", cmd.Process.Pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// unshare execs sleep once the namespace is made.
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", cmd.Process.Pid))
+			if strings.TrimSpace(string(comm)) == "sleep" {
+				return cmd, tg
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("unshare did not exec sleep within 10s")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	first, tg := start()
+	id, err := tg.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var host unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/net", &host); err != nil {
+		t.Fatal(err)
+	}
+	if id.Ino == host.Ino {
+		t.Fatal("unshare --net did not make a new netns")
+	}
+	ctimes := map[unix.Timespec]bool{}
+	for i := 0; i < 5; i++ {
+		// Let the clock move on: the change time of a fresh inode object
+		// is the time of the look.
+		time.Sleep(20 * time.Millisecond)
+		var st unix.Stat_t
+		if err := unix.Stat(tg.Path, &st); err == nil {
+			ctimes[st.Ctim] = true
+		}
+		again, err := tg.Stat()
+		if err != nil || again != id {
+			t.Fatalf("look %d: ID %+v, %v; want %+v", i, again, err, id)
+		}
+		_, resolved, err := tg.ResolveWith(func() (uint64, error) { return 0, nil })
+		if err != nil || resolved != id {
+			t.Fatalf("look %d: ResolveWith ID %+v, %v; want %+v", i, resolved, err, id)
+		}
+	}
+	t.Logf("raw nsfs change times seen over 5 looks: %d distinct", len(ctimes))
+
+	// The process and its namespace go; a new one is a new ID even where the
+	// kernel hands out the same inode number again.
+	_ = first.Process.Kill()
+	_ = first.Wait()
+	_, tg2 := start()
+	id2, err := tg2.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id2 == id {
+		t.Fatalf("a new netns has the old one's ID %+v", id)
+	}
+}
+
+func TestProcStartSkipsOddCommandNames(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "42")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	stat := "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100"
+	if err := os.WriteFile(filepath.Join(dir, "stat"), []byte(stat), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := procStart(dir); err != nil || got != 987654 {
+		t.Fatalf("procStart = %d, %v; want 987654", got, err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "stat"), []byte("42 (x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := procStart(dir); err == nil {
+		t.Fatal("procStart of a truncated stat: no error")
 	}
 }
