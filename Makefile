@@ -110,5 +110,6 @@ test-kernels: deps build $(KERNELS_STAMP)
 
 $(KERNELS_STAMP):
 	@if [ "$$(id -u)" != 0 ]; then echo "make test-kernels: run as root (sudo make test-kernels) to apt-get install: $(KERNELS_PACKAGES)" >&2; exit 2; fi
+	apt-get update
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(KERNELS_PACKAGES)
 	@mkdir -p $(dir $@) && touch $@
