@@ -20,6 +20,7 @@
 # and initramfs images (keyed by content hash) are cached in .cache/kernels;
 # a second run downloads and rebuilds nothing that did not change.
 set -euo pipefail
+export PATH=/usr/local/go/bin:$PATH
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 harness=$(cd "$here/.." && pwd)
@@ -30,7 +31,7 @@ exec_script=""
 pkgs="./internal/... ./test/integration"
 timeout_min=20
 refresh=0
-cache=${NSR_KERNELS_CACHE:-$harness/.cache/kernels}
+cache=$(realpath -m "${NSR_KERNELS_CACHE:-$harness/.cache/kernels}")
 
 usage() {
 	sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
@@ -63,7 +64,9 @@ esac
 case $cache/ in
 /tmp/* | /run/*) die "NSR_KERNELS_CACHE=$cache: the guest has its own /tmp and /run; use e.g. /var/tmp/nsr-kernels" ;;
 esac
-[[ $timeout_min =~ ^[0-9]+$ ]] || die "--timeout $timeout_min: give whole minutes, e.g. --timeout 20"
+if ! [[ $timeout_min =~ ^[0-9]+$ ]] || [ "$timeout_min" -lt 2 ]; then
+	die "--timeout $timeout_min: give whole minutes, at least 2, e.g. --timeout 20"
+fi
 for tool in qemu-system-x86_64 go xz dpkg-deb; do
 	command -v "$tool" >/dev/null || die "$tool is not installed; \`make test-kernels\` installs qemu-system-x86 and busybox-static"
 done
@@ -200,7 +203,6 @@ build_initramfs() {
 }
 
 # --- the checkout's binaries ---------------------------------------------
-export PATH=/usr/local/go/bin:$PATH
 bindir=$cache/build/$(echo "$repo" | sha256sum | cut -c1-12)
 rm -rf "$bindir" && mkdir -p "$bindir"
 log "building test binaries from $repo ($pkgs)"
