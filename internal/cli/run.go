@@ -194,7 +194,7 @@ func serve(ctx context.Context, kf *kernelFlags, owner string, log *logrus.Logge
 	if kf.cookies.Name == loader.CookieBPFProbe {
 		log.WithField("netns_cookie", kf.cookies.Name).Info("netns cookies are learnt through a BPF probe: getsockopt(SO_NETNS_COOKIE) needs Linux >= 5.14 (or NSREDIRECT_NETNS_COOKIE=bpf-probe)")
 	}
-	d := daemon.New(kernel, owner, log, append([]daemon.Option{daemon.WithCookieReader(kf.cookies.Read)}, x.daemonOpts...)...)
+	d := daemon.New(kernel, kf.cookies.Read, owner, log, x.daemonOpts...)
 	stop := func(handingOver bool) error {
 		err := d.Shutdown(handingOver)
 		if !handingOver {

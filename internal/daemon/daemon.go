@@ -54,7 +54,8 @@ type Daemon struct {
 	owner  string
 	log    logrus.FieldLogger
 
-	// cookies: see WithCookieReader.
+	// cookies reads a netns cookie from inside it: netnsx.SockoptCookie,
+	// or the loader's BPF probe on kernels before 5.14.
 	cookies netnsx.CookieReader
 
 	// waitOwners: see WaitForOwners.
@@ -71,13 +72,6 @@ type Daemon struct {
 // Option changes how a Daemon treats its targets.
 type Option func(*Daemon)
 
-// WithCookieReader makes the daemon read netns cookies with read (the
-// loader's CookieSource, which falls back to a BPF probe before Linux 5.14)
-// instead of netnsx.SockoptCookie.
-func WithCookieReader(read netnsx.CookieReader) Option {
-	return func(d *Daemon) { d.cookies = read }
-}
-
 // WaitForOwners makes a target that another live nsredirect serves (the
 // loader's ErrBusy) a wait, not a failure: it is not counted as an error,
 // it counts as served for Ready, and it is adopted on the first reconcile
@@ -85,11 +79,14 @@ func WithCookieReader(read netnsx.CookieReader) Option {
 // the old one still serves every pod; the new one must become ready then.
 func WaitForOwners() Option { return func(d *Daemon) { d.waitOwners = true } }
 
-// New returns a daemon that enrolls through kernel, tagging its enrollments
-// with owner (the mode: run, docker, kube).
-func New(kernel Kernel, owner string, log logrus.FieldLogger, opts ...Option) *Daemon {
+// New returns a daemon that enrolls through kernel, reading each target's
+// netns cookie with cookies (the loader's CookieSource.Read: the same number
+// the programs see, on every kernel), and tagging its enrollments with owner
+// (the mode: run, docker, kube).
+func New(kernel Kernel, cookies netnsx.CookieReader, owner string, log logrus.FieldLogger, opts ...Option) *Daemon {
 	d := &Daemon{
 		kernel:  kernel,
+		cookies: cookies,
 		owner:   owner,
 		log:     log,
 		live:    map[string]*live{},
@@ -99,9 +96,6 @@ func New(kernel Kernel, owner string, log logrus.FieldLogger, opts ...Option) *D
 	}
 	for _, o := range opts {
 		o(d)
-	}
-	if d.cookies == nil {
-		d.cookies = netnsx.SockoptCookie
 	}
 	return d
 }
