@@ -81,6 +81,7 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 	if err := kf.preflight(); err != nil {
 		return err
 	}
+	defer kf.cookies.Close()
 
 	ctl := kube.NewController(kube.Config{
 		API: client, Node: node, Annotation: annotation, Proc: proc,
