@@ -174,7 +174,7 @@ func (d *Daemon) apply(t Target) error {
 		}
 		return t.Err
 	}
-	specs := specsOf(t.Rules)
+	specs := rule.FormatList(t.Rules)
 	if cur != nil && cur.specs == specs {
 		// The common case, every resync: same namespace file, nothing to
 		// do. Entering the netns costs a thread, so only do it on change.
@@ -309,12 +309,4 @@ func RefuseSharedNetns(ts []Target, why func(name, first string) error) {
 		}
 		first[id.Live()] = ts[i].Name
 	}
-}
-
-func specsOf(rules []rule.Rule) string {
-	s := make([]string, len(rules))
-	for i, r := range rules {
-		s[i] = r.String()
-	}
-	return strings.Join(s, ",")
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
@@ -250,7 +249,7 @@ func (c *Controller) Sync(ctx context.Context, r Reconciler) {
 		}
 		delete(c.warned, uid)
 		if now[t.Name] && !c.serving[t.Name] {
-			c.post(ctx, p, EventNormal, ReasonRedirected, "nsredirect redirects "+ruleList(t.Rules)+" in this pod's network namespace")
+			c.post(ctx, p, EventNormal, ReasonRedirected, "nsredirect redirects "+rule.FormatList(t.Rules)+" in this pod's network namespace")
 		}
 	}
 	for uid := range c.warned {
@@ -259,14 +258,6 @@ func (c *Controller) Sync(ctx context.Context, r Reconciler) {
 		}
 	}
 	c.serving = now
-}
-
-func ruleList(rs []rule.Rule) string {
-	s := make([]string, len(rs))
-	for i, r := range rs {
-		s[i] = r.String()
-	}
-	return strings.Join(s, ",")
 }
 
 // post creates an Event on p; a failure is logged, never fatal.

@@ -47,9 +47,6 @@ func podOfCgroup(path string) string {
 	return ""
 }
 
-// cgroupNamesPod reports whether a cgroup path is inside the cgroup of pod uid.
-func cgroupNamesPod(path, uid string) bool { return uid != "" && podOfCgroup(path) == uid }
-
 // PodNetns returns the netns of pod uid as seen under procRoot (/proc, or
 // the host's /proc mounted into a DaemonSet pod), and the pid it was found
 // through: the lowest pid of the pod, its oldest process (the sandbox).

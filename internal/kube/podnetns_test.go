@@ -27,8 +27,8 @@ func TestCgroupNamesPod(t *testing.T) {
 		"/user.slice/pod" + under + ".slice":                                                                           false,
 		"/":                                                                                                            false,
 	} {
-		if got := cgroupNamesPod(path, uid); got != want {
-			t.Errorf("cgroupNamesPod(%q) = %v, want %v", path, got, want)
+		if got := podOfCgroup(path) == uid; got != want {
+			t.Errorf("podOfCgroup(%q) == %s: %v, want %v", path, uid, got, want)
 		}
 	}
 }

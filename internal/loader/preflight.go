@@ -59,15 +59,17 @@ func CheckPrivileges() error {
 	return nil
 }
 
-// kernelProbes are the kernel features nsredirect needs, each with the
-// first Linux version that has it. getsockopt(SO_NETNS_COOKIE) (5.14) is
-// not one: without it the netns cookie is learnt through a BPF probe
-// (NewCookieSource), which needs bpf_get_socket_cookie in connect4.
+// kernelProbe checks one kernel feature; what names it with the first Linux
+// version that has it.
 type kernelProbe struct {
 	what string
 	err  func() error
 }
 
+// kernelProbes are the kernel features nsredirect needs.
+// getsockopt(SO_NETNS_COOKIE) (5.14) is not one: without it the netns cookie
+// is learnt through a BPF probe (NewCookieSource), which needs
+// bpf_get_socket_cookie in connect4.
 var kernelProbes = []kernelProbe{
 	{"cgroup sock_addr programs (Linux >= 4.17)", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
 	{"BPF_MAP_TYPE_SK_STORAGE (Linux >= 5.2)", func() error { return features.HaveMapType(ebpf.SkStorage) }},

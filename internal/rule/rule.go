@@ -99,6 +99,16 @@ func ParseList(s string) ([]Rule, error) {
 	return ParseAll(specs)
 }
 
+// FormatList formats rules back into comma-separated specs;
+// ParseList(FormatList(rs)) == rs.
+func FormatList(rs []Rule) string {
+	s := make([]string, len(rs))
+	for i, r := range rs {
+		s[i] = r.String()
+	}
+	return strings.Join(s, ",")
+}
+
 // ParseAll parses specs and checks that no two of them match the same
 // destination.
 func ParseAll(specs []string) ([]Rule, error) {

@@ -3,6 +3,7 @@ package rule
 import (
 	"errors"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -170,8 +171,9 @@ func FuzzParse(f *testing.F) {
 
 // FuzzParseList is the label/annotation parser: comma-separated specs as
 // Docker labels and Kubernetes annotations carry them. It never panics,
-// every error is one line wrapping ErrSpec, and an accepted list has no two
-// rules matching the same destination.
+// every error is one line wrapping ErrSpec, an accepted list has no two
+// rules matching the same destination, and FormatList prints it back to an
+// equal list.
 func FuzzParseList(f *testing.F) {
 	for _, s := range []string{"80=3210", "80=3210,443=3211", " 80=3210 , ", "80=3210,80=3211", ",,", "[::1]:80=3210,127.0.0.1:80=3211",
 		strings.Repeat("1=2,", 20), "80=3210,\n81=3211"} {
@@ -196,6 +198,9 @@ func FuzzParseList(f *testing.F) {
 				}
 				seen[e.Match] = true
 			}
+		}
+		if back, err := ParseList(FormatList(rules)); err != nil || !slices.Equal(back, rules) {
+			t.Fatalf("ParseList(FormatList(%v)) = %v, %v; want the same rules", rules, back, err)
 		}
 	})
 }
