@@ -57,7 +57,14 @@ type Enrollment struct {
 	// Owner is the mode that enrolled it (run, docker, kube); an instance
 	// adopts only what its own mode left.
 	Owner string
-	Rules []rule.Rule
+	// ID identifies the target stably across restarts, whatever its name:
+	// a container ID, a pod UID, the path `run` was given.
+	ID string
+	// Holder names the serving daemon so that a person can find it (a pid
+	// is 1 in every daemon pod): "pod kube-system/nsredirect-x7k2p",
+	// "pid 1234 on host web1".
+	Holder string
+	Rules  []rule.Rule
 }
 
 // Record is an enrollment as read back from the pinned state.
@@ -719,4 +726,120 @@ func putCString(dst []int8, s string) {
 // touched.
 func (l *Loader) RemoveOrphans(owner string, keep func(Record) bool) ([]Record, error) {
 	return l.removeWhere(func(r Record) bool { return r.Owner == owner && !r.OwnerAlive && !keep(r) }, false)
+}
+
+// MapFill is how full one pinned map is.
+type MapFill struct {
+	Name              string
+	Entries, Capacity int
+}
+
+// Fill counts the entries of the rule, counter and enrollment maps.
+func (l *Loader) Fill() ([]MapFill, error) {
+	maps := []struct {
+		name string
+		m    *ebpf.Map
+	}{{"rules", l.maps.NsrRules}, {"counters", l.maps.NsrCounters}, {"enrollments", l.maps.NsrEnroll}}
+	out := make([]MapFill, 0, len(maps))
+	for _, x := range maps {
+		n, err := countKeys(x.m)
+		if err != nil {
+			return nil, fmt.Errorf("count entries of %s: %w", x.name, err)
+		}
+		out = append(out, MapFill{Name: x.name, Entries: n, Capacity: int(x.m.MaxEntries())})
+	}
+	return out, nil
+}
+
+func countKeys(m *ebpf.Map) (int, error) {
+	key := make([]byte, m.KeySize())
+	next := make([]byte, m.KeySize())
+	n := 0
+	var cur any // nil: start from the first key
+	for {
+		if err := m.NextKey(cur, next); err != nil {
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				return n, nil
+			}
+			return n, err
+		}
+		n++
+		copy(key, next)
+		cur = key
+	}
+}
+
+// PeerStorageFailures counts connects that were redirected but whose
+// dialled address could not be stored for getpeername.
+// TODO(kernel state): read the per-CPU failure counter once the programs
+// keep one.
+func (l *Loader) PeerStorageFailures() (uint64, error) { return 0, nil }
+
+// Heal checks the pinned link of every hook and re-creates one that is
+// missing, or detached or defunct (bpftool link detach, a cgroup removed
+// under it), from the pinned program, at cgroup. It returns the hooks it
+// repaired. Links and programs that are not ours are never touched.
+func (l *Loader) Heal(cgroup string) ([]string, error) {
+	lk, err := lockDir(l.dir, lockEx, false)
+	if err != nil {
+		return nil, err
+	}
+	defer lk.unlock()
+	cgroupID, err := inodeOf(cgroup)
+	if err != nil {
+		return nil, fmt.Errorf("cgroup %s: %w", cgroup, err)
+	}
+	var repaired []string
+	var errs []error
+	for _, h := range hooks {
+		ok, err := linkAttached(filepath.Join(l.dir, "link_"+h.name))
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if ok {
+			continue
+		}
+		if err := l.reattach(h, cgroup, cgroupID); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		repaired = append(repaired, h.name)
+	}
+	return repaired, errors.Join(errs...)
+}
+
+// linkAttached reports whether the pinned link at path exists and is still
+// attached to a cgroup.
+func linkAttached(path string) (bool, error) {
+	lnk, err := link.LoadPinnedLink(path, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("open pinned link %s: %w", path, err)
+	}
+	defer lnk.Close()
+	info, err := lnk.Info()
+	if err != nil {
+		return false, fmt.Errorf("read pinned link %s: %w", path, err)
+	}
+	cg := info.Cgroup()
+	return cg != nil && cg.CgroupId != 0, nil
+}
+
+func (l *Loader) reattach(h hook, cgroup string, cgroupID uint64) error {
+	progPath := filepath.Join(l.dir, "prog_"+h.name)
+	prog, err := ebpf.LoadPinnedProgram(progPath, nil)
+	if err != nil {
+		return fmt.Errorf("open pinned program %s: %w", progPath, err)
+	}
+	defer prog.Close()
+	lnk, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: h.attach, Program: prog})
+	if err != nil {
+		return fmt.Errorf("attach %s to cgroup %s (id %d): %w", h.name, cgroup, cgroupID, err)
+	}
+	defer lnk.Close()
+	// The rename replaces the defunct link's pin, its last reference.
+	return pinAtomically(lnk, filepath.Join(l.dir, "link_"+h.name))
 }
