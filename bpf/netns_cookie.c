@@ -12,15 +12,16 @@
  * so the probe socket is never bound or routed.
  *
  * It is a separate object from redirect.c so the redirect programs stay as
- * they are, and userspace attaches it only while it reads a cookie.
+ * they are. Userspace attaches it once for the daemon's life (an attach at
+ * the root takes cgroup_mutex and recomputes every cgroup's programs).
  */
 #include <linux/bpf.h>
-#include <linux/in.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
 #define SYS_REJECT 0
 #define SYS_PROCEED 1
+#define NSR_IPPROTO_UDP 17 /* linux/in.h, without its libc dependencies */
 
 /* The probe destination: loopback, the discard port. Other sockets that
  * connect there pay one hash miss and proceed unchanged. */
@@ -42,7 +43,7 @@ int nsr_netns_cookie(struct bpf_sock_addr *ctx)
 	__u64 sock_cookie;
 	__u64 *netns_cookie;
 
-	if (ctx->protocol != IPPROTO_UDP || ctx->user_ip4 != bpf_htonl(NSR_PROBE_ADDR) ||
+	if (ctx->protocol != NSR_IPPROTO_UDP || ctx->user_ip4 != bpf_htonl(NSR_PROBE_ADDR) ||
 	    ctx->user_port != bpf_htons(NSR_PROBE_PORT))
 		return SYS_PROCEED;
 

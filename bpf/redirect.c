@@ -12,16 +12,22 @@
  * no storage and is reported as the kernel sees it.
  */
 #include <linux/bpf.h>
-#include <linux/in.h>
 #include <bpf/bpf_helpers.h>
 
+/* Rule entries and per-spec counters. A spec expands to at most 6 entries
+ * and a netns has at most 16 specs; the enrollment store (userspace only,
+ * see internal/loader) holds 8,192 netns, so every enrolled netns fits with
+ * 8 entries on average and a counter never runs out before its rule. */
 #define NSR_MAX_RULES 65536
-#define NSR_MAX_ENROLLMENTS 16384
-#define NSR_NAME_LEN 128
-#define NSR_SPECS_LEN 512
-#define NSR_OWNER_LEN 32
 
 #define SYS_PROCEED 1
+#define NSR_IPPROTO_TCP 6 /* linux/in.h, without its libc dependencies */
+
+/* Indexes of nsr_stats, the per-CPU event counters. */
+enum nsr_stat {
+	NSR_STAT_PEER_STORAGE_FAIL = 0, /* redirected, but the dialled address not kept */
+	NSR_STAT_MAX,
+};
 
 /* One expanded rule: (netns, family, address, port) as dialled. Addresses
  * and ports are in network byte order; IPv4 lives in addr[0]. */
@@ -55,18 +61,6 @@ struct orig_dst {
 	__u8 _pad0;
 };
 
-/* Who enrolled a netns and with what; read only by userspace (status,
- * adoption, metrics labels), kept in bpffs so it outlives the daemon. */
-struct enrollment {
-	__u64 netns_ino;
-	__u64 enrolled_unix_ns;
-	__u32 owner_pid;
-	__u32 rule_count;
-	char owner[NSR_OWNER_LEN];
-	char name[NSR_NAME_LEN];
-	char specs[NSR_SPECS_LEN];
-};
-
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, NSR_MAX_RULES);
@@ -89,11 +83,19 @@ struct {
 } nsr_sockets SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, NSR_MAX_ENROLLMENTS);
-	__type(key, __u64);
-	__type(value, struct enrollment);
-} nsr_enroll SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NSR_STAT_MAX);
+	__type(key, enum nsr_stat); /* 4 bytes; also puts the enum in BTF for bpf2go */
+	__type(value, __u64);
+} nsr_stats SEC(".maps");
+
+static __always_inline void count_stat(enum nsr_stat stat)
+{
+	__u64 *n = bpf_map_lookup_elem(&nsr_stats, &stat);
+
+	if (n)
+		*n += 1;
+}
 
 static __always_inline void count(__u64 cookie, __u32 index)
 {
@@ -112,7 +114,7 @@ static __always_inline const struct rule_val *lookup(struct bpf_sock_addr *ctx, 
 	const struct rule_val *val;
 	struct orig_dst *orig;
 
-	if (ctx->protocol != IPPROTO_TCP)
+	if (ctx->protocol != NSR_IPPROTO_TCP)
 		return 0;
 
 	key->netns_cookie = bpf_get_netns_cookie(ctx);
@@ -127,6 +129,10 @@ static __always_inline const struct rule_val *lookup(struct bpf_sock_addr *ctx, 
 		__builtin_memcpy(orig->addr, key->addr, sizeof(orig->addr));
 		orig->port = key->port;
 		orig->family = key->family;
+	} else {
+		/* Out of memory for socket storage: the connect is still
+		 * redirected, but getpeername will show the new port. */
+		count_stat(NSR_STAT_PEER_STORAGE_FAIL);
 	}
 	count(key->netns_cookie, val->index);
 	return val;

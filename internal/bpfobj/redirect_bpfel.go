@@ -20,16 +20,12 @@ type RedirectCounterKey struct {
 	Pad0        uint32
 }
 
-type RedirectEnrollment struct {
-	_              structs.HostLayout
-	NetnsIno       uint64
-	EnrolledUnixNs uint64
-	OwnerPid       uint32
-	RuleCount      uint32
-	Owner          [32]int8
-	Name           [128]int8
-	Specs          [512]int8
-}
+type RedirectNsrStat uint32
+
+const (
+	RedirectNsrStatNSR_STAT_PEER_STORAGE_FAIL RedirectNsrStat = 0
+	RedirectNsrStatNSR_STAT_MAX               RedirectNsrStat = 1
+)
 
 type RedirectOrigDst struct {
 	_      structs.HostLayout
@@ -63,9 +59,9 @@ type RedirectRuleVal struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	RedirectMapNsrCounters      = "nsr_counters"
-	RedirectMapNsrEnroll        = "nsr_enroll"
 	RedirectMapNsrRules         = "nsr_rules"
 	RedirectMapNsrSockets       = "nsr_sockets"
+	RedirectMapNsrStats         = "nsr_stats"
 	RedirectProgNsrConnect4     = "nsr_connect4"
 	RedirectProgNsrConnect6     = "nsr_connect6"
 	RedirectProgNsrGetpeername4 = "nsr_getpeername4"
@@ -125,9 +121,9 @@ type RedirectProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type RedirectMapSpecs struct {
 	NsrCounters *ebpf.MapSpec `ebpf:"nsr_counters"`
-	NsrEnroll   *ebpf.MapSpec `ebpf:"nsr_enroll"`
 	NsrRules    *ebpf.MapSpec `ebpf:"nsr_rules"`
 	NsrSockets  *ebpf.MapSpec `ebpf:"nsr_sockets"`
+	NsrStats    *ebpf.MapSpec `ebpf:"nsr_stats"`
 }
 
 // RedirectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -157,17 +153,17 @@ func (o *RedirectObjects) Close() error {
 // It can be passed to LoadRedirectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RedirectMaps struct {
 	NsrCounters *ebpf.Map `ebpf:"nsr_counters"`
-	NsrEnroll   *ebpf.Map `ebpf:"nsr_enroll"`
 	NsrRules    *ebpf.Map `ebpf:"nsr_rules"`
 	NsrSockets  *ebpf.Map `ebpf:"nsr_sockets"`
+	NsrStats    *ebpf.Map `ebpf:"nsr_stats"`
 }
 
 func (m *RedirectMaps) Close() error {
 	return _RedirectClose(
 		m.NsrCounters,
-		m.NsrEnroll,
 		m.NsrRules,
 		m.NsrSockets,
+		m.NsrStats,
 	)
 }
 

@@ -33,16 +33,19 @@ type CookieSource struct {
 	// Name is CookieSockopt or CookieBPFProbe.
 	Name   string
 	cgroup string
-	// mu serializes probes: the kernel refuses to attach one program twice
-	// at the same cgroup.
+	// mu serializes probes, which share the probe map.
 	mu   sync.Mutex
 	objs *bpfobj.NetnsCookieObjects
+	// lnk keeps the probe attached for the source's life: an attach or
+	// detach at the root takes cgroup_mutex and recomputes the effective
+	// programs of every cgroup on the host, so it is done once, not per read.
+	lnk link.Link
 }
 
 // NewCookieSource picks SO_NETNS_COOKIE where the kernel has it and the BPF
 // probe otherwise, or always with forceProbe (how tests cover the probe on a
 // new kernel). The probe program is attached at cgroup, which must hold this
-// process, and only for the length of one Read. Call after CheckKernel.
+// process, once, until Close. Call after CheckKernel.
 func NewCookieSource(cgroup string, forceProbe bool) (*CookieSource, error) {
 	if !forceProbe {
 		if err := probeNetnsCookie(); err == nil {
@@ -58,7 +61,14 @@ func NewCookieSource(cgroup string, forceProbe bool) (*CookieSource, error) {
 	if err := bpfobj.LoadNetnsCookieObjects(&objs, nil); err != nil {
 		return nil, fmt.Errorf("load the netns cookie probe program (needs bpf_get_socket_cookie and bpf_get_netns_cookie in cgroup/connect4, Linux >= 5.7): %w", err)
 	}
-	return &CookieSource{Name: CookieBPFProbe, cgroup: cgroup, objs: &objs}, nil
+	s := &CookieSource{Name: CookieBPFProbe, cgroup: cgroup, objs: &objs}
+	lnk, err := s.attach()
+	if err != nil {
+		objs.Close()
+		return nil, err
+	}
+	s.lnk = lnk
+	return s, nil
 }
 
 // Read returns the cookie of the calling thread's network namespace.
@@ -71,11 +81,6 @@ func (s *CookieSource) Read() (uint64, error) {
 	if s.objs == nil {
 		return 0, errors.New("netns cookie probe: already closed")
 	}
-	lnk, err := s.attach()
-	if err != nil {
-		return 0, err
-	}
-	defer lnk.Close()
 	return s.ask()
 }
 
@@ -119,7 +124,8 @@ func (s *CookieSource) ask() (uint64, error) {
 	return netns, nil
 }
 
-// Close unloads the probe program. A nil source has nothing to close.
+// Close detaches and unloads the probe program. A nil source has nothing to
+// close.
 func (s *CookieSource) Close() error {
 	if s == nil {
 		return nil
@@ -129,7 +135,12 @@ func (s *CookieSource) Close() error {
 	if s.objs == nil {
 		return nil
 	}
-	err := s.objs.Close()
+	var err error
+	if s.lnk != nil {
+		err = s.lnk.Close()
+		s.lnk = nil
+	}
+	err = errors.Join(err, s.objs.Close())
 	s.objs = nil
 	return err
 }

@@ -109,12 +109,7 @@ func TestCookieProbeConcurrentReads(t *testing.T) {
 func TestCookieProbeLeavesOtherConnectsAlone(t *testing.T) {
 	src := probeSource(t)
 	ns := testenv.NewNetns(t)
-	attached, err := src.Attach()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer attached.Close()
-	err = ns.Target().Do(func() error {
+	err := ns.Target().Do(func() error {
 		for _, addr := range []string{"127.0.0.1:9", "127.0.0.1:53"} {
 			c, err := net.DialTimeout("udp4", addr, time.Second)
 			if err != nil {
@@ -138,5 +133,50 @@ func TestCookieProbeLeavesOtherConnectsAlone(t *testing.T) {
 	}
 	if n, err := src.Pending(); err != nil || n != 0 {
 		t.Errorf("probe map holds %d entries (%v), want 0", n, err)
+	}
+}
+
+// Before 5.14 the probe is attached at the cgroup2 root once, when the
+// source is made, and stays, through the same link, across reads: no attach
+// or detach at the root (each takes cgroup_mutex) per read. Close detaches it.
+func TestCookieProbeAttachedOnceForItsLife(t *testing.T) {
+	testenv.Privileged(t)
+	src, err := loader.NewCookieSource(testenv.RootCgroup(t), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = src.Close() })
+	prog, lnk, err := src.ProbeIDs()
+	if err != nil || prog == 0 {
+		t.Fatalf("probe not attached before the first read: prog %d link %d (%v)", prog, lnk, err)
+	}
+	if _, ok := testenv.AttachedAtRoot(t)[prog]; !ok {
+		t.Fatalf("probe program %d is not attached at the cgroup2 root before any read", prog)
+	}
+	ns := testenv.NewNetns(t)
+	for i := range 5 {
+		if _, _, err := ns.Target().ResolveWith(src.Read); err != nil {
+			t.Fatalf("read %d: %v", i, err)
+		}
+		p, l, err := src.ProbeIDs()
+		if err != nil || p != prog || l != lnk {
+			t.Fatalf("after read %d the probe is prog %d link %d (%v), want prog %d link %d: attached anew", i, p, l, err, prog, lnk)
+		}
+	}
+	if _, ok := testenv.AttachedAtRoot(t)[prog]; !ok {
+		t.Fatalf("probe program %d detached after reads", prog)
+	}
+	if err := src.Close(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, ok := testenv.AttachedAtRoot(t)[prog]; !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("probe program %d still attached 5s after Close", prog)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -1,13 +1,18 @@
 package loader
 
-import (
-	"io"
-)
-
-// Attach attaches the probe program until the returned closer is closed, so
-// a test can watch other sockets' connects while it is in place.
-func (s *CookieSource) Attach() (io.Closer, error) {
-	return s.attach()
+// ProbeIDs returns the IDs of the probe program and of the link that keeps
+// it attached; zero when nothing is attached.
+func (s *CookieSource) ProbeIDs() (prog, lnk int, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lnk == nil {
+		return 0, 0, nil
+	}
+	info, err := s.lnk.Info()
+	if err != nil {
+		return 0, 0, err
+	}
+	return int(info.Program), int(info.ID), nil
 }
 
 // Pending counts the entries left in the probe map: every probe must remove

@@ -1,12 +1,12 @@
 // Package loader is the mechanics of nsredirect's kernel state: it loads the
 // eBPF programs, pins them with their maps and bpf_links under one bpffs
 // directory, attaches once at the cgroup2 root, adopts what an earlier
-// instance pinned, and writes per-netns rules. It decides nothing: which
-// netns get which rules is the daemon's business.
+// instance pinned (migrating an older layout in place), and writes per-netns
+// rules. It decides nothing: which netns get which rules is the daemon's
+// business.
 package loader
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -81,18 +81,25 @@ type Record struct {
 // Loader holds the pinned maps open; the programs stay alive through their
 // pinned links.
 type Loader struct {
-	dir  string
-	log  logrus.FieldLogger
-	maps bpfobj.RedirectMaps
+	dir     string
+	pins    pins
+	log     logrus.FieldLogger
+	maps    bpfobj.RedirectMaps
+	records *ebpf.Map
 
 	mu    sync.Mutex
 	owned map[uint64]*os.File // owner locks of the netns this process serves
 }
 
+func newLoader(dir string, log logrus.FieldLogger) *Loader {
+	return &Loader{dir: dir, pins: pins{dir}, log: log, owned: map[uint64]*os.File{}}
+}
+
 // Attach loads the programs and makes sure they are attached at cgroup:
-// pinned maps are reused, a pinned link gets the new program through
-// link.Update (no connect() is ever missed), and a missing one is attached
-// and pinned. On failure nothing new is left behind.
+// pinned maps are reused (an older layout is migrated onto new ones), a
+// pinned link gets the new program through link.Update (no connect() is ever
+// missed), and a missing, detached or defunct one is attached and pinned
+// anew. On failure nothing new is left behind.
 func Attach(dir, cgroup string, log logrus.FieldLogger) (*Loader, error) {
 	if err := removeMemlock(); err != nil {
 		return nil, err
@@ -103,17 +110,32 @@ func Attach(dir, cgroup string, log logrus.FieldLogger) (*Loader, error) {
 	}
 	defer lk.unlock()
 
-	l := &Loader{dir: dir, log: log, owned: map[uint64]*os.File{}}
+	l := newLoader(dir, log)
 	if err := l.attach(cgroup); err != nil {
 		// Leave nothing new behind; what enrolled netns rely on stays.
-		if l.maps.NsrEnroll == nil {
-			l.maps.NsrEnroll, _ = ebpf.LoadPinnedMap(filepath.Join(dir, bpfobj.RedirectMapNsrEnroll), nil)
-		}
 		l.removeAllIfUnused()
-		l.maps.Close()
+		l.closeMaps()
 		return nil, err
 	}
 	return l, nil
+}
+
+type layout int
+
+const (
+	layoutNone layout = iota
+	layoutV1
+	layoutCurrent
+)
+
+func (l *Loader) layout() layout {
+	if _, err := os.Stat(l.pins.stateDir()); err == nil {
+		return layoutCurrent
+	}
+	if _, err := os.Stat(l.pins.v1Map(v1EnrollMap)); err == nil {
+		return layoutV1
+	}
+	return layoutNone
 }
 
 func (l *Loader) attach(cgroup string) error {
@@ -121,41 +143,89 @@ func (l *Loader) attach(cgroup string) error {
 	if err != nil {
 		return err
 	}
-	replacements := map[string]*ebpf.Map{}
-	defer func() {
-		for _, m := range replacements {
-			m.Close()
-		}
-	}()
-	for name, ms := range spec.Maps {
-		m, err := l.openOrCreateMap(name, ms)
-		if err != nil {
-			return err
-		}
-		replacements[name] = m
-	}
-	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: replacements})
-	if err != nil {
-		return fmt.Errorf("load eBPF programs: %w", err)
-	}
-	defer coll.Close()
-	if err := coll.Assign(&l.maps); err != nil {
-		return err
-	}
 	cgroupID, err := inodeOf(cgroup)
 	if err != nil {
 		return fmt.Errorf("cgroup %s: %w", cgroup, err)
 	}
+	if l.layout() == layoutV1 {
+		return l.migrateV1(spec, cgroup, cgroupID)
+	}
+	if err := os.MkdirAll(l.pins.stateDir(), 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", l.pins.stateDir(), err)
+	}
+	repl, err := l.openState(spec, l.pins.stateDir())
+	if err != nil {
+		return err
+	}
+	defer closeAll(repl)
+	coll, err := l.load(spec, repl)
+	if err != nil {
+		return err
+	}
+	defer coll.Close()
 	for _, h := range hooks {
 		if err := l.attachHook(h, coll.Programs[h.prog], cgroup, cgroupID); err != nil {
 			return err
 		}
 	}
+	// A migration that crashed after renaming its new state into place
+	// left the old maps: nothing uses them any more.
+	for _, name := range v1Maps {
+		_ = os.Remove(l.pins.v1Map(name))
+	}
+	_ = os.RemoveAll(l.pins.stagingDir())
 	return nil
 }
 
-func (l *Loader) openOrCreateMap(name string, ms *ebpf.MapSpec) (*ebpf.Map, error) {
-	path := filepath.Join(l.dir, name)
+// openState opens or creates, under stateDir, every map of spec and the
+// record store; l.records is set, the program maps are returned for
+// MapReplacements.
+func (l *Loader) openState(spec *ebpf.CollectionSpec, stateDir string) (map[string]*ebpf.Map, error) {
+	repl := map[string]*ebpf.Map{}
+	for name, ms := range spec.Maps {
+		m, err := openOrCreateMap(l.pins.mapIn(stateDir, name), ms)
+		if err != nil {
+			closeAll(repl)
+			return nil, err
+		}
+		repl[name] = m
+	}
+	records, err := openOrCreateMap(l.pins.mapIn(stateDir, recordsMap), recordsSpec())
+	if err != nil {
+		closeAll(repl)
+		return nil, err
+	}
+	l.records = records
+	return repl, nil
+}
+
+// load makes the programs, on the maps in repl, and keeps the maps in l.
+func (l *Loader) load(spec *ebpf.CollectionSpec, repl map[string]*ebpf.Map) (*ebpf.Collection, error) {
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: repl})
+	if err != nil {
+		return nil, fmt.Errorf("load eBPF programs: %w", err)
+	}
+	if err := coll.Assign(&l.maps); err != nil {
+		coll.Close()
+		return nil, err
+	}
+	return coll, nil
+}
+
+func closeAll(ms map[string]*ebpf.Map) {
+	for _, m := range ms {
+		m.Close()
+	}
+}
+
+func (l *Loader) closeMaps() {
+	l.maps.Close()
+	if l.records != nil {
+		l.records.Close()
+	}
+}
+
+func openOrCreateMap(path string, ms *ebpf.MapSpec) (*ebpf.Map, error) {
 	m, err := ebpf.LoadPinnedMap(path, nil)
 	switch {
 	case err == nil:
@@ -169,7 +239,7 @@ func (l *Loader) openOrCreateMap(name string, ms *ebpf.MapSpec) (*ebpf.Map, erro
 	}
 	m, err = ebpf.NewMap(ms)
 	if err != nil {
-		return nil, fmt.Errorf("create map %s: %w", name, err)
+		return nil, fmt.Errorf("create map %s: %w", ms.Name, err)
 	}
 	if err := pinAtomically(m, path); err != nil {
 		m.Close()
@@ -178,67 +248,121 @@ func (l *Loader) openOrCreateMap(name string, ms *ebpf.MapSpec) (*ebpf.Map, erro
 	return m, nil
 }
 
+// attachHook puts prog on the pinned link of h: through link.Update when
+// the link is attached, so no connect() misses the rewrite; a link that is
+// missing, detached (bpftool link detach) or defunct (its cgroup gone) is
+// replaced by a new one at cgroup.
 func (l *Loader) attachHook(h hook, prog *ebpf.Program, cgroup string, cgroupID uint64) error {
-	linkPath := filepath.Join(l.dir, "link_"+h.name)
+	linkPath := l.pins.link(h)
 	pinned, err := link.LoadPinnedLink(linkPath, nil)
 	switch {
 	case err == nil:
-		defer pinned.Close()
-		if info, err := pinned.Info(); err == nil {
-			if cg := info.Cgroup(); cg != nil && cg.CgroupId != cgroupID {
-				return fmt.Errorf("%s is attached to another cgroup (id %d) than %s; use the same --cgroup for every instance, or run `nsredirect cleanup --all`", linkPath, cg.CgroupId, cgroup)
+		replaced, err := l.updatePinned(h, pinned, prog, cgroup, cgroupID)
+		pinned.Close()
+		if err != nil {
+			return err
+		}
+		if !replaced {
+			if err := l.attachNew(h, prog, cgroup); err != nil {
+				return err
 			}
 		}
-		if err := pinned.Update(prog); err != nil {
-			return fmt.Errorf("replace %s program in place: %w", h.name, err)
-		}
-		l.log.WithField("hook", h.name).Debug("adopted pinned link, program replaced in place")
 	case errors.Is(err, os.ErrNotExist):
-		lnk, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: h.attach, Program: prog})
-		if err != nil {
-			return fmt.Errorf("attach %s to cgroup %s: %w", h.name, cgroup, err)
+		if err := l.attachNew(h, prog, cgroup); err != nil {
+			return err
 		}
-		defer lnk.Close()
-		if err := pinAtomically(lnk, linkPath); err != nil {
-			return fmt.Errorf("%w (cgroup bpf_links need Linux >= 5.7)", err)
-		}
-		l.log.WithFields(logrus.Fields{"hook": h.name, "cgroup": cgroup}).Info("attached at cgroup2 root")
 	default:
 		return fmt.Errorf("open pinned link %s: %w", linkPath, err)
 	}
-	return pinAtomically(prog, filepath.Join(l.dir, "prog_"+h.name))
+	return pinAtomically(prog, l.pins.prog(h))
+}
+
+// updatePinned replaces the program of an attached pinned link; false means
+// the link is detached or defunct and needs a new one.
+func (l *Loader) updatePinned(h hook, pinned link.Link, prog *ebpf.Program, cgroup string, cgroupID uint64) (bool, error) {
+	linkPath := l.pins.link(h)
+	if info, err := pinned.Info(); err == nil {
+		if cg := info.Cgroup(); cg != nil {
+			if cg.CgroupId == 0 {
+				l.log.WithField("hook", h.name).Warn("pinned link is detached; attaching a new one")
+				return false, nil
+			}
+			if cg.CgroupId != cgroupID {
+				return false, fmt.Errorf("%s is attached to another cgroup (id %d) than %s; use the same --cgroup for every instance, or run `nsredirect cleanup --all`", linkPath, cg.CgroupId, cgroup)
+			}
+		}
+	}
+	if err := pinned.Update(prog); err != nil {
+		if errors.Is(err, unix.ENOLINK) {
+			l.log.WithField("hook", h.name).Warn("pinned link is defunct; attaching a new one")
+			return false, nil
+		}
+		return false, fmt.Errorf("replace %s program in place: %w", h.name, err)
+	}
+	l.log.WithField("hook", h.name).Debug("adopted pinned link, program replaced in place")
+	return true, nil
+}
+
+func (l *Loader) attachNew(h hook, prog *ebpf.Program, cgroup string) error {
+	lnk, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: h.attach, Program: prog})
+	if err != nil {
+		return fmt.Errorf("attach %s to cgroup %s: %w", h.name, cgroup, err)
+	}
+	defer lnk.Close()
+	// The rename replaces a defunct link's pin, its last reference.
+	if err := pinAtomically(lnk, l.pins.link(h)); err != nil {
+		return fmt.Errorf("%w (cgroup bpf_links need Linux >= 5.7)", err)
+	}
+	l.log.WithFields(logrus.Fields{"hook": h.name, "cgroup": cgroup}).Info("attached at cgroup2 root")
+	return nil
 }
 
 // OpenPinned opens the pinned maps for reading or cleanup, without loading
 // or attaching anything.
 func OpenPinned(dir string, log logrus.FieldLogger) (*Loader, error) {
-	l := &Loader{dir: dir, log: log, owned: map[uint64]*os.File{}}
+	l := newLoader(dir, log)
+	switch l.layout() {
+	case layoutNone:
+		return nil, fmt.Errorf("%w at %s", ErrNotPinned, dir)
+	case layoutV1:
+		return nil, fmt.Errorf("the state pinned at %s has layout version 1 (an older nsredirect); start a daemon of this version to migrate it in place, or use the older version's command", dir)
+	}
 	spec, err := bpfobj.LoadRedirect()
 	if err != nil {
 		return nil, err
 	}
-	maps := map[string]**ebpf.Map{
-		bpfobj.RedirectMapNsrRules:    &l.maps.NsrRules,
-		bpfobj.RedirectMapNsrCounters: &l.maps.NsrCounters,
-		bpfobj.RedirectMapNsrEnroll:   &l.maps.NsrEnroll,
-		bpfobj.RedirectMapNsrSockets:  &l.maps.NsrSockets,
-	}
-	for name, dst := range maps {
-		path := filepath.Join(dir, name)
+	open := func(name string, ms *ebpf.MapSpec) (*ebpf.Map, error) {
+		path := l.pins.mapPath(name)
 		m, err := ebpf.LoadPinnedMap(path, nil)
 		if err != nil {
-			l.maps.Close()
 			if errors.Is(err, os.ErrNotExist) {
-				return nil, fmt.Errorf("%w at %s", ErrNotPinned, dir)
+				return nil, fmt.Errorf("%w at %s (%s is missing)", ErrNotPinned, dir, path)
 			}
 			return nil, fmt.Errorf("open pinned map %s: %w", path, err)
 		}
-		if err := spec.Maps[name].Compatible(m); err != nil {
+		if err := ms.Compatible(m); err != nil {
 			m.Close()
-			l.maps.Close()
 			return nil, fmt.Errorf("pinned map %s was made by an incompatible nsredirect (%v); run that version's `nsredirect cleanup --all`", path, err)
 		}
+		return m, nil
+	}
+	maps := map[string]**ebpf.Map{
+		bpfobj.RedirectMapNsrRules:    &l.maps.NsrRules,
+		bpfobj.RedirectMapNsrCounters: &l.maps.NsrCounters,
+		bpfobj.RedirectMapNsrSockets:  &l.maps.NsrSockets,
+		bpfobj.RedirectMapNsrStats:    &l.maps.NsrStats,
+	}
+	for name, dst := range maps {
+		m, err := open(name, spec.Maps[name])
+		if err != nil {
+			l.closeMaps()
+			return nil, err
+		}
 		*dst = m
+	}
+	if l.records, err = open(recordsMap, recordsSpec()); err != nil {
+		l.closeMaps()
+		return nil, err
 	}
 	return l, nil
 }
@@ -255,19 +379,59 @@ func (l *Loader) Close() error {
 		f.Close()
 		delete(l.owned, c)
 	}
-	return l.maps.Close()
+	err := l.maps.Close()
+	if l.records != nil {
+		err = errors.Join(err, l.records.Close())
+	}
+	return err
+}
+
+// cookieState is every kernel entry of one netns: what the maps hold for
+// its cookie, read back by iterating them.
+type cookieState struct {
+	rules    map[bpfobj.RedirectRuleKey]bpfobj.RedirectRuleVal
+	counters map[uint32][]uint64
+}
+
+func (l *Loader) readCookie(cookie uint64) (cookieState, error) {
+	st := cookieState{rules: map[bpfobj.RedirectRuleKey]bpfobj.RedirectRuleVal{}, counters: map[uint32][]uint64{}}
+	var k bpfobj.RedirectRuleKey
+	var v bpfobj.RedirectRuleVal
+	it := l.maps.NsrRules.Iterate()
+	for it.Next(&k, &v) {
+		if k.NetnsCookie == cookie {
+			st.rules[k] = v
+		}
+	}
+	if err := it.Err(); err != nil {
+		return st, fmt.Errorf("read rules of netns %d: %w", cookie, err)
+	}
+	var ck bpfobj.RedirectCounterKey
+	var perCPU []uint64
+	cit := l.maps.NsrCounters.Iterate()
+	for cit.Next(&ck, &perCPU) {
+		if ck.NetnsCookie == cookie {
+			st.counters[ck.Index] = append([]uint64(nil), perCPU...)
+		}
+	}
+	if err := cit.Err(); err != nil {
+		return st, fmt.Errorf("read counters of netns %d: %w", cookie, err)
+	}
+	return st, nil
 }
 
 // Enroll makes the kernel redirect e.Rules in netns e.Cookie. Rules that an
 // earlier owner (one that crashed, or this process) left are updated in
 // place: entries that stay are never removed, so connects keep being
-// redirected throughout.
+// redirected throughout. On failure the kernel is left exactly as it was:
+// entries it overwrote get their old values back, counters too, and an
+// owner lock it took is given up.
 func (l *Loader) Enroll(e Enrollment) error {
 	specs := make([]string, len(e.Rules))
 	for i, r := range e.Rules {
 		specs[i] = r.String()
 	}
-	rec, err := newRecord(e, specs)
+	rec, err := encodeRecord(newStoredRecord(e, specs, os.Getpid(), time.Now()))
 	if err != nil {
 		return err
 	}
@@ -281,86 +445,121 @@ func (l *Loader) Enroll(e Enrollment) error {
 	defer l.mu.Unlock()
 
 	alreadyOurs := l.owned[e.Cookie] != nil
+	_, statErr := os.Stat(ownerPath(l.dir, e.Cookie))
+	ownerDirExisted := statErr == nil
 	owner, err := l.claim(e.Cookie)
 	if err != nil {
 		return err
 	}
-	var old bpfobj.RedirectEnrollment
-	var oldSpecs []string
-	if err := l.maps.NsrEnroll.Lookup(e.Cookie, &old); err == nil {
-		oldSpecs = splitSpecs(cstring(old.Specs[:]))
+	old, _, hadRecord, err := lookupRecord(l.records, e.Cookie)
+	if err != nil && !errors.Is(err, errRecordCorrupt) {
 		if !alreadyOurs {
-			l.log.WithFields(logrus.Fields{"netns": e.Name, "cookie": e.Cookie, "previous_pid": old.OwnerPid}).Info("adopting rules left by a previous owner")
-		}
-	}
-
-	added, err := l.putRules(e.Cookie, e.Rules, oldSpecs)
-	if err == nil {
-		if err = l.maps.NsrEnroll.Put(e.Cookie, rec); errors.Is(err, unix.E2BIG) {
-			err = fmt.Errorf("enrollment map is full (%d netns): remove unused enrollments with `nsredirect cleanup`", l.maps.NsrEnroll.MaxEntries())
-		} else if err != nil {
-			err = fmt.Errorf("write enrollment of netns %s: %w", e.Name, err)
-		}
-	}
-	if err != nil {
-		for _, k := range added {
-			_ = l.maps.NsrRules.Delete(k)
-		}
-		for i := len(oldSpecs); i < len(e.Rules); i++ {
-			_ = l.maps.NsrCounters.Delete(bpfobj.RedirectCounterKey{NetnsCookie: e.Cookie, Index: uint32(i)})
-		}
-		if !alreadyOurs && oldSpecs == nil {
-			l.release(e.Cookie, owner)
+			l.giveUp(e.Cookie, owner, !ownerDirExisted)
 		}
 		return err
 	}
-	// Only now that the new entries are in: drop what the old specs had and
-	// the new ones do not.
-	keep := map[bpfobj.RedirectRuleKey]bool{}
-	for _, k := range ruleKeys(e.Cookie, e.Rules) {
-		keep[k] = true
+	if hadRecord && !alreadyOurs {
+		l.log.WithFields(logrus.Fields{"netns": e.Name, "cookie": e.Cookie, "previous_pid": old.OwnerPID}).Info("adopting rules left by a previous owner")
 	}
-	for _, k := range ruleKeys(e.Cookie, parseSpecs(oldSpecs)) {
-		if !keep[k] {
+	before, err := l.readCookie(e.Cookie)
+	if err == nil {
+		var w written
+		w, err = l.putRules(e.Cookie, e.Rules, old.Specs, before)
+		if err == nil {
+			if err = l.records.Put(e.Cookie, rec); errors.Is(err, unix.E2BIG) {
+				err = fmt.Errorf("enrollment map is full (%d netns): remove unused enrollments with `nsredirect cleanup`", l.records.MaxEntries())
+			} else if err != nil {
+				err = fmt.Errorf("write enrollment of netns %s: %w", e.Name, err)
+			}
+		}
+		if err != nil {
+			l.restore(e.Cookie, before, w)
+		}
+	}
+	if err != nil {
+		if !alreadyOurs {
+			l.giveUp(e.Cookie, owner, !ownerDirExisted)
+		}
+		return err
+	}
+	// Only now that the new entries are in: drop what was there and the new
+	// rules do not have.
+	want := map[bpfobj.RedirectRuleKey]bool{}
+	for _, k := range ruleKeys(e.Cookie, e.Rules) {
+		want[k] = true
+	}
+	for k := range before.rules {
+		if !want[k] {
 			_ = l.maps.NsrRules.Delete(k)
 		}
 	}
-	for i := len(e.Rules); i < len(oldSpecs); i++ {
-		_ = l.maps.NsrCounters.Delete(bpfobj.RedirectCounterKey{NetnsCookie: e.Cookie, Index: uint32(i)})
+	for i := range before.counters {
+		if int(i) >= len(e.Rules) {
+			_ = l.maps.NsrCounters.Delete(bpfobj.RedirectCounterKey{NetnsCookie: e.Cookie, Index: i})
+		}
 	}
 	return nil
 }
 
-// putRules writes the entries of rules, and their counters, and returns the
-// keys that were not there before.
-func (l *Loader) putRules(cookie uint64, rules []rule.Rule, oldSpecs []string) ([]bpfobj.RedirectRuleKey, error) {
-	var added []bpfobj.RedirectRuleKey
+// written is what putRules wrote, for restore.
+type written struct {
+	rules    []bpfobj.RedirectRuleKey
+	counters []uint32
+}
+
+// putRules writes the entries of rules, and their counters, spec by spec.
+// A counter is kept when its index holds the same spec as before and starts
+// at zero otherwise.
+func (l *Loader) putRules(cookie uint64, rules []rule.Rule, oldSpecs []string, before cookieState) (written, error) {
+	var w written
 	zero := make([]uint64, ebpfCPUs())
 	for i, r := range rules {
 		for _, x := range r.Expand() {
 			k, v := ruleEntry(cookie, uint32(i), x)
-			var cur bpfobj.RedirectRuleVal
-			existed := l.maps.NsrRules.Lookup(k, &cur) == nil
+			if cur, ok := before.rules[k]; ok && cur == v {
+				continue
+			}
 			if err := l.maps.NsrRules.Put(k, v); err != nil {
 				if errors.Is(err, unix.E2BIG) {
-					return added, fmt.Errorf("rule map is full (%d entries): remove unused enrollments with `nsredirect cleanup`", l.maps.NsrRules.MaxEntries())
+					return w, fmt.Errorf("rule map is full (%d entries): remove unused enrollments with `nsredirect cleanup`", l.maps.NsrRules.MaxEntries())
 				}
-				return added, fmt.Errorf("write rule %s: %w", r, err)
+				return w, fmt.Errorf("write rule %s: %w", r, err)
 			}
-			if !existed {
-				added = append(added, k)
-			}
+			w.rules = append(w.rules, k)
+		}
+		_, had := before.counters[uint32(i)]
+		if had && i < len(oldSpecs) && oldSpecs[i] == r.String() {
+			continue
 		}
 		ck := bpfobj.RedirectCounterKey{NetnsCookie: cookie, Index: uint32(i)}
-		flag := ebpf.UpdateNoExist
-		if i >= len(oldSpecs) || oldSpecs[i] != r.String() {
-			flag = ebpf.UpdateAny // a different rule at this index starts at zero
+		if err := l.maps.NsrCounters.Put(ck, zero); err != nil {
+			if errors.Is(err, unix.E2BIG) {
+				return w, fmt.Errorf("counter map is full (%d entries): remove unused enrollments with `nsredirect cleanup`", l.maps.NsrCounters.MaxEntries())
+			}
+			return w, fmt.Errorf("create counter of rule %s: %w", r, err)
 		}
-		if err := l.maps.NsrCounters.Update(ck, zero, flag); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
-			return added, fmt.Errorf("create counter of rule %s: %w", r, err)
+		w.counters = append(w.counters, uint32(i))
+	}
+	return w, nil
+}
+
+// restore puts back what w overwrote and removes what it added.
+func (l *Loader) restore(cookie uint64, before cookieState, w written) {
+	for _, k := range w.rules {
+		if v, ok := before.rules[k]; ok {
+			_ = l.maps.NsrRules.Put(k, v)
+		} else {
+			_ = l.maps.NsrRules.Delete(k)
 		}
 	}
-	return added, nil
+	for _, i := range w.counters {
+		ck := bpfobj.RedirectCounterKey{NetnsCookie: cookie, Index: i}
+		if v, ok := before.counters[i]; ok {
+			_ = l.maps.NsrCounters.Put(ck, v)
+		} else {
+			_ = l.maps.NsrCounters.Delete(ck)
+		}
+	}
 }
 
 // Unenroll removes every rule of netns cookie and gives up its ownership.
@@ -378,21 +577,25 @@ func (l *Loader) Unenroll(cookie uint64) error {
 	return l.unenroll(cookie)
 }
 
+// unenroll deletes what the maps hold for cookie: every rule and counter key
+// starts with it, so nothing is recomputed from the stored specs.
 func (l *Loader) unenroll(cookie uint64) error {
-	var old bpfobj.RedirectEnrollment
-	if err := l.maps.NsrEnroll.Lookup(cookie, &old); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("read enrollment %d: %w", cookie, err)
+	st, err := l.readCookie(cookie)
+	if err != nil {
+		return err
 	}
-	specs := splitSpecs(cstring(old.Specs[:]))
-	for _, k := range ruleKeys(cookie, parseSpecs(specs)) {
+	for k := range st.rules {
 		if err := l.maps.NsrRules.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("delete rule of netns %d: %w", cookie, err)
 		}
 	}
-	for i := range max(len(specs), rule.MaxPerTarget) {
-		_ = l.maps.NsrCounters.Delete(bpfobj.RedirectCounterKey{NetnsCookie: cookie, Index: uint32(i)})
+	for i := range st.counters {
+		ck := bpfobj.RedirectCounterKey{NetnsCookie: cookie, Index: i}
+		if err := l.maps.NsrCounters.Delete(ck); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete counter of netns %d: %w", cookie, err)
+		}
 	}
-	if err := l.maps.NsrEnroll.Delete(cookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := l.records.Delete(cookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete enrollment %d: %w", cookie, err)
 	}
 	if f := l.owned[cookie]; f != nil {
@@ -406,9 +609,9 @@ func (l *Loader) unenroll(cookie uint64) error {
 // Intact reports whether the pinned programs and maps are still in place;
 // `nsredirect cleanup --all` removes them from under running daemons.
 func (l *Loader) Intact() error {
-	paths := []string{filepath.Join(l.dir, bpfobj.RedirectMapNsrEnroll), filepath.Join(l.dir, bpfobj.RedirectMapNsrRules)}
+	paths := []string{l.pins.mapPath(recordsMap), l.pins.mapPath(bpfobj.RedirectMapNsrRules)}
 	for _, h := range hooks {
-		paths = append(paths, filepath.Join(l.dir, "link_"+h.name))
+		paths = append(paths, l.pins.link(h))
 	}
 	for _, p := range paths {
 		if _, err := os.Stat(p); err != nil {
@@ -436,9 +639,8 @@ func (l *Loader) claim(cookie uint64) (*os.File, error) {
 	}
 	f, err := claimOwner(l.dir, cookie)
 	if errors.Is(err, errHeld) {
-		var rec bpfobj.RedirectEnrollment
-		if l.maps.NsrEnroll.Lookup(cookie, &rec) == nil {
-			return nil, fmt.Errorf("%w: pid %d serves %q (cookie %d); stop it first, or give this instance another netns", ErrBusy, rec.OwnerPid, cstring(rec.Name[:]), cookie)
+		if rec, _, ok, _ := lookupRecord(l.records, cookie); ok {
+			return nil, fmt.Errorf("%w: pid %d (%s) serves %q (cookie %d); stop it first, or give this instance another netns", ErrBusy, rec.OwnerPID, rec.Holder, rec.Name, cookie)
 		}
 		return nil, fmt.Errorf("%w (cookie %d)", ErrBusy, cookie)
 	}
@@ -449,11 +651,14 @@ func (l *Loader) claim(cookie uint64) (*os.File, error) {
 	return f, nil
 }
 
-// release drops an owner lock taken for an enrollment that failed.
-func (l *Loader) release(cookie uint64, f *os.File) {
+// giveUp drops an owner lock taken for an enrollment that failed; the lock
+// directory goes too when this call made it.
+func (l *Loader) giveUp(cookie uint64, f *os.File, removeDir bool) {
 	f.Close()
 	delete(l.owned, cookie)
-	_ = os.Remove(ownerPath(l.dir, cookie))
+	if removeDir {
+		_ = os.Remove(ownerPath(l.dir, cookie))
+	}
 }
 
 // Records reads every enrollment in the pinned state.
@@ -463,32 +668,34 @@ func (l *Loader) Records() ([]Record, error) {
 		return nil, err
 	}
 	defer lk.unlock()
-	return l.records()
+	return l.readRecords()
 }
 
-func (l *Loader) records() ([]Record, error) {
+func (l *Loader) readRecords() ([]Record, error) {
 	var out []Record
 	var cookie uint64
-	var raw bpfobj.RedirectEnrollment
-	it := l.maps.NsrEnroll.Iterate()
+	var raw []byte
+	it := l.records.Iterate()
 	for it.Next(&cookie, &raw) {
-		specs := splitSpecs(cstring(raw.Specs[:]))
+		sr, err := decodeRecord(raw)
+		if err != nil {
+			sr = storedRecord{Name: fmt.Sprintf("(unreadable record: %v)", err)}
+		}
 		r := Record{
 			Enrollment: Enrollment{
 				Cookie:   cookie,
-				NetnsIno: raw.NetnsIno,
-				Name:     cstring(raw.Name[:]),
-				Owner:    cstring(raw.Owner[:]),
-				Rules:    parseSpecs(specs),
+				NetnsIno: sr.NetnsIno,
+				Name:     sr.Name,
+				Owner:    sr.Owner,
+				ID:       sr.ID,
+				Holder:   sr.Holder,
+				Rules:    parseSpecs(sr.Specs),
 			},
-			OwnerPID:   raw.OwnerPid,
+			OwnerPID:   sr.OwnerPID,
 			OwnerAlive: ownerAlive(l.dir, cookie),
-			Enrolled:   time.Unix(0, int64(raw.EnrolledUnixNs)),
-			Specs:      specs,
-			Redirects:  make([]uint64, len(specs)),
-		}
-		for i := range specs {
-			r.Redirects[i] = l.counter(cookie, i)
+			Enrolled:   time.Unix(0, sr.EnrolledUnixNs),
+			Specs:      sr.Specs,
+			Redirects:  l.Redirects(cookie, len(sr.Specs)),
 		}
 		out = append(out, r)
 	}
@@ -512,11 +719,15 @@ func (l *Loader) counter(cookie uint64, index int) uint64 {
 	if err := l.maps.NsrCounters.Lookup(bpfobj.RedirectCounterKey{NetnsCookie: cookie, Index: uint32(index)}, &perCPU); err != nil {
 		return 0
 	}
-	var sum uint64
-	for _, n := range perCPU {
-		sum += n
+	return sum(perCPU)
+}
+
+func sum(perCPU []uint64) uint64 {
+	var n uint64
+	for _, x := range perCPU {
+		n += x
 	}
-	return sum
+	return n
 }
 
 // Live reports whether every kernel entry of the enrollment of cookie is in
@@ -537,11 +748,10 @@ func (l *Loader) Live(cookie uint64) (Record, error) {
 			}
 		}
 		for _, h := range hooks {
-			lnk, err := link.LoadPinnedLink(filepath.Join(l.dir, "link_"+h.name), nil)
-			if err != nil {
+			ok, err := linkAttached(l.pins.link(h))
+			if err != nil || !ok {
 				return r, fmt.Errorf("%s program is not attached (%v); restart the daemon", h.name, err)
 			}
-			lnk.Close()
 		}
 		return r, nil
 	}
@@ -564,7 +774,7 @@ func (l *Loader) removeWhere(match func(Record) bool, sweep bool) ([]Record, err
 	defer lk.unlock()
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	recs, err := l.records()
+	recs, err := l.readRecords()
 	if err != nil {
 		return nil, err
 	}
@@ -584,6 +794,15 @@ func (l *Loader) removeWhere(match func(Record) bool, sweep bool) ([]Record, err
 	return removed, nil
 }
 
+// RemoveOrphans removes enrollments that mode owner left behind when its
+// process died and that keep does not claim: a discovery mode calls it after
+// its first full listing, so a netns that went away while no daemon ran does
+// not keep rules. Enrollments of live owners and of other modes are never
+// touched.
+func (l *Loader) RemoveOrphans(owner string, keep func(Record) bool) ([]Record, error) {
+	return l.removeWhere(func(r Record) bool { return r.Owner == owner && !r.OwnerAlive && !keep(r) }, false)
+}
+
 // RemoveAllIfUnused detaches and unpins everything when no netns is
 // enrolled any more: the last instance out leaves nothing behind.
 func (l *Loader) RemoveAllIfUnused() (bool, error) {
@@ -600,26 +819,51 @@ func (l *Loader) RemoveAllIfUnused() (bool, error) {
 	return l.removeAllIfUnused(), nil
 }
 
-func (l *Loader) removeAllIfUnused() bool {
+// anyEnrolled reports whether some netns is enrolled, in this layout or in
+// a version 1 layout not migrated yet.
+func (l *Loader) anyEnrolled() bool {
 	var k uint64
-	var v bpfobj.RedirectEnrollment
-	if l.maps.NsrEnroll != nil && l.maps.NsrEnroll.Iterate().Next(&k, &v) {
+	var v []byte
+	records := l.records
+	if records == nil {
+		m, err := ebpf.LoadPinnedMap(l.pins.mapPath(recordsMap), nil)
+		if err == nil {
+			defer m.Close()
+			records = m
+		}
+	}
+	if records != nil && records.Iterate().Next(&k, &v) {
+		return true
+	}
+	if m, err := ebpf.LoadPinnedMap(l.pins.v1Map(v1EnrollMap), nil); err == nil {
+		defer m.Close()
+		if m.Iterate().Next(&k, &v) {
+			return true
+		}
+	}
+	return false
+}
+
+func (l *Loader) removeAllIfUnused() bool {
+	if l.anyEnrolled() {
 		return false
 	}
 	// Links first: unpinning the last reference to a link detaches it.
 	for _, h := range hooks {
-		_ = os.Remove(filepath.Join(l.dir, "link_"+h.name))
-		_ = os.Remove(filepath.Join(l.dir, "prog_"+h.name))
+		_ = os.Remove(l.pins.link(h))
+		_ = os.Remove(l.pins.prog(h))
 	}
-	for _, name := range []string{bpfobj.RedirectMapNsrRules, bpfobj.RedirectMapNsrCounters, bpfobj.RedirectMapNsrSockets, bpfobj.RedirectMapNsrEnroll} {
-		_ = os.Remove(filepath.Join(l.dir, name))
+	_ = os.RemoveAll(l.pins.stateDir())
+	_ = os.RemoveAll(l.pins.stagingDir())
+	for _, name := range v1Maps {
+		_ = os.Remove(l.pins.v1Map(name))
 	}
-	if entries, err := os.ReadDir(filepath.Join(l.dir, ownersDir)); err == nil {
+	if entries, err := os.ReadDir(l.pins.owners()); err == nil {
 		for _, e := range entries {
-			_ = os.Remove(filepath.Join(l.dir, ownersDir, e.Name()))
+			_ = os.Remove(filepath.Join(l.pins.owners(), e.Name()))
 		}
 	}
-	_ = os.Remove(filepath.Join(l.dir, ownersDir))
+	_ = os.Remove(l.pins.owners())
 	if err := os.Remove(l.dir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		l.log.WithError(err).Warn("pin dir not removed: it holds files that are not ours")
 	}
@@ -666,22 +910,6 @@ func addrWords(a netip.Addr) (uint8, [4]uint32) {
 	return 6, w
 }
 
-func newRecord(e Enrollment, specs []string) (bpfobj.RedirectEnrollment, error) {
-	var rec bpfobj.RedirectEnrollment
-	joined := strings.Join(specs, ",")
-	if len(joined) >= len(rec.Specs) {
-		return rec, fmt.Errorf("%w: specs %q are longer than %d bytes; use fewer rules for one netns", rule.ErrSpec, joined, len(rec.Specs)-1)
-	}
-	rec.NetnsIno = e.NetnsIno
-	rec.EnrolledUnixNs = uint64(time.Now().UnixNano())
-	rec.OwnerPid = uint32(os.Getpid())
-	rec.RuleCount = uint32(len(specs))
-	putCString(rec.Owner[:], e.Owner)
-	putCString(rec.Name[:], e.Name)
-	putCString(rec.Specs[:], joined)
-	return rec, nil
-}
-
 func splitSpecs(s string) []string {
 	if s == "" {
 		return nil
@@ -689,8 +917,8 @@ func splitSpecs(s string) []string {
 	return strings.Split(s, ",")
 }
 
-// parseSpecs parses specs this package wrote itself; one it cannot parse
-// (from a newer version) is skipped rather than failing cleanup.
+// parseSpecs parses specs for display and Live; one it cannot parse (from a
+// newer version) is skipped. Nothing is ever deleted on the strength of it.
 func parseSpecs(specs []string) []rule.Rule {
 	out := make([]rule.Rule, 0, len(specs))
 	for _, s := range specs {
@@ -701,45 +929,20 @@ func parseSpecs(specs []string) []rule.Rule {
 	return out
 }
 
-func cstring(b []int8) string {
-	buf := make([]byte, 0, len(b))
-	for _, c := range b {
-		if c == 0 {
-			break
-		}
-		buf = append(buf, byte(c))
-	}
-	return string(bytes.ToValidUTF8(buf, []byte("?")))
-}
-
-// putCString copies s, truncated, leaving a NUL at the end.
-func putCString(dst []int8, s string) {
-	for i := 0; i < len(s) && i < len(dst)-1; i++ {
-		dst[i] = int8(s[i])
-	}
-}
-
-// RemoveOrphans removes enrollments that mode owner left behind when its
-// process died and that keep does not claim: a discovery mode calls it after
-// its first full listing, so a netns that went away while no daemon ran does
-// not keep rules. Enrollments of live owners and of other modes are never
-// touched.
-func (l *Loader) RemoveOrphans(owner string, keep func(Record) bool) ([]Record, error) {
-	return l.removeWhere(func(r Record) bool { return r.Owner == owner && !r.OwnerAlive && !keep(r) }, false)
-}
-
 // MapFill is how full one pinned map is.
 type MapFill struct {
 	Name              string
 	Entries, Capacity int
 }
 
-// Fill counts the entries of the rule, counter and enrollment maps.
+// Fill counts the entries of the rule, counter and enrollment maps. The
+// capacities fit together: MaxEnrollments netns with one spec that expands
+// to 6 entries each fit the rule map (see NSR_MAX_RULES).
 func (l *Loader) Fill() ([]MapFill, error) {
 	maps := []struct {
 		name string
 		m    *ebpf.Map
-	}{{"rules", l.maps.NsrRules}, {"counters", l.maps.NsrCounters}, {"enrollments", l.maps.NsrEnroll}}
+	}{{"rules", l.maps.NsrRules}, {"counters", l.maps.NsrCounters}, {"enrollments", l.records}}
 	out := make([]MapFill, 0, len(maps))
 	for _, x := range maps {
 		n, err := countKeys(x.m)
@@ -770,10 +973,15 @@ func countKeys(m *ebpf.Map) (int, error) {
 }
 
 // PeerStorageFailures counts connects that were redirected but whose
-// dialled address could not be stored for getpeername.
-// TODO(kernel state): read the per-CPU failure counter once the programs
-// keep one.
-func (l *Loader) PeerStorageFailures() (uint64, error) { return 0, nil }
+// dialled address could not be stored for getpeername (the socket storage
+// allocation failed), summed over CPUs.
+func (l *Loader) PeerStorageFailures() (uint64, error) {
+	var perCPU []uint64
+	if err := l.maps.NsrStats.Lookup(bpfobj.RedirectNsrStatNSR_STAT_PEER_STORAGE_FAIL, &perCPU); err != nil {
+		return 0, fmt.Errorf("read the peer storage failure counter: %w", err)
+	}
+	return sum(perCPU), nil
+}
 
 // Heal checks the pinned link of every hook and re-creates one that is
 // missing, or detached or defunct (bpftool link detach, a cgroup removed
@@ -792,7 +1000,7 @@ func (l *Loader) Heal(cgroup string) ([]string, error) {
 	var repaired []string
 	var errs []error
 	for _, h := range hooks {
-		ok, err := linkAttached(filepath.Join(l.dir, "link_"+h.name))
+		ok, err := linkAttached(l.pins.link(h))
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -829,7 +1037,7 @@ func linkAttached(path string) (bool, error) {
 }
 
 func (l *Loader) reattach(h hook, cgroup string, cgroupID uint64) error {
-	progPath := filepath.Join(l.dir, "prog_"+h.name)
+	progPath := l.pins.prog(h)
 	prog, err := ebpf.LoadPinnedProgram(progPath, nil)
 	if err != nil {
 		return fmt.Errorf("open pinned program %s: %w", progPath, err)
@@ -841,5 +1049,5 @@ func (l *Loader) reattach(h hook, cgroup string, cgroupID uint64) error {
 	}
 	defer lnk.Close()
 	// The rename replaces the defunct link's pin, its last reference.
-	return pinAtomically(lnk, filepath.Join(l.dir, "link_"+h.name))
+	return pinAtomically(lnk, l.pins.link(h))
 }

@@ -10,16 +10,62 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Pin directory layout. Everything of ours lives here and nothing else does.
+// Pin directory layout (version 2). Everything of ours lives here and
+// nothing else does.
 //
-//	nsr_rules nsr_counters nsr_sockets nsr_enroll   maps
-//	prog_connect4 ... prog_getpeername6            programs, for bpftool
-//	link_connect4 ... link_getpeername6            bpf_links at the cgroup2 root
-//	owners/<cookie>/                                flocked by the live owner of a netns
+//	v2/nsr_rules v2/nsr_counters v2/nsr_sockets v2/nsr_stats   maps the programs use
+//	v2/nsr_records                                            enrollments, userspace only
+//	prog_connect4 ... prog_getpeername6                       programs, for bpftool
+//	link_connect4 ... link_getpeername6                       bpf_links at the cgroup2 root
+//	owners/<cookie>/                                          flocked by the live owner of a netns
 //
-// The pin directory itself is flocked: exclusively while state changes,
-// shared while it is read.
-const ownersDir = "owners"
+// The maps live in a directory named after the layout version, so a build
+// whose maps differ finds the older layout and migrates it (migrate.go);
+// links, programs and owner locks do not depend on the layout. Version 1 is
+// the layout before versioning: the same maps at the top, nsr_enroll instead
+// of nsr_records. The pin directory itself is flocked: exclusively while
+// state changes, shared while it is read.
+const (
+	layoutVersion = 2
+	ownersDir     = "owners"
+	recordsMap    = "nsr_records"
+	// v1EnrollMap is where version 1 kept its enrollment records.
+	v1EnrollMap = "nsr_enroll"
+)
+
+// pins builds every pin path of a pin directory: the only place that does.
+type pins struct{ dir string }
+
+// stateDir holds the maps of the current layout.
+func (p pins) stateDir() string { return filepath.Join(p.dir, fmt.Sprintf("v%d", layoutVersion)) }
+
+// stagingDir is where a migration builds the next state dir before renaming
+// it into place (bpffs refuses dots in names).
+func (p pins) stagingDir() string { return filepath.Join(p.dir, fmt.Sprintf("tmp_v%d", layoutVersion)) }
+
+// mapIn is the pin of map name under a state dir.
+func (p pins) mapIn(stateDir, name string) string { return filepath.Join(stateDir, name) }
+
+// mapPath is the pin of map name in the current layout.
+func (p pins) mapPath(name string) string { return p.mapIn(p.stateDir(), name) }
+
+func (p pins) link(h hook) string { return filepath.Join(p.dir, "link_"+h.name) }
+func (p pins) prog(h hook) string { return filepath.Join(p.dir, "prog_"+h.name) }
+
+// v1Map is the pin of map name in layout version 1.
+func (p pins) v1Map(name string) string { return filepath.Join(p.dir, name) }
+
+// v1Maps are the maps of layout version 1.
+var v1Maps = []string{"nsr_rules", "nsr_counters", "nsr_sockets", v1EnrollMap}
+
+func (p pins) owners() string { return filepath.Join(p.dir, ownersDir) }
+
+func (p pins) owner(cookie uint64) string { return filepath.Join(p.owners(), fmt.Sprint(cookie)) }
+
+// MapPin is where map name (nsr_rules, nsr_counters, nsr_sockets, nsr_stats,
+// nsr_records) of the current layout is pinned under pin dir dir, for tools
+// and tests that read the kernel state from outside.
+func MapPin(dir, name string) string { return pins{dir}.mapPath(name) }
 
 // pinAtomically pins obj under a temporary name and renames it into place,
 // so a crash never leaves a half-made pin at the real path and a replaced
@@ -96,9 +142,7 @@ func sameFile(f *os.File, path string) bool {
 	return a.Dev == b.Dev && a.Ino == b.Ino
 }
 
-func ownerPath(dir string, cookie uint64) string {
-	return filepath.Join(dir, ownersDir, fmt.Sprint(cookie))
-}
+func ownerPath(dir string, cookie uint64) string { return pins{dir}.owner(cookie) }
 
 // claimOwner takes the owner lock of a netns. It fails with errHeld when a
 // live process holds it. The lock dies with its holder, even on SIGKILL,

@@ -1,0 +1,212 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/cilium/ebpf"
+	"github.com/sirupsen/logrus"
+
+	"github.com/nsredirect/nsredirect/internal/bpfobj"
+)
+
+// migrateV1 moves the state of layout version 1 (maps at the top of the pin
+// dir, enrollment records in nsr_enroll) onto this build's maps, in place,
+// while connects keep being redirected:
+//
+//  1. the new maps are made in a staging dir; rules and records are copied;
+//     the socket storage is carried over as it is, so sockets redirected
+//     before keep their dialled address for getpeername;
+//  2. the programs are loaded on the new maps and swapped in with
+//     link.Update: up to the swap the old programs read the old, complete
+//     maps, after it the new ones read the new, complete maps;
+//  3. the counters are copied, the staging dir is renamed into place and
+//     the old pins are removed.
+//
+// The pin dir is locked throughout, so no enrollment changes meanwhile. A
+// failure before the rename puts the old programs back and removes the
+// staging dir: the old layout stays as it was, and the next start tries
+// again. A crash after it leaves old pins that the next start removes.
+func (l *Loader) migrateV1(spec *ebpf.CollectionSpec, cgroup string, cgroupID uint64) (err error) {
+	staging := l.pins.stagingDir()
+	_ = os.RemoveAll(staging) // an earlier attempt that crashed
+	if err := os.MkdirAll(staging, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", staging, err)
+	}
+	defer func() {
+		if err != nil {
+			_ = os.RemoveAll(staging)
+			err = fmt.Errorf("migrate the pinned state at %s from layout version 1 to %d (it is left as it was): %w", l.dir, layoutVersion, err)
+		}
+	}()
+
+	old := map[string]*ebpf.Map{}
+	defer closeAll(old)
+	for _, name := range v1Maps {
+		m, err := ebpf.LoadPinnedMap(l.pins.v1Map(name), nil)
+		if err != nil {
+			return fmt.Errorf("open %s: %w", l.pins.v1Map(name), err)
+		}
+		old[name] = m
+	}
+
+	repl := map[string]*ebpf.Map{}
+	defer closeAll(repl)
+	for name, ms := range spec.Maps {
+		path := l.pins.mapIn(staging, name)
+		if o := old[name]; name == bpfobj.RedirectMapNsrSockets && o != nil && ms.Compatible(o) == nil {
+			m, err := o.Clone()
+			if err != nil {
+				return err
+			}
+			if err := pinAtomically(m, path); err != nil {
+				m.Close()
+				return err
+			}
+			repl[name] = m
+			continue
+		}
+		m, err := openOrCreateMap(path, ms)
+		if err != nil {
+			return err
+		}
+		repl[name] = m
+	}
+	records, err := openOrCreateMap(l.pins.mapIn(staging, recordsMap), recordsSpec())
+	if err != nil {
+		return err
+	}
+	l.records = records
+
+	nRules, err := copyMap(old[bpfobj.RedirectMapNsrRules], repl[bpfobj.RedirectMapNsrRules])
+	if err != nil {
+		return fmt.Errorf("copy rules: %w", err)
+	}
+	nRecords, live, err := l.copyV1Records(old[v1EnrollMap])
+	if err != nil {
+		return err
+	}
+
+	coll, err := l.load(spec, repl)
+	if err != nil {
+		return err
+	}
+	defer coll.Close()
+	oldProgs := map[string]*ebpf.Program{}
+	defer func() {
+		for _, p := range oldProgs {
+			p.Close()
+		}
+	}()
+	for _, h := range hooks {
+		if p, err := ebpf.LoadPinnedProgram(l.pins.prog(h), nil); err == nil {
+			oldProgs[h.name] = p
+		}
+	}
+	for i, h := range hooks {
+		if err := l.attachHook(h, coll.Programs[h.prog], cgroup, cgroupID); err != nil {
+			l.putBack(hooks[:i], oldProgs, cgroup, cgroupID)
+			return err
+		}
+	}
+	// After the swap: counts the old programs made up to it are kept.
+	if _, err := copyMap(old[bpfobj.RedirectMapNsrCounters], repl[bpfobj.RedirectMapNsrCounters]); err != nil {
+		l.log.WithError(err).Warn("migration: redirect counters not carried over; they restart at zero")
+	}
+	if err := os.Rename(staging, l.pins.stateDir()); err != nil {
+		l.putBack(hooks, oldProgs, cgroup, cgroupID)
+		return fmt.Errorf("rename %s into place: %w", staging, err)
+	}
+	for _, name := range v1Maps {
+		_ = os.Remove(l.pins.v1Map(name))
+	}
+	// The maps were opened at their staging paths; their pins moved with
+	// the directory, the handles stay valid.
+	fields := logrus.Fields{"pin_dir": l.dir, "from": 1, "to": layoutVersion, "rules": nRules, "enrollments": nRecords}
+	if len(live) > 0 {
+		fields["older_daemons"] = live
+		l.log.WithFields(fields).Warn("migrated the pinned state; the older daemons still running find their state gone and must be restarted with this version (their rules keep working meanwhile)")
+	} else {
+		l.log.WithFields(fields).Info("migrated the pinned state to this version's layout")
+	}
+	return nil
+}
+
+// putBack restores the programs that were on the links of hs before a
+// migration that failed.
+func (l *Loader) putBack(hs []hook, progs map[string]*ebpf.Program, cgroup string, cgroupID uint64) {
+	for _, h := range hs {
+		p := progs[h.name]
+		if p == nil {
+			continue
+		}
+		if err := l.attachHook(h, p, cgroup, cgroupID); err != nil {
+			l.log.WithError(err).WithField("hook", h.name).Error("migration failed and the old program could not be put back")
+		}
+	}
+}
+
+// copyV1Records converts every version 1 record into the record store. It
+// returns how many, and the pids of those whose owner still runs.
+func (l *Loader) copyV1Records(enroll *ebpf.Map) (int, []uint32, error) {
+	var cookie uint64
+	var raw []byte
+	var live []uint32
+	n := 0
+	it := enroll.Iterate()
+	for it.Next(&cookie, &raw) {
+		e, err := decodeV1Enrollment(raw)
+		if err != nil {
+			return n, live, fmt.Errorf("read version 1 enrollment %d: %w", cookie, err)
+		}
+		v, err := encodeRecord(e.stored())
+		if err != nil {
+			return n, live, err
+		}
+		if err := l.records.Put(cookie, v); err != nil {
+			return n, live, fmt.Errorf("copy enrollment %d: %w", cookie, err)
+		}
+		if ownerAlive(l.dir, cookie) {
+			live = append(live, e.OwnerPid)
+		}
+		n++
+	}
+	if err := it.Err(); err != nil {
+		return n, live, fmt.Errorf("read version 1 enrollments: %w", err)
+	}
+	return n, live, nil
+}
+
+// copyMap copies every entry of from into to, byte for byte (per-CPU values
+// CPU by CPU).
+func copyMap(from, to *ebpf.Map) (int, error) {
+	if from.KeySize() != to.KeySize() || from.ValueSize() != to.ValueSize() || from.Type() != to.Type() {
+		return 0, errors.New("the maps' layouts differ")
+	}
+	var k []byte
+	n := 0
+	if from.Type() == ebpf.PerCPUHash || from.Type() == ebpf.PerCPUArray {
+		if from.ValueSize() != 8 {
+			return 0, errors.New("per-CPU values other than counters are not copied")
+		}
+		var v []uint64
+		it := from.Iterate()
+		for it.Next(&k, &v) {
+			if err := to.Put(k, v); err != nil {
+				return n, err
+			}
+			n++
+		}
+		return n, it.Err()
+	}
+	var v []byte
+	it := from.Iterate()
+	for it.Next(&k, &v) {
+		if err := to.Put(k, v); err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, it.Err()
+}
