@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -16,6 +15,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/nsredirect/nsredirect/internal/bpfobj"
+	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/netnsx"
 )
 
@@ -236,7 +236,7 @@ func measureScaling(e *env, r *results, ns netnsx.Target, nsName string) error {
 		return err
 	}
 	defer down()
-	m, err := ebpf.LoadPinnedMap(filepath.Join(e.pinDir, bpfobj.RedirectMapNsrRules), nil)
+	m, err := ebpf.LoadPinnedMap(loader.MapPin(e.pinDir, bpfobj.RedirectMapNsrRules), nil)
 	if err != nil {
 		return err
 	}

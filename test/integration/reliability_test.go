@@ -26,8 +26,8 @@ import (
 func dumpMaps(t *testing.T, pinDir string) string {
 	t.Helper()
 	var b strings.Builder
-	for _, name := range []string{"nsr_rules", "nsr_counters", "nsr_enroll"} {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, name), nil)
+	for _, name := range []string{"nsr_rules", "nsr_counters", "nsr_records"} {
+		m, err := ebpf.LoadPinnedMap(loader.MapPin(pinDir, name), nil)
 		if err != nil {
 			t.Fatalf("open %s: %v", name, err)
 		}
@@ -317,7 +317,7 @@ func TestFullMapRefusedCleanly(t *testing.T) {
 		_, _ = l.Cleanup(true)
 		l.Close()
 	})
-	enroll, err := ebpf.LoadPinnedMap(filepath.Join(pin, "nsr_enroll"), nil)
+	enroll, err := ebpf.LoadPinnedMap(loader.MapPin(pin, "nsr_records"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

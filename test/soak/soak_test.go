@@ -12,7 +12,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -23,6 +22,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
@@ -274,7 +274,7 @@ func hasRow(t *testing.T, pin, name string) bool {
 
 func countEntries(t *testing.T, pin string) int {
 	t.Helper()
-	m, err := ebpf.LoadPinnedMap(filepath.Join(pin, "nsr_rules"), nil)
+	m, err := ebpf.LoadPinnedMap(loader.MapPin(pin, "nsr_rules"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
