@@ -1,5 +1,11 @@
 package loader
 
+import (
+	"github.com/cilium/ebpf"
+
+	"github.com/nsredirect/nsredirect/internal/bpfobj"
+)
+
 // ProbeIDs returns the IDs of the probe program and of the link that keeps
 // it attached; zero when nothing is attached.
 func (s *CookieSource) ProbeIDs() (prog, lnk int, err error) {
@@ -26,3 +32,5 @@ func (s *CookieSource) Pending() (int, error) {
 	}
 	return n, it.Err()
 }
+
+func loadSpec() (*ebpf.CollectionSpec, error) { return bpfobj.LoadRedirect() }
