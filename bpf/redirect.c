@@ -13,6 +13,7 @@
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 /* Rule entries and per-spec counters. A spec expands to at most 6 entries
  * and a netns has at most 16 specs; the enrollment store (userspace only,
@@ -106,17 +107,45 @@ static __always_inline void count(__u64 cookie, __u32 index)
 		*n += 1; /* per-CPU value: no atomics needed */
 }
 
+/* The fast path: every connect() of the host runs these programs, and a rule
+ * only ever matches a loopback or unspecified destination (127.0.0.0/8, ::1,
+ * 0.0.0.0, ::, and their v4-mapped forms; internal/rule refuses any other).
+ * Anything else is decided from the destination alone, before any helper or
+ * map call. */
+#define NSR_LOOPBACK_NET 0x7f000000 /* 127.0.0.0/8 */
+#define NSR_NET8_MASK 0xff000000
+
+static __always_inline int maybe_ours4(__u32 ip4)
+{
+	return (ip4 & bpf_htonl(NSR_NET8_MASK)) == bpf_htonl(NSR_LOOPBACK_NET) || ip4 == 0;
+}
+
+static __always_inline int maybe_ours6(const struct rule_key *key)
+{
+	if (key->addr[0] != 0 || key->addr[1] != 0)
+		return 0;
+	if (key->addr[2] == 0) /* :: and ::1 */
+		return key->addr[3] == 0 || key->addr[3] == bpf_htonl(1);
+	if (key->addr[2] == bpf_htonl(0xffff)) /* ::ffff:a.b.c.d */
+		return maybe_ours4(key->addr[3]);
+	return 0;
+}
+
 /* Look the dialled destination up; on a hit remember it on the socket and
  * return the rule. On a miss forget any earlier redirect of this socket, so a
- * re-connected socket never reports a stale peer. */
-static __always_inline const struct rule_val *lookup(struct bpf_sock_addr *ctx, struct rule_key *key)
+ * re-connected socket never reports a stale peer: a socket that was
+ * redirected once may connect again elsewhere, so the delete stays even on
+ * the fast path (it is one pointer test when the socket holds no storage).
+ * UDP and other protocols never get storage, so they skip it. */
+static __always_inline const struct rule_val *lookup(struct bpf_sock_addr *ctx, struct rule_key *key, int candidate)
 {
 	const struct rule_val *val;
 	struct orig_dst *orig;
 
-	if (ctx->protocol != NSR_IPPROTO_TCP)
+	if (!candidate) {
+		bpf_sk_storage_delete(&nsr_sockets, ctx->sk);
 		return 0;
-
+	}
 	key->netns_cookie = bpf_get_netns_cookie(ctx);
 	val = bpf_map_lookup_elem(&nsr_rules, key);
 	if (!val) {
@@ -144,9 +173,11 @@ int nsr_connect4(struct bpf_sock_addr *ctx)
 	struct rule_key key = {.family = 4};
 	const struct rule_val *val;
 
+	if (ctx->protocol != NSR_IPPROTO_TCP)
+		return SYS_PROCEED;
 	key.addr[0] = ctx->user_ip4;
 	key.port = (__u16)ctx->user_port;
-	val = lookup(ctx, &key);
+	val = lookup(ctx, &key, maybe_ours4(key.addr[0]));
 	if (!val)
 		return SYS_PROCEED;
 
@@ -164,12 +195,14 @@ int nsr_connect6(struct bpf_sock_addr *ctx)
 
 	/* Covers ::1 and v4-mapped ::ffff:127.0.0.1 on dual-stack sockets: a
 	 * v4-mapped connect() runs this hook only, never connect4. */
+	if (ctx->protocol != NSR_IPPROTO_TCP)
+		return SYS_PROCEED;
 	key.addr[0] = ctx->user_ip6[0];
 	key.addr[1] = ctx->user_ip6[1];
 	key.addr[2] = ctx->user_ip6[2];
 	key.addr[3] = ctx->user_ip6[3];
 	key.port = (__u16)ctx->user_port;
-	val = lookup(ctx, &key);
+	val = lookup(ctx, &key, maybe_ours6(&key));
 	if (!val)
 		return SYS_PROCEED;
 
