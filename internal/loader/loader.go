@@ -395,29 +395,85 @@ type cookieState struct {
 
 func (l *Loader) readCookie(cookie uint64) (cookieState, error) {
 	st := cookieState{rules: map[bpfobj.RedirectRuleKey]bpfobj.RedirectRuleVal{}, counters: map[uint32][]uint64{}}
-	var k bpfobj.RedirectRuleKey
-	var v bpfobj.RedirectRuleVal
-	it := l.maps.NsrRules.Iterate()
-	for it.Next(&k, &v) {
+	if err := scanRules(l.maps.NsrRules, func(k bpfobj.RedirectRuleKey, v bpfobj.RedirectRuleVal) {
 		if k.NetnsCookie == cookie {
 			st.rules[k] = v
 		}
-	}
-	if err := it.Err(); err != nil {
+	}); err != nil {
 		return st, fmt.Errorf("read rules of netns %d: %w", cookie, err)
 	}
-	var ck bpfobj.RedirectCounterKey
-	var perCPU []uint64
-	cit := l.maps.NsrCounters.Iterate()
-	for cit.Next(&ck, &perCPU) {
-		if ck.NetnsCookie == cookie {
-			st.counters[ck.Index] = append([]uint64(nil), perCPU...)
+	if err := scanCounters(l.maps.NsrCounters, func(k bpfobj.RedirectCounterKey, perCPU []uint64) {
+		if k.NetnsCookie == cookie {
+			st.counters[k.Index] = append([]uint64(nil), perCPU...)
 		}
-	}
-	if err := cit.Err(); err != nil {
+	}); err != nil {
 		return st, fmt.Errorf("read counters of netns %d: %w", cookie, err)
 	}
 	return st, nil
+}
+
+// scanBatch is how many entries one batch lookup reads: a full rule map
+// is read in 64 system calls instead of two per entry.
+const scanBatch = 1024
+
+// scanRules calls fn for every entry of the rule map, in batches, or key by
+// key where the kernel refuses batch operations.
+func scanRules(m *ebpf.Map, fn func(bpfobj.RedirectRuleKey, bpfobj.RedirectRuleVal)) error {
+	keys := make([]bpfobj.RedirectRuleKey, scanBatch)
+	vals := make([]bpfobj.RedirectRuleVal, scanBatch)
+	var cursor ebpf.MapBatchCursor
+	for first := true; ; first = false {
+		n, err := m.BatchLookup(&cursor, keys, vals, nil)
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) && first {
+			break // no batch support (or a bucket larger than a batch): iterate
+		}
+		for i := range n {
+			fn(keys[i], vals[i])
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+	var k bpfobj.RedirectRuleKey
+	var v bpfobj.RedirectRuleVal
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		fn(k, v)
+	}
+	return it.Err()
+}
+
+// scanCounters is scanRules for the per-CPU counter map.
+func scanCounters(m *ebpf.Map, fn func(bpfobj.RedirectCounterKey, []uint64)) error {
+	cpus := ebpfCPUs()
+	keys := make([]bpfobj.RedirectCounterKey, scanBatch)
+	vals := make([]uint64, scanBatch*cpus)
+	var cursor ebpf.MapBatchCursor
+	for first := true; ; first = false {
+		n, err := m.BatchLookup(&cursor, keys, vals, nil)
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) && first {
+			break
+		}
+		for i := range n {
+			fn(keys[i], vals[i*cpus:(i+1)*cpus])
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+	var k bpfobj.RedirectCounterKey
+	var perCPU []uint64
+	it := m.Iterate()
+	for it.Next(&k, &perCPU) {
+		fn(k, perCPU)
+	}
+	return it.Err()
 }
 
 // Enroll makes the kernel redirect e.Rules in netns e.Cookie. Rules that an

@@ -186,7 +186,7 @@ func TestFailedUpdateRollsBackExactly(t *testing.T) {
 		t.Fatalf("update into a full rule map: %v; want 'rule map is full'", err)
 	}
 	if after := dumpMaps(t, pin); after != before {
-		t.Errorf("a failed update changed the kernel state:\nbefore:\n%s\nafter:\n%s", diffLines(before, after), "")
+		t.Errorf("a failed update changed the kernel state (- before, + after):\n%s", diffLines(before, after))
 	}
 }
 
@@ -242,7 +242,7 @@ func TestFailedAdoptionReleasesOwner(t *testing.T) {
 		t.Fatalf("adoption into a full rule map: %v; want 'rule map is full'", err)
 	}
 	if after := dumpMaps(t, pin); after != before {
-		t.Errorf("a failed adoption changed the kernel state:\n%s", diffLines(before, after))
+		t.Errorf("a failed adoption changed the kernel state (- before, + after):\n%s", diffLines(before, after))
 	}
 	recs, err := l.Records()
 	if err != nil {
