@@ -696,7 +696,11 @@ func (l *Loader) claim(cookie uint64) (*os.File, error) {
 	f, err := claimOwner(l.dir, cookie)
 	if errors.Is(err, errHeld) {
 		if rec, _, ok, _ := lookupRecord(l.records, cookie); ok {
-			return nil, fmt.Errorf("%w: pid %d (%s) serves %q (cookie %d); stop it first, or give this instance another netns", ErrBusy, rec.OwnerPID, rec.Holder, rec.Name, cookie)
+			who := fmt.Sprintf("pid %d", rec.OwnerPID)
+			if rec.Holder != "" {
+				who = rec.Holder
+			}
+			return nil, fmt.Errorf("%w: %s serves %q (cookie %d); stop it first, or give this instance another netns", ErrBusy, who, rec.Name, cookie)
 		}
 		return nil, fmt.Errorf("%w (cookie %d)", ErrBusy, cookie)
 	}
