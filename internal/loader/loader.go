@@ -89,6 +89,10 @@ type Loader struct {
 
 	mu    sync.Mutex
 	owned map[uint64]*os.File // owner locks of the netns this process serves
+
+	// repaired names the hooks whose pinned link Attach found detached or
+	// defunct and replaced.
+	repaired []string
 }
 
 func newLoader(dir string, log logrus.FieldLogger) *Loader {
@@ -266,6 +270,7 @@ func (l *Loader) attachHook(h hook, prog *ebpf.Program, cgroup string, cgroupID 
 			if err := l.attachNew(h, prog, cgroup); err != nil {
 				return err
 			}
+			l.repaired = append(l.repaired, h.name)
 		}
 	case errors.Is(err, os.ErrNotExist):
 		if err := l.attachNew(h, prog, cgroup); err != nil {
@@ -366,6 +371,11 @@ func OpenPinned(dir string, log logrus.FieldLogger) (*Loader, error) {
 	}
 	return l, nil
 }
+
+// StartupRepairs names the hooks whose pinned link Attach found detached or
+// defunct and replaced with a new one, for the daemon to log and count as it
+// counts the repairs of Heal.
+func (l *Loader) StartupRepairs() []string { return append([]string(nil), l.repaired...) }
 
 // Dir is the pin directory.
 func (l *Loader) Dir() string { return l.dir }

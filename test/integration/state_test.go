@@ -410,10 +410,12 @@ func TestAttachReplacesDetachedLink(t *testing.T) {
 	if !linkAttachedAt(t, pin, "connect6") {
 		t.Fatal("connect6 link not attached after a start that found it detached")
 	}
+	if got := l.StartupRepairs(); len(got) != 1 || got[0] != "connect6" {
+		t.Errorf("StartupRepairs = %v, want [connect6]", got)
+	}
 	if peer := hostPeer(ns, "[::1]:80"); peer != "[::1]:80" {
 		t.Errorf("[::1]:80 after the start: %s, want redirected", peer)
 	}
-	_ = l
 }
 
 // v1Object is the programs' object as layout version 1 (main before the
