@@ -4,8 +4,10 @@
  * network namespaces, at connect time, with no per-packet work.
  *
  * The programs are attached once at the cgroup2 root, so they see every
- * connect() on the host; the rule map is keyed by the netns cookie, so a
- * socket in a namespace without rules pays one hash miss and is left alone.
+ * connect() on the host. A connect that no rule can match (not TCP, or not to
+ * a loopback or unspecified address) is decided from the destination alone;
+ * the rest pay one hash miss, keyed by netns cookie, unless their namespace
+ * has a rule for what they dialled.
  *
  * The original destination is kept in per-socket storage so getpeername()
  * reports what the application dialled; a socket that was not redirected has
