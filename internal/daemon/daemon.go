@@ -400,6 +400,19 @@ func NetnsAlive(proc string, id netnsx.LiveID, paths ...string) bool {
 	return false
 }
 
+// Moved reports whether the path of a live target no longer leads to the
+// namespace it was enrolled through (one stat each, no namespace entered).
+func (d *Daemon) Moved() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, l := range d.live {
+		if id, err := l.target.Netns.Stat(); err != nil || id != l.id {
+			return true
+		}
+	}
+	return false
+}
+
 // TakeStale reports, and clears, whether a target did not resolve or its
 // path now leads elsewhere since the last call: its source should be asked
 // to describe the targets again.

@@ -167,6 +167,11 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 	}
 	tick := time.NewTicker(cfg.Resync)
 	defer tick.Stop()
+	// Between resyncs, a cheap look (one stat per target) for a target
+	// whose process is gone: a restart is followed well within a second
+	// even when no event says so.
+	probe := time.NewTicker(cfg.Resync / 4)
+	defer probe.Stop()
 	var runErr error
 	for running := true; running; {
 		select {
@@ -179,6 +184,10 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 			}
 		case <-wake:
 			r.describe(ctx)
+		case <-probe.C:
+			if d.Moved() {
+				r.describe(ctx)
+			}
 		case <-tick.C:
 			if err := kernel.Intact(); err != nil {
 				runErr = err
