@@ -1,3 +1,7 @@
+// Named to sort after docker_test.go: these tests enter namespaces, which can
+// leave the main thread in one (see netnsx.Target), and TestSharedNetnsEnrolledOnce
+// relies on this process being in the host netns.
+
 package docker
 
 import (
