@@ -349,9 +349,15 @@ func IsHostNetns(proc string, id netnsx.LiveID) (host, known bool) {
 // hasInitNetIno reports whether this kernel gives the initial netns its
 // fixed inode: then a netns is the host's exactly when it has that inode.
 func hasInitNetIno() bool {
-	var st unix.Stat_t
-	// kthreadd's netns is the initial one; our own is not necessarily.
-	return unix.Stat("/proc/2/ns/net", &st) == nil && st.Ino == initNetIno
+	// Witnesses of the initial netns: kthreadd's (needs CAP_SYS_PTRACE to
+	// look at), and our own when we run in it.
+	for _, p := range []string{"/proc/2/ns/net", "/proc/thread-self/ns/net"} {
+		var st unix.Stat_t
+		if unix.Stat(p, &st) == nil && st.Ino == initNetIno {
+			return true
+		}
+	}
+	return false
 }
 
 // dropUnlessAlive removes l's rules when its netns is proven gone: no
