@@ -1,7 +1,9 @@
-// Package daemon decides what the kernel should redirect. Every discovery
-// mode (flags, Docker, Kubernetes) hands it the full desired set of targets;
-// Reconcile resolves each target's netns and enrolls, updates or removes
-// rules through the loader. It is the one path into the kernel.
+// Package daemon decides what the kernel should redirect, and is the one
+// loop every long-running mode runs (Run): a discovery mode is a Source
+// that only describes the desired targets (flags, Docker, Kubernetes),
+// wakes the loop and decides on handover; Reconcile resolves each target's
+// netns and enrolls, updates or removes rules through the loader. It is the
+// one path into the kernel.
 package daemon
 
 import (
@@ -256,10 +258,14 @@ func (d *Daemon) apply(t Target) error {
 		if err == nil && id == cur.id {
 			return nil
 		}
-		if err != nil || (id.Start != 0 && id.Start != cur.id.Start) {
-			// The process the path went through is gone (or its pid was
-			// reused): the source should say where the target is now.
+		if err != nil {
+			d.stale = true // the source should say where the target is now
+		} else if t.Netns.Path == cur.target.Netns.Path && id.Start != 0 && cur.id.Start != 0 && id.Start != cur.id.Start {
+			// The process the path went through is gone and its pid
+			// reused by another: never follow that one.
 			d.stale = true
+			d.dropUnlessAlive(cur, nil)
+			return fmt.Errorf("%s: the process of %s is gone (its pid now belongs to another process)", t.label(), t.Netns.Path)
 		}
 	}
 	cookie, id, err := t.Netns.ResolveWith(d.cookies)

@@ -237,19 +237,6 @@ func (c *Controller) desired() (ts []daemon.Target, byName map[string]*Pod, warn
 	return ts, byName, warn
 }
 
-// Wanted names the pods that should have rules now, for discarding what a
-// predecessor left for pods that are gone.
-func (c *Controller) Wanted() []string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	ts, _, _ := c.desired()
-	names := make([]string, 0, len(ts))
-	for _, t := range ts {
-		names = append(names, t.Name)
-	}
-	return names
-}
-
 // Desired describes the annotated running pods of this node.
 func (c *Controller) Desired(context.Context) ([]daemon.Target, error) {
 	c.mu.Lock()

@@ -269,7 +269,8 @@ func TestHostNetnsPodWarned(t *testing.T) {
 	f.add(t, p)
 	cached(t, c, "shop", "sneaky", anyPod)
 	k := &fakeKernel{enrolled: map[uint64]loader.Enrollment{}}
-	d := daemon.New(k, testenv.Cookies(t), "kube", quietLog(), daemon.WaitForOwners())
+	log, _ := test.NewNullLogger()
+	d := daemon.New(k, testenv.Cookies(t), "kube", log, daemon.WaitForOwners())
 	c.Sync(context.Background(), d)
 	c.Sync(context.Background(), d)
 	ev := f.eventsOf(t, "shop", "sneaky", ReasonInvalid)
