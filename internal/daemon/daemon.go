@@ -51,6 +51,11 @@ type Target struct {
 // until its netns is proven gone.
 var ErrPending = errors.New("netns not found yet")
 
+// ErrLookup marks a target whose netns the source could not look up (an
+// unreadable proc root): logged and counted like any failure, but rules
+// already live for it stay until its netns is proven gone.
+var ErrLookup = errors.New("netns lookup failed")
+
 // ErrHostNetns is a target whose netns is the host's: redirecting there
 // would steer the loopback connects of every host process. Every mode
 // refuses it, by netns identity, whatever the source's configuration says.
@@ -245,8 +250,12 @@ func (d *Daemon) reconcile() error {
 func (d *Daemon) apply(t Target) error {
 	cur := d.live[t.Name]
 	if t.Err != nil {
-		if cur != nil {
-			d.dropUnlessAlive(cur, t.Err)
+		switch {
+		case cur == nil:
+		case errors.Is(t.Err, ErrPending), errors.Is(t.Err, ErrLookup):
+			d.dropUnlessAlive(cur, t.Err) // not found now is not gone
+		default:
+			_ = d.drop(cur) // the target itself is wrong now (a bad annotation)
 		}
 		return t.Err
 	}

@@ -170,7 +170,7 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 	// Between resyncs, a cheap look (one stat per target) for a target
 	// whose process is gone: a restart is followed well within a second
 	// even when no event says so.
-	probe := time.NewTicker(cfg.Resync / 4)
+	probe := time.NewTicker(max(cfg.Resync/4, time.Millisecond))
 	defer probe.Stop()
 	var runErr error
 	for running := true; running; {

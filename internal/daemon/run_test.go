@@ -235,3 +235,25 @@ func TestRunHealsAndExports(t *testing.T) {
 		}
 	}
 }
+
+// TestBadTargetDropsRules: a target its source now describes as wrong (an
+// annotation edited into garbage) loses its rules at once, netns alive or
+// not; one it could not look up keeps them.
+func TestBadTargetDropsRules(t *testing.T) {
+	ns := testenv.NewNetns(t)
+	k := newFake()
+	d := New(k, testenv.Cookies(t), "kube", quiet())
+	good := []Target{{Name: "p", Netns: ns.Target(), Rules: rules(t, "80=3210")}}
+	if err := d.Reconcile(good); err != nil {
+		t.Fatal(err)
+	}
+	cookie := ns.Cookie(t)
+	_ = d.Reconcile([]Target{{Name: "p", Err: fmt.Errorf("%w: read /host/proc: permission denied", ErrLookup)}})
+	if _, kept := k.enrolled[cookie]; !kept {
+		t.Error("a failed lookup removed the rules of a live netns")
+	}
+	_ = d.Reconcile([]Target{{Name: "p", Err: errors.New(`annotation "80=x" does not parse`)}})
+	if _, kept := k.enrolled[cookie]; kept {
+		t.Error("a bad annotation kept the old rules")
+	}
+}

@@ -219,7 +219,7 @@ func (c *Controller) desired() (ts []daemon.Target, byName map[string]*Pod, warn
 			}
 			t.Rules = rules
 			if scanErr != nil {
-				t.Err = scanErr
+				t.Err = fmt.Errorf("%w: %w", daemon.ErrLookup, scanErr)
 			} else if t.Netns, _, err = procs.Netns(string(p.UID)); errors.Is(err, ErrNoPodProcess) {
 				// The sandbox is being (re-)created: not an error, and
 				// rules already live stay until its old netns is gone.
