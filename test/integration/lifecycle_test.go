@@ -1,6 +1,8 @@
 package integration
 
 import (
+	"fmt"
+	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -171,4 +173,45 @@ func TestDetachedLinkHealed(t *testing.T) {
 	if got := testenv.Links(t, pin)[0]; got.ID == connect4.ID {
 		t.Errorf("connect4 link %d not replaced", got.ID)
 	}
+}
+
+// TestRunSelfInOwnPidNamespace is the README's sidecar (`run --netns self`
+// sharing the backend's netns, in a container with its own pid
+// namespace): its pid 1 shares the target netns but is not the host's, so
+// the target is not taken for the host netns.
+func TestRunSelfInOwnPidNamespace(t *testing.T) {
+	pin := testenv.BPFFS(t)
+	ns := testenv.NewNetns(t)
+	testenv.Server(t, ns, ":3210")
+	bin := testenv.Binary(t, "NSREDIRECT_BIN", "github.com/nsredirect/nsredirect/cmd/nsredirect")
+	// nsenter, not `ip netns exec`, which would remount /sys and hide the cgroup2 mount.
+	d := testenv.Start(t, exec.Command(testenv.Tool(t, "nsenter"), "--net="+ns.Path,
+		"unshare", "--pid", "--fork", "--mount-proc", "--kill-child=SIGTERM",
+		bin, "run", "--netns", "self", "--redirect", "80=3210", "--pin-dir", pin, "--remove-on-exit"))
+	d.WaitOutput(t, "nsredirect running", 20*time.Second)
+	if got := curl(t, ns, "http://127.0.0.1/"); !strings.Contains(got, ":3210") {
+		t.Errorf("sidecar's redirect: %q", got)
+	}
+	if strings.Contains(d.Output(), "is the host network namespace") || strings.Contains(d.Output(), "level=error") {
+		t.Errorf("the sidecar's own netns was taken for the host's:\n%s", d.Output())
+	}
+	ids := testenv.ProgIDs(t, pin)
+	// unshare does not pass SIGTERM on: signal the daemon, its child.
+	children, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", d.Cmd.Process.Pid, d.Cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	child, err := strconv.Atoi(strings.TrimSpace(string(children)))
+	if err != nil {
+		t.Fatalf("children of unshare: %q", children)
+	}
+	if err := syscall.Kill(child, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	took := waitFor(t, "the sidecar to remove everything", 10*time.Second, func() bool {
+		_, err := os.Stat(pin)
+		return os.IsNotExist(err)
+	})
+	t.Logf("stopped and cleaned up in %s", took)
+	testenv.AssertGone(t, pin, ids)
 }
