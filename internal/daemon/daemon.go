@@ -413,8 +413,12 @@ func NetnsAlive(proc string, id netnsx.LiveID, paths ...string) bool {
 	if err != nil {
 		return true // cannot look: not proven gone
 	}
+	// Not ourselves: the Go runtime may have parked our main thread in a
+	// target's netns (see netnsx.Target), which would keep it "alive" for
+	// good. <proc>/self names us in that procfs's pid namespace.
+	self, _ := os.Readlink(filepath.Join(proc, "self"))
 	for _, e := range entries {
-		if _, err := strconv.Atoi(e.Name()); err == nil && same(filepath.Join(proc, e.Name(), "ns", "net")) {
+		if _, err := strconv.Atoi(e.Name()); err == nil && e.Name() != self && same(filepath.Join(proc, e.Name(), "ns", "net")) {
 			return true
 		}
 	}
