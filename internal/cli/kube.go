@@ -22,10 +22,11 @@ const apiTimeout = 30 * time.Second
 
 // kubeCmd enrolls the annotated running pods of one node (a DaemonSet).
 //
-// Lifecycle (daemon.Run, kube.Controller.Handover). A rollout (maxSurge: 1, maxUnavailable: 0) starts the new
-// daemon pod beside the old: the new one is ready while the old still owns
-// every pod's netns (daemon.WaitForOwners), and adopts each on the resync
-// tick after the old one lets go. On SIGTERM a daemon hands over (rules
+// Lifecycle (daemon.Run, kube.Controller.Handover). A rollout (maxSurge: 1,
+// maxUnavailable: 0) starts the new daemon pod beside the old: the new one
+// is ready while the old still owns every pod's netns
+// (daemon.WaitForOwners), and adopts each on the resync tick after the old
+// one lets go. On SIGTERM a daemon hands over (rules
 // stay, owner locks released) if another running pod of its DaemonSet is on
 // the node; otherwise (uninstall) it removes its rules, and the last one out
 // unpins and detaches everything.
