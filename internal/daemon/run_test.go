@@ -257,3 +257,47 @@ func TestBadTargetDropsRules(t *testing.T) {
 		t.Error("a bad annotation kept the old rules")
 	}
 }
+
+// TestReusedPidNotFollowed: the process a target's /proc path went through
+// is gone and its pid belongs to another process (another netns) now: that
+// one is never enrolled; the source is asked to describe the target again.
+func TestReusedPidNotFollowed(t *testing.T) {
+	a, b := testenv.NewNetns(t), testenv.NewNetns(t)
+	pa, pb := sleeper(t, a), sleeper(t, b)
+	// A proc-like root whose entry 100 leads to pa, then to pb, as a
+	// reused pid would; its stat gives each its own start time.
+	root := t.TempDir()
+	dir := root + "/100"
+	if err := os.MkdirAll(dir+"/ns", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	point := func(p *testenv.Proc, start int) {
+		_ = os.Remove(dir + "/ns/net")
+		if err := os.Symlink(fmt.Sprintf("/proc/%d/ns/net", p.Cmd.Process.Pid), dir+"/ns/net"); err != nil {
+			t.Fatal(err)
+		}
+		stat := fmt.Sprintf("100 (sleep) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 %d 0 0\n", start)
+		if err := os.WriteFile(dir+"/stat", []byte(stat), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	point(pa, 1000)
+	tg, _ := netnsx.ParseTarget(dir + "/ns/net")
+	k := newFake()
+	d := New(k, testenv.Cookies(t), "docker", quiet())
+	want := []Target{{Name: "web", Kind: "container", Netns: tg, Rules: rules(t, "80=3210")}}
+	if err := d.Reconcile(want); err != nil {
+		t.Fatal(err)
+	}
+	d.TakeStale()
+	point(pb, 2000)
+	if err := d.Reconcile(want); err == nil || !strings.Contains(err.Error(), "another process") {
+		t.Errorf("Reconcile = %v; want the reused pid refused", err)
+	}
+	if _, wrong := k.enrolled[b.Cookie(t)]; wrong {
+		t.Error("the netns of the process that took the pid was enrolled")
+	}
+	if !d.TakeStale() {
+		t.Error("the source was not asked to describe the target again")
+	}
+}
