@@ -56,7 +56,7 @@ type command struct {
 
 func commands() []command {
 	return []command{
-		{"run", "--netns TARGET --redirect SPEC [--redirect SPEC...]", "redirect loopback connects in one netns, in the foreground", runCmd},
+		{"run", "--netns TARGET --redirect SPEC [--redirect SPEC...] [--remove-on-exit] [--allow-host-netns]", "redirect loopback connects in one netns, in the foreground (rules outlive a stop for the next run to adopt, unless --remove-on-exit)", runCmd},
 		{"docker", "[--docker-host unix:///var/run/docker.sock] [--label nsredirect.redirect]", "redirect in every running container labelled nsredirect.redirect=SPEC[,SPEC...]", dockerCmd},
 		{"kube", "--node-name NODE [--annotation nsredirect.io/redirect] [--kubeconfig PATH] [--proc /proc]", "redirect in every running pod of this node annotated nsredirect.io/redirect: SPEC[,SPEC...] (a DaemonSet)", kubeCmd},
 		{"check", "--netns TARGET [--dial ADDR:PORT]", "exit 0 when a rule for TARGET is live (healthcheck)", checkCmd},

@@ -81,7 +81,11 @@ func checkCmd(_ context.Context, io IO, args []string) error {
 			return fmt.Errorf("netns %s: rule live but connect to %s failed: %w", target, dial, err)
 		}
 	}
-	fmt.Fprintf(io.Stdout, "ok: netns %s (%s): %s live, owner pid %d %s\n", target, rec.Name, strings.Join(rec.Specs, ","), rec.OwnerPID, aliveWord(rec.OwnerAlive))
+	holder := rec.Holder
+	if holder == "" {
+		holder = fmt.Sprintf("pid %d", rec.OwnerPID)
+	}
+	fmt.Fprintf(io.Stdout, "ok: netns %s (%s): %s live, owner %s %s\n", target, rec.Name, strings.Join(rec.Specs, ","), holder, aliveWord(rec.OwnerAlive))
 	return nil
 }
 
@@ -124,14 +128,29 @@ func aliveWord(alive bool) string {
 
 type statusRow struct {
 	Netns     string    `json:"netns"`
+	ID        string    `json:"id,omitempty"`
 	Cookie    uint64    `json:"cookie"`
 	NetnsIno  uint64    `json:"netns_inode"`
 	Mode      string    `json:"mode"`
 	Rule      string    `json:"rule"`
 	OwnerPID  uint32    `json:"owner_pid"`
+	Holder    string    `json:"holder,omitempty"`
 	Alive     bool      `json:"owner_alive"`
 	Redirects uint64    `json:"redirects"`
 	Since     time.Time `json:"since"`
+}
+
+// mapRow is the fill level of one pinned map.
+type mapRow struct {
+	Map      string `json:"map"`
+	Entries  int    `json:"entries"`
+	Capacity int    `json:"capacity"`
+}
+
+// statusJSON is `status --json`.
+type statusJSON struct {
+	Rules []statusRow `json:"rules"`
+	Maps  []mapRow    `json:"maps"`
 }
 
 func statusCmd(_ context.Context, io IO, args []string) error {
@@ -144,6 +163,7 @@ func statusCmd(_ context.Context, io IO, args []string) error {
 		return err
 	}
 	rows := []statusRow{}
+	maps := []mapRow{}
 	l, err := loader.OpenPinned(pinDir, quietLog())
 	switch {
 	case errors.Is(err, loader.ErrNotPinned):
@@ -157,29 +177,66 @@ func statusCmd(_ context.Context, io IO, args []string) error {
 		}
 		for _, r := range recs {
 			for i, spec := range r.Specs {
-				rows = append(rows, statusRow{r.Name, r.Cookie, r.NetnsIno, r.Owner, spec, r.OwnerPID, r.OwnerAlive, r.Redirects[i], r.Enrolled.UTC()})
+				rows = append(rows, statusRow{
+					Netns: r.Name, ID: r.ID, Cookie: r.Cookie, NetnsIno: r.NetnsIno, Mode: r.Owner, Rule: spec,
+					OwnerPID: r.OwnerPID, Holder: r.Holder, Alive: r.OwnerAlive, Redirects: r.Redirects[i], Since: r.Enrolled.UTC(),
+				})
 			}
+		}
+		fill, err := l.Fill()
+		if err != nil {
+			return err
+		}
+		for _, f := range fill {
+			maps = append(maps, mapRow{f.Name, f.Entries, f.Capacity})
 		}
 	}
 	if asJSON {
 		enc := json.NewEncoder(io.Stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(rows)
+		return enc.Encode(statusJSON{Rules: rows, Maps: maps})
 	}
 	if len(rows) == 0 {
 		fmt.Fprintf(io.Stdout, "no rules live (pin dir %s)\n", pinDir)
-		return nil
-	}
-	tw := tabwriter.NewWriter(io.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NETNS\tRULE\tMODE\tOWNER PID\tOWNER\tREDIRECTS\tCOOKIE")
-	for _, r := range rows {
-		alive := "alive"
-		if !r.Alive {
-			alive = "dead"
+	} else {
+		tw := tabwriter.NewWriter(io.Stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "NETNS\tRULE\tMODE\tOWNER\tHELD BY\tREDIRECTS\tCOOKIE\tID")
+		for _, r := range rows {
+			alive := "alive"
+			if !r.Alive {
+				alive = "dead"
+			}
+			holder := r.Holder
+			if holder == "" {
+				holder = fmt.Sprintf("pid %d", r.OwnerPID)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", r.Netns, r.Rule, r.Mode, alive, holder, r.Redirects, r.Cookie, orDash(r.ID))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%d\t%d\n", r.Netns, r.Rule, r.Mode, r.OwnerPID, alive, r.Redirects, r.Cookie)
+		if err := tw.Flush(); err != nil {
+			return err
+		}
 	}
-	return tw.Flush()
+	if len(maps) > 0 {
+		fmt.Fprintln(io.Stdout)
+		tw := tabwriter.NewWriter(io.Stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "MAP\tENTRIES\tCAPACITY\tFILL")
+		for _, m := range maps {
+			pct := 0.0
+			if m.Capacity > 0 {
+				pct = 100 * float64(m.Entries) / float64(m.Capacity)
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%d\t%.1f%%\n", m.Map, m.Entries, m.Capacity, pct)
+		}
+		return tw.Flush()
+	}
+	return nil
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func cleanupCmd(_ context.Context, io IO, args []string) error {

@@ -22,10 +22,11 @@ const apiTimeout = 30 * time.Second
 
 // kubeCmd enrolls the annotated running pods of one node (a DaemonSet).
 //
-// Lifecycle. A rollout (maxSurge: 1, maxUnavailable: 0) starts the new
-// daemon pod beside the old: the new one is ready while the old still owns
-// every pod's netns (daemon.WaitForOwners), and adopts each on the resync
-// tick after the old one lets go. On SIGTERM a daemon hands over (rules
+// Lifecycle (daemon.Run, kube.Controller.Handover). A rollout (maxSurge: 1,
+// maxUnavailable: 0) starts the new daemon pod beside the old: the new one
+// is ready while the old still owns every pod's netns
+// (daemon.WaitForOwners), and adopts each on the resync tick after the old
+// one lets go. On SIGTERM a daemon hands over (rules
 // stay, owner locks released) if another running pod of its DaemonSet is on
 // the node; otherwise (uninstall) it removes its rules, and the last one out
 // unpins and detaches everything.
@@ -94,32 +95,13 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 		return err
 	}
 	log.WithFields(logrus.Fields{"server": client.Server(), "node": node, "annotation": annotation}).Info("watching this node's pods")
-	if podName == "" || podNamespace == "" {
-		log.Warn("own pod unknown (--pod-name/--pod-namespace): handing over on shutdown while annotated pods run, so an uninstall then needs `nsredirect cleanup --all`")
+	holder := ""
+	if why := ctl.OwnPodUnknown(); why != "" {
+		log.WithField("reason", why).Warn("own pod unknown: handing over on shutdown while annotated pods run, so an uninstall then needs `nsredirect cleanup --all`")
+	} else {
+		holder = "pod " + podNamespace + "/" + podName
 	}
-
-	var d *daemon.Daemon
-	start := func(dm *daemon.Daemon, kernel *loader.Loader) error {
-		d = dm
-		ctl.Sync(ctx, d)
-		// What a predecessor handed over is adopted by now, or is held by
-		// it still (a live owner, never touched): an ownerless kube record
-		// left is a pod that is gone.
-		return removeGone(kernel, d, "kube", ctl.Wanted(), log)
-	}
-	loop := func(ctx context.Context, d *daemon.Daemon) error { return ctl.Run(ctx, d) }
-	handover := func() bool {
-		if d == nil {
-			return false
-		}
-		if successor, known := ctl.Successor(); known {
-			log.WithField("successor", successor).Info("shutting down")
-			return successor
-		}
-		return len(d.Serving()) > 0
-	}
-	extra := serveExtra{resync: func(d *daemon.Daemon) { ctl.Sync(ctx, d) }, daemonOpts: []daemon.Option{daemon.WaitForOwners()}}
-	err = serve(ctx, &kf, "kube", log, start, loop, handover, extra)
+	err = serve(ctx, &kf, log, ctl, daemon.Config{Owner: "kube", Holder: holder, Proc: proc, WaitForOwners: true})
 	if errors.Is(err, context.Canceled) {
 		err = nil
 	}

@@ -2,7 +2,6 @@ package cli
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"net"
 	"os"
@@ -28,7 +27,7 @@ type kernelFlags struct {
 	// through the BPF probe even where SO_NETNS_COOKIE exists. A test knob,
 	// not a flag: both ways give the same cookie, so a user never needs it.
 	forceProbe bool
-	// cookies reads netns cookies; set by preflight, closed by serve.
+	// cookies reads netns cookies; set by preflight, closed by the command.
 	cookies *loader.CookieSource
 }
 
@@ -120,9 +119,12 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 	fs := flagSet("run", io)
 	var netnsArg string
 	var redirects listFlag
+	var allowHost, removeOnExit bool
 	var kf kernelFlags
 	fs.StringVar(&netnsArg, "netns", "", "target netns: self, a path (/run/netns/NAME, /proc/PID/ns/net) or pid:N")
 	fs.Var(&redirects, "redirect", "SPEC [FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT; repeat for more")
+	fs.BoolVar(&allowHost, "allow-host-netns", false, "allow a target that is the host's netns (redirects the loopback of every host process)")
+	fs.BoolVar(&removeOnExit, "remove-on-exit", false, "remove the rules when stopped (default: they stay while the netns lives, for the next daemon to adopt)")
 	log, err := kf.parse(fs, args, io)
 	if err != nil {
 		return err
@@ -146,39 +148,31 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 	}
 	defer kf.cookies.Close()
 	// The target must exist before anything is attached.
-	if _, _, err := target.ResolveWith(kf.cookies.Read); err != nil {
+	_, id, err := target.ResolveWith(kf.cookies.Read)
+	if err != nil {
 		return err
+	}
+	if host, _ := daemon.IsHostNetns("/proc", id.Live()); host {
+		if !allowHost {
+			return usagef("--netns %s is the host network namespace: its rules would redirect the loopback connects of every process on the host; give a container's or a named netns, or pass --allow-host-netns if that is what you mean", target)
+		}
+		log.WithField("netns", target.String()).Warn("--allow-host-netns: redirecting in the host network namespace, for every process on the host")
 	}
 	name := target.Spec
 	if name == "self" {
 		host, _ := os.Hostname()
 		name = "self@" + host
 	}
-	desired := []daemon.Target{{Name: name, Netns: target, Rules: rules}}
-	return serve(ctx, &kf, "run", log, func(d *daemon.Daemon, _ *loader.Loader) error { return d.Reconcile(desired) }, nil, nil)
-}
-
-// serveExtra is what a mode may add to serve's life.
-type serveExtra struct {
-	// resync, if set, runs on the resync tick instead of d.Resync: a mode
-	// whose targets' netns paths change (a pod's sandbox pid) recomputes
-	// them rather than re-resolving stale ones.
-	resync     func(*daemon.Daemon)
-	daemonOpts []daemon.Option
-}
-
-// serve is the life of every long-running mode: attach, enroll what start
-// says (start gets the loader too, for a discovery mode's RemoveOrphans after
-// its first listing), serve metrics, resync until ctx ends, then remove this instance's
-// rules (or hand them over when handover says so) and, as the last instance
-// out, everything. loop, if given, runs alongside (a discovery mode's watch)
-// and ends the daemon with its error.
-func serve(ctx context.Context, kf *kernelFlags, owner string, log *logrus.Logger,
-	start func(*daemon.Daemon, *loader.Loader) error, loop func(context.Context, *daemon.Daemon) error, handover func() bool, extra ...serveExtra) error {
-	var x serveExtra
-	if len(extra) > 0 {
-		x = extra[0]
+	src := daemon.Fixed{
+		Targets:      []daemon.Target{{Name: name, Kind: "netns", ID: target.Path, Netns: target, Rules: rules}},
+		RemoveOnExit: removeOnExit,
 	}
+	return serve(ctx, &kf, log, src, daemon.Config{Owner: "run", Fixed: true, AllowHostNetns: allowHost})
+}
+
+// serve attaches and runs the daemon loop with src: the wiring every
+// long-running mode shares.
+func serve(ctx context.Context, kf *kernelFlags, log *logrus.Logger, src daemon.Source, cfg daemon.Config) error {
 	ln, err := kf.listenMetrics()
 	if err != nil {
 		return err
@@ -194,60 +188,12 @@ func serve(ctx context.Context, kf *kernelFlags, owner string, log *logrus.Logge
 	if kf.cookies.Name == loader.CookieBPFProbe {
 		log.WithField("netns_cookie", kf.cookies.Name).Info("netns cookies are learnt through a BPF probe: getsockopt(SO_NETNS_COOKIE) needs Linux >= 5.14 (or NSREDIRECT_NETNS_COOKIE=bpf-probe)")
 	}
-	d := daemon.New(kernel, kf.cookies.Read, owner, log, x.daemonOpts...)
-	stop := func(handingOver bool) error {
-		err := d.Shutdown(handingOver)
-		if !handingOver {
-			if _, e := kernel.RemoveAllIfUnused(); e != nil {
-				err = errors.Join(err, e)
-			}
-		}
-		return errors.Join(err, kernel.Close())
+	if cfg.Holder == "" {
+		host, _ := os.Hostname()
+		cfg.Holder = daemon.HostHolder(os.Getpid(), host)
 	}
-	if err := start(d, kernel); err != nil {
-		return errors.Join(err, stop(false))
-	}
-
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	errc := make(chan error, 2)
-	if ln != nil {
-		reg := metrics.Registry(d.Snapshot, Version)
-		go func() { errc <- metrics.Serve(ctx, ln, reg, kernel.Intact, d.Ready) }()
-		log.WithField("addr", ln.Addr().String()).Info("serving /metrics, /healthz, /readyz")
-	}
-	if loop != nil {
-		go func() { errc <- loop(ctx, d) }()
-	}
-	log.WithFields(logrus.Fields{"pin_dir": kf.pinDir, "cgroup": kf.cgroup, "netns": d.Serving(), "netns_cookie": kf.cookies.Name}).Info("nsredirect running")
-
-	tick := time.NewTicker(resyncEvery)
-	defer tick.Stop()
-	var runErr error
-	for running := true; running; {
-		select {
-		case <-ctx.Done():
-			running = false
-		case err := <-errc:
-			if err != nil {
-				runErr = err
-				running = false
-			}
-		case <-tick.C:
-			if err := kernel.Intact(); err != nil {
-				runErr = err
-				running = false
-				break
-			}
-			if x.resync != nil {
-				x.resync(d)
-			} else {
-				_ = d.Resync() // failures are logged once by the daemon
-			}
-		}
-	}
-	cancel()
-	handingOver := handover != nil && handover()
-	log.WithField("handover", handingOver).Info("stopping")
-	return errors.Join(runErr, stop(handingOver))
+	cfg.Kernel, cfg.Cookies, cfg.Cgroup = kernel, kf.cookies.Read, kf.cgroup
+	cfg.Metrics, cfg.Version, cfg.Resync = ln, Version, resyncEvery
+	cfg.Log = log.WithFields(logrus.Fields{"pin_dir": kf.pinDir, "netns_cookie": kf.cookies.Name})
+	return daemon.Run(ctx, src, cfg)
 }

@@ -1,17 +1,23 @@
-// Package daemon decides what the kernel should redirect. Every discovery
-// mode (flags, Docker, Kubernetes) hands it the full desired set of targets;
-// Reconcile resolves each target's netns and enrolls, updates or removes
-// rules through the loader. It is the one path into the kernel.
+// Package daemon decides what the kernel should redirect, and is the one
+// loop every long-running mode runs (Run): a discovery mode is a Source
+// that only describes the desired targets (flags, Docker, Kubernetes),
+// wakes the loop and decides on handover; Reconcile resolves each target's
+// netns and enrolls, updates or removes rules through the loader. It is the
+// one path into the kernel.
 package daemon
 
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/metrics"
@@ -24,13 +30,42 @@ type Target struct {
 	// Name labels it in logs, status and metrics, and identifies it across
 	// reconciles: a target whose netns changes under the same name (a
 	// restarted container) is moved to the new netns.
-	Name  string
+	Name string
+	// Kind says what Name names, for messages: "container", "pod", "netns".
+	Kind string
+	// ID identifies the target stably whatever its name: a container ID, a
+	// pod UID, the path `run` was given. Recorded with the enrollment.
+	ID    string
 	Netns netnsx.Target
 	Rules []rule.Rule
 	// Err, when set, says why the source could not describe the target (a
 	// Docker label that does not parse): it is never enrolled, and the
-	// error is logged and counted like a failed enrollment.
+	// error is logged and counted like a failed enrollment. An Err that
+	// wraps ErrPending is not a failure: see ErrPending.
 	Err error
+}
+
+// ErrPending marks a target whose netns cannot be found right now for a
+// normal reason (a pod whose sandbox is being re-created): it is logged at
+// info once, not counted as an error, and rules already live for it stay
+// until its netns is proven gone.
+var ErrPending = errors.New("netns not found yet")
+
+// ErrLookup marks a target whose netns the source could not look up (an
+// unreadable proc root): logged and counted like any failure, but rules
+// already live for it stay until its netns is proven gone.
+var ErrLookup = errors.New("netns lookup failed")
+
+// ErrHostNetns is a target whose netns is the host's: redirecting there
+// would steer the loopback connects of every host process. Every mode
+// refuses it, by netns identity, whatever the source's configuration says.
+var ErrHostNetns = errors.New("its network namespace is the host network namespace")
+
+func (t Target) label() string {
+	if t.Kind == "" {
+		return "netns " + t.Name
+	}
+	return t.Kind + " " + t.Name
 }
 
 // Kernel is what the daemon needs of the loader.
@@ -48,6 +83,9 @@ type live struct {
 	specs  string
 }
 
+// procRoot is where the daemon sees the host's processes by default.
+const procRoot = "/proc"
+
 // Daemon tracks the targets one process serves.
 type Daemon struct {
 	kernel Kernel
@@ -60,13 +98,29 @@ type Daemon struct {
 
 	// waitOwners: see WaitForOwners.
 	waitOwners bool
+	// proc is where the host's processes are seen (/proc, or kube's
+	// --proc): <proc>/1/ns/net is the host's netns, and <proc>/*/ns/net
+	// the namespaces known to be alive.
+	proc string
+	// allowHost: see AllowHostNetns.
+	allowHost bool
+	// holder names this daemon in each enrollment: see Holder.
+	holder string
+	// hostUnknown: the warning that the host netns cannot be told was
+	// logged.
+	hostUnknown bool
 
 	mu      sync.Mutex
 	desired []Target
 	live    map[string]*live
-	failing map[string]string // name -> last error, so each is logged once
+	failing map[string]error // name -> last error, so each is logged once
 	errors  map[string]uint64
 	held    map[string]bool // desired targets another live nsredirect serves
+	pending map[string]bool // targets whose ErrPending was logged
+	// stale is set when a target did not resolve, or its path now leads
+	// to another process: its source should describe it again (a
+	// container restarted with a new pid, and no event said so).
+	stale bool
 }
 
 // Option changes how a Daemon treats its targets.
@@ -79,6 +133,18 @@ type Option func(*Daemon)
 // the old one still serves every pod; the new one must become ready then.
 func WaitForOwners() Option { return func(d *Daemon) { d.waitOwners = true } }
 
+// Proc sets where the host's processes are seen (default /proc): kube's
+// --proc. The host's netns is <proc>/1/ns/net.
+func Proc(dir string) Option { return func(d *Daemon) { d.proc = dir } }
+
+// AllowHostNetns lets a target be the host's netns (`run
+// --allow-host-netns`); without it such a target is refused.
+func AllowHostNetns() Option { return func(d *Daemon) { d.allowHost = true } }
+
+// Holder names the daemon in each enrollment so a person can find it:
+// "pod kube-system/nsredirect-x7k2p", "pid 1234 on host web1".
+func Holder(h string) Option { return func(d *Daemon) { d.holder = h } }
+
 // New returns a daemon that enrolls through kernel, reading each target's
 // netns cookie with cookies (the loader's CookieSource.Read: the same number
 // the programs see, on every kernel), and tagging its enrollments with owner
@@ -90,9 +156,11 @@ func New(kernel Kernel, cookies netnsx.CookieReader, owner string, log logrus.Fi
 		owner:   owner,
 		log:     log,
 		live:    map[string]*live{},
-		failing: map[string]string{},
+		failing: map[string]error{},
 		errors:  map[string]uint64{},
 		held:    map[string]bool{},
+		pending: map[string]bool{},
+		proc:    procRoot,
 	}
 	for _, o := range opts {
 		o(d)
@@ -132,10 +200,18 @@ func (d *Daemon) reconcile() error {
 			continue
 		}
 		delete(d.held, t.Name)
+		if errors.Is(err, ErrPending) {
+			if !d.pending[t.Name] {
+				d.pending[t.Name] = true
+				log.WithError(err).Info("netns not there yet; waiting for it")
+			}
+			continue
+		}
+		delete(d.pending, t.Name)
 		if err != nil {
 			errs = append(errs, err)
-			if d.failing[t.Name] != err.Error() {
-				d.failing[t.Name] = err.Error()
+			if prev, ok := d.failing[t.Name]; !ok || prev.Error() != err.Error() {
+				d.failing[t.Name] = err
 				d.errors[t.Name]++
 				log.WithError(err).Error("cannot enroll netns")
 			}
@@ -163,14 +239,23 @@ func (d *Daemon) reconcile() error {
 			delete(d.held, name)
 		}
 	}
+	for name := range d.pending {
+		if !want[name] {
+			delete(d.pending, name)
+		}
+	}
 	return errors.Join(errs...)
 }
 
 func (d *Daemon) apply(t Target) error {
 	cur := d.live[t.Name]
 	if t.Err != nil {
-		if cur != nil {
-			_ = d.drop(cur)
+		switch {
+		case cur == nil:
+		case errors.Is(t.Err, ErrPending), errors.Is(t.Err, ErrLookup):
+			d.dropUnlessAlive(cur, t.Err) // not found now is not gone
+		default:
+			_ = d.drop(cur) // the target itself is wrong now (a bad annotation)
 		}
 		return t.Err
 	}
@@ -178,25 +263,51 @@ func (d *Daemon) apply(t Target) error {
 	if cur != nil && cur.specs == specs {
 		// The common case, every resync: same namespace file, nothing to
 		// do. Entering the netns costs a thread, so only do it on change.
-		if id, err := t.Netns.Stat(); err == nil && id == cur.id {
+		id, err := t.Netns.Stat()
+		if err == nil && id == cur.id {
 			return nil
+		}
+		if err != nil {
+			d.stale = true // the source should say where the target is now
+		} else if t.Netns.Path == cur.target.Netns.Path && id.Start != 0 && cur.id.Start != 0 && id.Start != cur.id.Start {
+			// The process the path went through is gone and its pid
+			// reused by another: never follow that one.
+			d.stale = true
+			d.dropUnlessAlive(cur, nil)
+			return fmt.Errorf("%s: the process of %s is gone (its pid now belongs to another process)", t.label(), t.Netns.Path)
 		}
 	}
 	cookie, id, err := t.Netns.ResolveWith(d.cookies)
 	if err != nil {
+		d.stale = true
 		if cur != nil {
-			// The netns is gone: its rules have nothing left to redirect.
-			_ = d.drop(cur)
+			d.dropUnlessAlive(cur, err)
 		}
 		return err
+	}
+	if !d.allowHost {
+		host, known := IsHostNetns(d.proc, id.Live())
+		if host {
+			if cur != nil {
+				_ = d.drop(cur)
+			}
+			return fmt.Errorf("%s: %w; refusing to redirect the host's own loopback: give it a network namespace of its own, or remove its label/annotation", t.label(), ErrHostNetns)
+		}
+		if !known && !d.hostUnknown {
+			d.hostUnknown = true
+			d.log.WithField("proc", d.proc).Warn("the host's processes are not visible here: cannot check that targets are not the host network namespace")
+		}
 	}
 	if cur != nil && cur.cookie == cookie && cur.specs == specs {
 		cur.id = id
 		return nil
 	}
 	log := d.log.WithFields(logrus.Fields{"netns": t.Name, "cookie": cookie, "rule": specs})
+	if t.ID != "" {
+		log = log.WithField("id", t.ID)
+	}
 	if err := d.kernel.Enroll(loader.Enrollment{
-		Cookie: cookie, NetnsIno: id.Ino, Name: t.Name, Owner: d.owner, Rules: t.Rules,
+		Cookie: cookie, NetnsIno: id.Ino, Name: t.Name, Owner: d.owner, ID: t.ID, Holder: d.holder, Rules: t.Rules,
 	}); err != nil {
 		return fmt.Errorf("netns %s: %w", t.Name, err)
 	}
@@ -205,8 +316,148 @@ func (d *Daemon) apply(t Target) error {
 		_ = d.drop(cur)
 	}
 	d.live[t.Name] = &live{target: t, cookie: cookie, id: id, specs: specs}
-	log.Info("redirect live")
+	log.WithField("holder", d.holder).Info("redirect live")
 	return nil
+}
+
+// Inode numbers of the initial namespaces (include/linux/proc_ns.h). The
+// net one is fixed since Linux 6.x; on older kernels init_net's inode is
+// allocated like any other's, from 0xF0000000 up, so no netns has it.
+const (
+	initNetIno = 0xEFFFFFF9
+	initPidIno = 0xEFFFFFFC
+)
+
+// IsHostNetns reports whether id is the host's netns, comparing it with
+// the netns of the host's init (<proc>/1) and of kthreadd (<proc>/2, always
+// in the initial netns), each only when it is in the initial pid namespace
+// (a container's pid 1 is not the host's), and with the initial netns's
+// fixed inode. known is false when none of these could be looked at (a
+// sidecar in its own pid namespace sees no host process).
+func IsHostNetns(proc string, id netnsx.LiveID) (host, known bool) {
+	if id.Ino == initNetIno {
+		return true, true
+	}
+	known = hasInitNetIno()
+	for _, pid := range []string{"1", "2"} {
+		dir := filepath.Join(proc, pid)
+		if pid == "2" {
+			if comm, err := os.ReadFile(filepath.Join(dir, "comm")); err != nil || strings.TrimSpace(string(comm)) != "kthreadd" {
+				continue
+			}
+		}
+		var st unix.Stat_t
+		if unix.Stat(filepath.Join(dir, "ns", "pid"), &st) != nil || st.Ino != initPidIno {
+			continue
+		}
+		if unix.Stat(filepath.Join(dir, "ns", "net"), &st) != nil {
+			continue
+		}
+		known = true
+		if st.Dev == id.Dev && st.Ino == id.Ino {
+			return true, true
+		}
+	}
+	return false, known
+}
+
+// hasInitNetIno reports whether this kernel gives the initial netns its
+// fixed inode: then a netns is the host's exactly when it has that inode.
+func hasInitNetIno() bool {
+	// Witnesses of the initial netns: kthreadd's (needs CAP_SYS_PTRACE to
+	// look at), and our own when we run in it.
+	for _, p := range []string{"/proc/2/ns/net", "/proc/thread-self/ns/net"} {
+		var st unix.Stat_t
+		if unix.Stat(p, &st) == nil && st.Ino == initNetIno {
+			return true
+		}
+	}
+	return false
+}
+
+// dropUnlessAlive removes l's rules when its netns is proven gone: no
+// process under the proc root, nor l's own path, still reaches that netns.
+// A lookup that failed (a process of a pod exited, the source could not
+// say where the target is right now) keeps them: the namespace may live on.
+func (d *Daemon) dropUnlessAlive(l *live, why error) {
+	if NetnsAlive(d.proc, l.id.Live(), l.target.Netns.Path) {
+		d.log.WithFields(logrus.Fields{"netns": l.target.Name, "cookie": l.cookie}).WithError(why).Debug("lookup failed but the netns lives; rules kept")
+		return
+	}
+	_ = d.drop(l)
+}
+
+// NetnsAlive reports whether some path still reaches the netns id: one of
+// paths, or /proc/PID/ns/net of any process under proc, or a bind mount in
+// /run/netns. Live namespaces never share an inode, so a match is that
+// namespace (or, at worst, a new one that took a dead one's inode: then
+// the rules are kept for a cookie nothing uses, until the next look).
+func NetnsAlive(proc string, id netnsx.LiveID, paths ...string) bool {
+	same := func(p string) bool {
+		var st unix.Stat_t
+		return unix.Stat(p, &st) == nil && st.Dev == id.Dev && st.Ino == id.Ino
+	}
+	for _, p := range paths {
+		if p != "" && same(p) {
+			return true
+		}
+	}
+	if entries, err := os.ReadDir("/run/netns"); err == nil {
+		for _, e := range entries {
+			if same(filepath.Join("/run/netns", e.Name())) {
+				return true
+			}
+		}
+	}
+	entries, err := os.ReadDir(proc)
+	if err != nil {
+		return true // cannot look: not proven gone
+	}
+	// Not ourselves: the Go runtime may have parked our main thread in a
+	// target's netns (see netnsx.Target), which would keep it "alive" for
+	// good. <proc>/self names us in that procfs's pid namespace.
+	self, _ := os.Readlink(filepath.Join(proc, "self"))
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err == nil && e.Name() != self && same(filepath.Join(proc, e.Name(), "ns", "net")) {
+			return true
+		}
+	}
+	return false
+}
+
+// Moved reports whether the path of a live target no longer leads to the
+// namespace it was enrolled through (one stat each, no namespace entered).
+func (d *Daemon) Moved() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, l := range d.live {
+		if id, err := l.target.Netns.Stat(); err != nil || id != l.id {
+			return true
+		}
+	}
+	return false
+}
+
+// TakeStale reports, and clears, whether a target did not resolve or its
+// path now leads elsewhere since the last call: its source should be asked
+// to describe the targets again.
+func (d *Daemon) TakeStale() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	s := d.stale
+	d.stale = false
+	return s
+}
+
+// Failures returns the last error of each desired target that failed.
+func (d *Daemon) Failures() map[string]error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := map[string]error{}
+	for n, err := range d.failing {
+		out[n] = err
+	}
+	return out
 }
 
 func (d *Daemon) drop(l *live) error {

@@ -250,7 +250,7 @@ func TestDesiredTargets(t *testing.T) {
 	if names(got) != "backend,broken,hostnet" {
 		t.Fatalf("targets %q; want backend,broken,hostnet (not the unlabelled or stopped ones)", names(got))
 	}
-	if got[2].Err == nil || !strings.Contains(got[2].Err.Error(), "host's network namespace") {
+	if got[2].Err == nil || !strings.Contains(got[2].Err.Error(), "host network namespace") {
 		t.Errorf("host-network target error = %v; want a refusal", got[2].Err)
 	}
 	b := got[0]

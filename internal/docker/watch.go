@@ -89,7 +89,7 @@ func (w *Watcher) target(in Inspected) daemon.Target {
 	if name == "" {
 		name = shortID(in.ID)
 	}
-	t := daemon.Target{Name: name}
+	t := daemon.Target{Name: name, Kind: "container", ID: in.ID}
 	value := in.Config.Labels[w.label]
 	rules, err := rule.ParseList(value)
 	if err != nil {
@@ -98,8 +98,10 @@ func (w *Watcher) target(in Inspected) daemon.Target {
 	}
 	if in.HostConfig.NetworkMode == "host" {
 		// A label must not steer the loopback connects of every process on
-		// the host: run `nsredirect run --netns pid:1` for that, knowingly.
-		t.Err = fmt.Errorf("container %s uses the host's network namespace (network_mode: host); nsredirect docker redirects only in containers' own: remove the label, or use `nsredirect run`", name)
+		// the host. Said early, with the reason; the daemon refuses any
+		// target whose netns is the host's by identity all the same (a
+		// container: of such a container included).
+		t.Err = fmt.Errorf("container %s uses the host network namespace (network_mode: host); nsredirect docker redirects only in containers' own: remove the label, or use `nsredirect run --allow-host-netns`", name)
 		return t
 	}
 	t.Rules = rules
@@ -122,16 +124,41 @@ func (w *Watcher) Sync(ctx context.Context, r Reconciler) ([]daemon.Target, erro
 	return desired, nil
 }
 
-// Run follows the event stream until ctx ends. Each (re)connection first
-// subscribes, then lists, so nothing that happens while Docker restarts or
-// the stream is down is missed; any event triggers a new listing. Lost
-// connections are retried with exponential backoff. It returns nil when ctx
-// ends, and never gives up otherwise.
+// Run syncs r on every wake-up of Watch until ctx ends (a test harness;
+// the daemon drives the Watcher as a daemon.Source).
 func (w *Watcher) Run(ctx context.Context, r Reconciler) error {
+	kick := make(chan struct{}, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- w.Watch(ctx, func() {
+			select {
+			case kick <- struct{}{}:
+			default:
+			}
+		})
+	}()
+	for {
+		select {
+		case err := <-done:
+			return err
+		case <-kick:
+			if _, err := w.Sync(ctx, r); err != nil && ctx.Err() == nil {
+				w.log.WithError(err).Warn("cannot list containers")
+			}
+		}
+	}
+}
+
+// Watch follows the event stream until ctx ends, calling wake on every
+// event, on every (re)connection (after subscribing, so nothing that
+// happened while Docker restarted or the stream was down is missed) and
+// every Relist. Lost connections are retried with exponential backoff. It
+// returns nil when ctx ends, and never gives up otherwise.
+func (w *Watcher) Watch(ctx context.Context, wake func()) error {
 	backoff := w.BackoffMin
 	for ctx.Err() == nil {
 		began := time.Now()
-		err := w.follow(ctx, r)
+		err := w.follow(ctx, wake)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -150,21 +177,14 @@ func (w *Watcher) Run(ctx context.Context, r Reconciler) error {
 }
 
 // follow is one connection to the event stream.
-func (w *Watcher) follow(ctx context.Context, r Reconciler) error {
+func (w *Watcher) follow(ctx context.Context, wake func()) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	kick := make(chan struct{}, 1)
-	poke := func() {
-		select {
-		case kick <- struct{}{}:
-		default: // a listing is already due; it will see this change too
-		}
-	}
 	streamErr := make(chan error, 1)
 	go func() {
-		streamErr <- w.client.Events(ctx, w.label, poke, func(ev Event) {
+		streamErr <- w.client.Events(ctx, w.label, wake, func(ev Event) {
 			w.log.WithFields(logrus.Fields{"container": ev.Actor.Attributes["name"], "event": ev.Action}).Debug("docker event")
-			poke()
+			wake()
 		})
 	}()
 	relist := time.NewTicker(w.Relist)
@@ -179,17 +199,16 @@ func (w *Watcher) follow(ctx context.Context, r Reconciler) error {
 			}
 			return err
 		case <-relist.C:
-			poke()
-		case <-kick:
-			if _, err := w.Sync(ctx, r); err != nil {
-				if ctx.Err() != nil {
-					return nil
-				}
-				return err
-			}
+			wake()
 		}
 	}
 }
+
+// Handover keeps the rules of the containers still running at shutdown
+// (the daemon has just listed them): recreating the nsredirect container
+// then refuses no connection, while `compose down`, which stops the
+// labelled containers first, leaves nothing behind.
+func (w *Watcher) Handover(context.Context, []string) bool { return true }
 
 func shortID(id string) string {
 	if len(id) > 12 {

@@ -60,6 +60,10 @@ type Controller struct {
 	mu      sync.Mutex        // one Sync at a time: events and resync tick
 	warned  map[string]string // pod UID -> the warning last posted for it
 	serving map[string]bool   // target names live after the last sync
+	// last and lastWarn are the pods and warnings of the last Desired,
+	// for Reconciled.
+	last     map[string]*Pod
+	lastWarn map[string]bool
 
 	errMu   sync.Mutex
 	lastErr error // the informer's last list/watch failure
@@ -138,7 +142,8 @@ func (c *Controller) Start(ctx context.Context, timeout time.Duration) error {
 	return fmt.Errorf("list the pods of node %s within %s: %w", c.cfg.Node, timeout, last)
 }
 
-// Run syncs r on every pod change until ctx ends.
+// Run syncs r on every pod change until ctx ends (a test harness; the
+// daemon drives the Controller as a daemon.Source).
 func (c *Controller) Run(ctx context.Context, r Reconciler) error {
 	for {
 		select {
@@ -149,6 +154,23 @@ func (c *Controller) Run(ctx context.Context, r Reconciler) error {
 		}
 	}
 }
+
+// Watch calls wake on every pod change until ctx ends.
+func (c *Controller) Watch(ctx context.Context, wake func()) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-c.kick:
+			wake()
+		}
+	}
+}
+
+// RedescribeEachResync: a pod's processes come and go (a sandbox
+// re-created, the process its netns was found through exiting), so each
+// resync scans the proc root again rather than re-resolving old paths.
+func (*Controller) RedescribeEachResync() bool { return true }
 
 // pods returns the cached pods of this node.
 func (c *Controller) pods() []*Pod {
@@ -177,7 +199,7 @@ func (c *Controller) desired() (ts []daemon.Target, byName map[string]*Pod, warn
 		if !annotated || p.DeletionTimestamp != nil || p.Status.Phase != PodRunning {
 			continue
 		}
-		t := daemon.Target{Name: key(p)}
+		t := daemon.Target{Name: key(p), Kind: "pod", ID: string(p.UID)}
 		byName[t.Name] = p
 		rules, err := rule.ParseList(value)
 		switch {
@@ -186,8 +208,9 @@ func (c *Controller) desired() (ts []daemon.Target, byName map[string]*Pod, warn
 			warn[t.Name] = true
 		case p.Spec.HostNetwork:
 			// An annotation must never steer the loopback of every process
-			// on the node.
-			t.Err = fmt.Errorf("pod %s uses the node's network namespace (hostNetwork: true); nsredirect kube redirects only in pods' own: remove the annotation", t.Name)
+			// on the node. Said early, with the reason; the daemon refuses
+			// any target whose netns is the host's by identity all the same.
+			t.Err = fmt.Errorf("pod %s uses the host network namespace (hostNetwork: true); nsredirect kube redirects only in pods' own: remove the annotation", t.Name)
 			warn[t.Name] = true
 		default:
 			if !scanned {
@@ -196,8 +219,12 @@ func (c *Controller) desired() (ts []daemon.Target, byName map[string]*Pod, warn
 			}
 			t.Rules = rules
 			if scanErr != nil {
-				t.Err = scanErr
-			} else if t.Netns, _, err = procs.Netns(string(p.UID)); err != nil {
+				t.Err = fmt.Errorf("%w: %w", daemon.ErrLookup, scanErr)
+			} else if t.Netns, _, err = procs.Netns(string(p.UID)); errors.Is(err, ErrNoPodProcess) {
+				// The sandbox is being (re-)created: not an error, and
+				// rules already live stay until its old netns is gone.
+				t.Err = fmt.Errorf("pod %s: %w (%w)", t.Name, err, daemon.ErrPending)
+			} else if err != nil {
 				t.Err = fmt.Errorf("pod %s: %w", t.Name, err)
 			}
 		}
@@ -210,40 +237,56 @@ func (c *Controller) desired() (ts []daemon.Target, byName map[string]*Pod, warn
 	return ts, byName, warn
 }
 
-// Wanted names the pods that should have rules now, for discarding what a
-// predecessor left for pods that are gone.
-func (c *Controller) Wanted() []string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	ts, _, _ := c.desired()
-	names := make([]string, 0, len(ts))
-	for _, t := range ts {
-		names = append(names, t.Name)
-	}
-	return names
-}
-
-// Sync hands the desired set to r and posts the Events it calls for: a
-// Warning once per distinct problem of a pod, a Normal when a pod's rules
-// go live.
-func (c *Controller) Sync(ctx context.Context, r Reconciler) {
+// Desired describes the annotated running pods of this node.
+func (c *Controller) Desired(context.Context) ([]daemon.Target, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	ts, pods, warn := c.desired()
+	c.last, c.lastWarn = pods, warn
+	return ts, nil
+}
+
+// Sync hands the desired set to r and posts the Events it calls for.
+func (c *Controller) Sync(ctx context.Context, r Reconciler) {
+	ts, _ := c.Desired(ctx)
 	_ = r.Reconcile(ts) // per-target failures are the daemon's to log and count
+	var failures map[string]error
+	if f, ok := r.(interface{ Failures() map[string]error }); ok {
+		failures = f.Failures()
+	}
+	c.Reconciled(ctx, ts, r.Serving(), failures)
+}
+
+// Reconciled posts the Events a reconcile of ts calls for: a Warning once
+// per distinct problem of a pod (a bad annotation, a netns shared or the
+// host's), a Normal when a pod's rules go live.
+func (c *Controller) Reconciled(ctx context.Context, ts []daemon.Target, serving []string, failures map[string]error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	pods, warn := c.last, c.lastWarn
 	now := map[string]bool{}
-	for _, n := range r.Serving() {
+	for _, n := range serving {
 		now[n] = true
 	}
 	seen := map[string]bool{}
 	for _, t := range ts {
 		p := pods[t.Name]
+		if p == nil {
+			continue
+		}
 		uid := string(p.UID)
 		seen[uid] = true
-		if warn[t.Name] {
-			if msg := t.Err.Error(); c.warned[uid] != msg {
+		problem := t.Err
+		if !warn[t.Name] {
+			problem = nil
+			if err := failures[t.Name]; errors.Is(err, daemon.ErrHostNetns) {
+				problem = err
+			}
+		}
+		if problem != nil {
+			if msg := problem.Error(); c.warned[uid] != msg {
 				c.warned[uid] = msg
-				c.post(ctx, p, EventWarning, ReasonInvalid, msg)
+				c.postOnce(ctx, p, EventWarning, ReasonInvalid, msg)
 			}
 			continue
 		}
@@ -258,6 +301,37 @@ func (c *Controller) Sync(ctx context.Context, r Reconciler) {
 		}
 	}
 	c.serving = now
+}
+
+// EventLister is an API that can list the Events on one object; with it a
+// restarted daemon does not post again a Warning its predecessor posted.
+// (RBAC: `list` on events.)
+type EventLister interface {
+	// ListEvents returns the Events in namespace whose involvedObject.uid
+	// is uid.
+	ListEvents(ctx context.Context, namespace, uid string) ([]Event, error)
+}
+
+// postOnce posts the Event unless the same reason and message is already
+// on the pod (posted by an earlier run of this daemon, or by another pod
+// of it): once per distinct problem, across restarts.
+func (c *Controller) postOnce(ctx context.Context, p *Pod, typ, reason, msg string) {
+	if l, ok := c.cfg.API.(EventLister); ok {
+		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		evs, err := l.ListEvents(lctx, p.Namespace, string(p.UID))
+		cancel()
+		if err == nil {
+			for _, ev := range evs {
+				if ev.Reason == reason && ev.Message == msg && ev.Type == typ {
+					c.cfg.Log.WithFields(logrus.Fields{"pod": key(p), "reason": reason}).Debug("event already posted")
+					return
+				}
+			}
+		} else {
+			c.cfg.Log.WithError(err).WithField("pod", key(p)).Debug("cannot list the pod's events; posting")
+		}
+	}
+	c.post(ctx, p, typ, reason, msg)
 }
 
 // post creates an Event on p; a failure is logged, never fatal.
@@ -286,22 +360,55 @@ func (c *Controller) post(ctx context.Context, p *Pod, typ, reason, msg string) 
 // Successor reports whether another pod of this daemon's DaemonSet runs on
 // this node (a rollout with maxSurge: this one must hand over), and whether
 // this daemon knows its own pod well enough to tell (known false: no
-// --pod-name/--pod-namespace, or its pod has no controller).
+// --pod-name/--pod-namespace, or its pod is not found or has no controller).
 func (c *Controller) Successor() (successor, known bool) {
-	if c.cfg.PodName == "" || c.cfg.PodNamespace == "" {
+	self, pods, _ := c.self()
+	if self == nil {
 		return false, false
 	}
-	var self *Pod
-	pods := c.pods()
+	return successorOf(self, pods), true
+}
+
+// self finds this daemon's own pod in the cache; why says, when it is not
+// usable, what is missing.
+func (c *Controller) self() (self *Pod, pods []*Pod, why string) {
+	if c.cfg.PodName == "" || c.cfg.PodNamespace == "" {
+		return nil, nil, "--pod-name/--pod-namespace not given"
+	}
+	pods = c.pods()
 	for _, p := range pods {
 		if p.Namespace == c.cfg.PodNamespace && p.Name == c.cfg.PodName {
 			self = p
 		}
 	}
-	if self == nil || metav1.GetControllerOf(self) == nil {
-		return false, false
+	name := c.cfg.PodNamespace + "/" + c.cfg.PodName
+	switch {
+	case self == nil:
+		return nil, nil, fmt.Sprintf("pod %s (--pod-name/--pod-namespace) is not on node %s", name, c.cfg.Node)
+	case metav1.GetControllerOf(self) == nil:
+		return nil, nil, fmt.Sprintf("pod %s (--pod-name/--pod-namespace) has no controller (not a DaemonSet pod)", name)
 	}
-	return successorOf(self, pods), true
+	return self, pods, ""
+}
+
+// OwnPodUnknown returns why this daemon cannot tell a rollout from an
+// uninstall ("" when it can): then it hands over on shutdown while
+// annotated pods run, so an uninstall needs `nsredirect cleanup --all`.
+func (c *Controller) OwnPodUnknown() string {
+	_, _, why := c.self()
+	return why
+}
+
+// Handover: in a rollout (a successor runs on this node) the rules stay
+// for it; in an uninstall they go. When this daemon cannot tell, it keeps
+// the rules of the pods it serves.
+func (c *Controller) Handover(_ context.Context, serving []string) bool {
+	if successor, known := c.Successor(); known {
+		c.cfg.Log.WithField("successor", successor).Info("shutting down")
+		return successor
+	}
+	c.cfg.Log.WithField("reason", c.OwnPodUnknown()).Warn("own pod unknown: handing the rules over; after an uninstall run `nsredirect cleanup --all` on this node")
+	return len(serving) > 0
 }
 
 // successorOf reports whether pods holds a running, not deleting pod other

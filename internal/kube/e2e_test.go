@@ -63,6 +63,7 @@ type node struct {
 	c      *Controller
 	stop   context.CancelFunc
 	done   chan struct{}
+	syncs  atomic.Int64 // resync ticks done
 }
 
 func startNode(t *testing.T, f *fakeAPI, pinDir string, cfg Config) *node {
@@ -93,6 +94,7 @@ func startNode(t *testing.T, f *fakeAPI, pinDir string, cfg Config) *node {
 				return
 			case <-tick.C:
 				n.c.Sync(ctx, n.d)
+				n.syncs.Add(1)
 			}
 		}
 	}()

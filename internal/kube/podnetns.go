@@ -7,6 +7,7 @@ package kube
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -15,6 +16,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/netnsx"
 )
@@ -49,7 +52,7 @@ func podOfCgroup(path string) string {
 
 // PodNetns returns the netns of pod uid as seen under procRoot (/proc, or
 // the host's /proc mounted into a DaemonSet pod), and the pid it was found
-// through: the lowest pid of the pod, its oldest process (the sandbox).
+// through: see Pods.Netns.
 func PodNetns(procRoot, uid string) (netnsx.Target, int, error) {
 	if !uidRe.MatchString(uid) {
 		return netnsx.Target{}, 0, fmt.Errorf("pod UID %q is not a UID", uid)
@@ -61,11 +64,21 @@ func PodNetns(procRoot, uid string) (netnsx.Target, int, error) {
 	return pods.Netns(uid)
 }
 
-// Pods maps the pods seen in one scan of a proc root to their lowest pid.
+// Pods maps the pods seen in one scan of a proc root to their processes,
+// oldest first.
 type Pods struct {
 	procRoot string
-	pids     map[string]int
+	procs    map[string][]podProc
 }
+
+type podProc struct {
+	pid int
+	// start is the start time in clock ticks after boot; unknown (the
+	// process exited meanwhile, or a proc tree without stat) sorts last.
+	start uint64
+}
+
+const unknownStart = ^uint64(0)
 
 // ScanPods reads every process's cgroup under procRoot once, so a resync of
 // many pods costs one walk of /proc, not one per pod.
@@ -74,32 +87,70 @@ func ScanPods(procRoot string) (Pods, error) {
 	if err != nil {
 		return Pods{}, fmt.Errorf("read %s: %w; mount the host /proc (hostPath) and pass it with --proc", procRoot, err)
 	}
-	var pids []int
+	p := Pods{procRoot: procRoot, procs: map[string][]podProc{}}
 	for _, e := range entries {
-		if pid, err := strconv.Atoi(e.Name()); err == nil && pid > 0 {
-			pids = append(pids, pid)
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid <= 0 {
+			continue
+		}
+		dir := filepath.Join(procRoot, e.Name())
+		if uid := podOf(filepath.Join(dir, "cgroup")); uid != "" {
+			p.procs[uid] = append(p.procs[uid], podProc{pid: pid, start: startTime(dir)})
 		}
 	}
-	sort.Ints(pids)
-	p := Pods{procRoot: procRoot, pids: map[string]int{}}
-	for _, pid := range pids {
-		if uid := podOf(filepath.Join(procRoot, strconv.Itoa(pid), "cgroup")); uid != "" {
-			if _, seen := p.pids[uid]; !seen {
-				p.pids[uid] = pid
+	for _, ps := range p.procs {
+		sort.Slice(ps, func(i, j int) bool {
+			if ps[i].start != ps[j].start {
+				return ps[i].start < ps[j].start
 			}
-		}
+			return ps[i].pid < ps[j].pid
+		})
 	}
 	return p, nil
 }
 
-// Netns returns the netns of pod uid through its lowest pid, and that pid.
+// Netns returns the netns of pod uid through its oldest process by start
+// time (the sandbox, normally; after a pid wrap not the lowest pid), or,
+// when that one's netns cannot be looked at any more (it exited: with
+// CRI-O's drop_infra_ctr the oldest is an ordinary process), through the
+// next oldest; and that pid.
 func (p Pods) Netns(uid string) (netnsx.Target, int, error) {
-	pid, ok := p.pids[uid]
-	if !ok {
+	ps := p.procs[uid]
+	if len(ps) == 0 {
 		return netnsx.Target{}, 0, fmt.Errorf("%w: pod %s has no process under %s", ErrNoPodProcess, uid, p.procRoot)
 	}
-	t, err := netnsx.ParseTarget(filepath.Join(p.procRoot, strconv.Itoa(pid), "ns", "net"))
-	return t, pid, err
+	pick := ps[0]
+	for _, c := range ps {
+		var st unix.Stat_t
+		if unix.Stat(filepath.Join(p.procRoot, strconv.Itoa(c.pid), "ns", "net"), &st) == nil {
+			pick = c
+			break
+		}
+	}
+	t, err := netnsx.ParseTarget(filepath.Join(p.procRoot, strconv.Itoa(pick.pid), "ns", "net"))
+	return t, pick.pid, err
+}
+
+// startTime reads field 22 (starttime) of DIR/stat. The command name,
+// field 2, may hold spaces and parentheses: count from the last ')'.
+func startTime(dir string) uint64 {
+	b, err := os.ReadFile(filepath.Join(dir, "stat"))
+	if err != nil {
+		return unknownStart
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return unknownStart
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return unknownStart
+	}
+	n, err := strconv.ParseUint(f[19], 10, 64)
+	if err != nil {
+		return unknownStart
+	}
+	return n
 }
 
 // podOf reads one /proc/PID/cgroup ("ID:CONTROLLERS:PATH" lines, v1 and v2)

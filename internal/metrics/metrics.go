@@ -27,6 +27,20 @@ type Snapshot struct {
 	// EnrollErrors counts failed enrollments per netns name (a bad label,
 	// a vanished netns).
 	EnrollErrors map[string]uint64
+	// LinkRepairs counts links of ours re-created per hook (connect4, ...)
+	// after they were found detached or defunct.
+	LinkRepairs map[string]uint64
+	// PeerStorageFailures counts connects redirected whose dialled address
+	// could not be stored for getpeername.
+	PeerStorageFailures uint64
+	// Maps is how full each pinned map is.
+	Maps []MapFill
+}
+
+// MapFill is the fill level of one pinned map.
+type MapFill struct {
+	Map               string
+	Entries, Capacity int
 }
 
 type collector struct {
@@ -34,6 +48,10 @@ type collector struct {
 	redirects *prometheus.Desc
 	rules     *prometheus.Desc
 	errors    *prometheus.Desc
+	repairs   *prometheus.Desc
+	peerFails *prometheus.Desc
+	entries   *prometheus.Desc
+	capacity  *prometheus.Desc
 }
 
 // NewCollector reads snapshot on every scrape.
@@ -43,6 +61,10 @@ func NewCollector(snapshot func() Snapshot) prometheus.Collector {
 		redirects: prometheus.NewDesc("nsredirect_redirects_total", "Connects redirected, per netns and rule.", []string{"netns", "rule"}, nil),
 		rules:     prometheus.NewDesc("nsredirect_rules", "Rules this instance has live in the kernel.", nil, nil),
 		errors:    prometheus.NewDesc("nsredirect_enroll_errors_total", "Failed attempts to enroll a netns (bad spec, netns gone, already served).", []string{"netns"}, nil),
+		repairs:   prometheus.NewDesc("nsredirect_link_repairs_total", "Links of ours found detached or defunct and re-created, per hook.", []string{"hook"}, nil),
+		peerFails: prometheus.NewDesc("nsredirect_peer_storage_failures_total", "Connects redirected whose dialled address could not be stored, so getpeername shows the target port.", nil, nil),
+		entries:   prometheus.NewDesc("nsredirect_map_entries", "Entries in each pinned map.", []string{"map"}, nil),
+		capacity:  prometheus.NewDesc("nsredirect_map_capacity", "Maximum entries of each pinned map.", []string{"map"}, nil),
 	}
 }
 
@@ -50,6 +72,10 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.redirects
 	ch <- c.rules
 	ch <- c.errors
+	ch <- c.repairs
+	ch <- c.peerFails
+	ch <- c.entries
+	ch <- c.capacity
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
@@ -60,6 +86,14 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.rules, prometheus.GaugeValue, float64(len(s.Rules)))
 	for n, e := range s.EnrollErrors {
 		ch <- prometheus.MustNewConstMetric(c.errors, prometheus.CounterValue, float64(e), n)
+	}
+	for h, n := range s.LinkRepairs {
+		ch <- prometheus.MustNewConstMetric(c.repairs, prometheus.CounterValue, float64(n), h)
+	}
+	ch <- prometheus.MustNewConstMetric(c.peerFails, prometheus.CounterValue, float64(s.PeerStorageFailures))
+	for _, m := range s.Maps {
+		ch <- prometheus.MustNewConstMetric(c.entries, prometheus.GaugeValue, float64(m.Entries), m.Map)
+		ch <- prometheus.MustNewConstMetric(c.capacity, prometheus.GaugeValue, float64(m.Capacity), m.Map)
 	}
 }
 

@@ -38,11 +38,13 @@ func Status(t testing.TB, pinDir string) []StatusRow {
 	if code != 0 {
 		t.Fatalf("status: exit %d: %s", code, errOut)
 	}
-	var rows []StatusRow
-	if err := json.Unmarshal([]byte(out), &rows); err != nil {
+	var st struct {
+		Rules []StatusRow `json:"rules"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatalf("status --json: %v\n%s", err, out)
 	}
-	return rows
+	return st.Rules
 }
 
 // RowsOf keeps the rows of one netns name.

@@ -68,7 +68,7 @@ func TestHostDaemon(t *testing.T) {
 	// A labelled container in the host's netns: refused, the host untouched.
 	dockerCLI(t, "run", "-d", "--name", run+"-hostnet", "--network", "host", "--label", label+"=80=3210", img.backend, "--listen", "127.0.0.1:0")
 	t.Cleanup(func() { _, _ = sh(time.Minute, nil, "docker", "rm", "-f", run+"-hostnet") })
-	d.WaitOutput(t, "container "+run+"-hostnet uses the host's network namespace", 5*time.Second)
+	d.WaitOutput(t, "container "+run+"-hostnet uses the host network namespace", 5*time.Second)
 	if r := testenv.RowsOf(testenv.Status(t, pin), run+"-hostnet"); len(r) != 0 {
 		t.Errorf("host-network container enrolled: %+v", r)
 	}

@@ -125,9 +125,10 @@ func TestTwoInstancesIsolated(t *testing.T) {
 	a, b := testenv.NewNetns(t), testenv.NewNetns(t)
 	testenv.Server(t, a, ":3210")
 	testenv.Server(t, b, ":3211")
-	da := testenv.Daemon(t, pin, "run", "--netns", a.Path, "--redirect", "80=3210")
+	// --remove-on-exit: this test is about stopping one leaving the other.
+	da := testenv.Daemon(t, pin, "run", "--netns", a.Path, "--redirect", "80=3210", "--remove-on-exit")
 	linksBefore := testenv.LinkIDs(t, pin)
-	db := testenv.Daemon(t, pin, "run", "--netns", b.Path, "--redirect", "80=3211")
+	db := testenv.Daemon(t, pin, "run", "--netns", b.Path, "--redirect", "80=3211", "--remove-on-exit")
 
 	// One program per hook, shared: the second instance replaced the program
 	// inside the same links (link.Update), it did not attach more.
@@ -167,7 +168,8 @@ func TestStopRemovesEverything(t *testing.T) {
 	pin := testenv.BPFFS(t)
 	ns := testenv.NewNetns(t)
 	testenv.Server(t, ns, ":3210")
-	d := testenv.Daemon(t, pin, "run", "--netns", ns.Path, "--redirect", "80=3210")
+	// The intent to stop for good; a plain stop hands over (TestRunRestart*).
+	d := testenv.Daemon(t, pin, "run", "--netns", ns.Path, "--redirect", "80=3210", "--remove-on-exit")
 	ids := testenv.ProgIDs(t, pin)
 	curl(t, ns, "http://127.0.0.1/")
 

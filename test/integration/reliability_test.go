@@ -262,7 +262,7 @@ func TestLeastPrivilege(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		t.Cleanup(cancel)
 		return exec.CommandContext(ctx, setpriv, "--inh-caps=-all", "--bounding-set="+set, "--",
-			bin, "run", "--netns", ns.Path, "--redirect", "80=3210", "--pin-dir", pin)
+			bin, "run", "--netns", ns.Path, "--redirect", "80=3210", "--remove-on-exit", "--pin-dir", pin)
 	}
 	p := testenv.Start(t, run(caps))
 	p.WaitOutput(t, "nsredirect running", 20*time.Second)

@@ -106,7 +106,7 @@ func TestSoak(t *testing.T) {
 	daemons := make([]*testenv.Proc, stable+flappy)
 	urls := make([]string, stable)
 	start := func(i int) *testenv.Proc {
-		args := []string{"run", "--netns", nss[i].Path, "--redirect", "80=3210"}
+		args := []string{"run", "--netns", nss[i].Path, "--redirect", "80=3210", "--remove-on-exit"}
 		if i < stable {
 			args = append(args, "--metrics-addr", "127.0.0.1:0")
 		}

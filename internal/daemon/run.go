@@ -1,0 +1,343 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/nsredirect/nsredirect/internal/loader"
+	"github.com/nsredirect/nsredirect/internal/metrics"
+	"github.com/nsredirect/nsredirect/internal/netnsx"
+)
+
+// Source is a discovery mode: run's fixed targets, Docker, Kubernetes. It
+// only says what should be redirected, when that may have changed, and
+// whether to hand over on shutdown; Run does everything else.
+type Source interface {
+	// Desired describes every target that should have rules now. An error
+	// means the source could not be asked (Docker is down): nothing
+	// changes, and Run asks again on the next wake-up or resync.
+	Desired(ctx context.Context) ([]Target, error)
+	// Watch calls wake whenever Desired may have changed, until ctx ends.
+	// An error ends the daemon.
+	Watch(ctx context.Context, wake func()) error
+	// Handover decides, at shutdown, whether the rules of the targets
+	// still served stay in the kernel for a successor to adopt (true) or
+	// are removed.
+	Handover(ctx context.Context, serving []string) bool
+}
+
+// Reporter is a Source that wants the outcome of each reconcile (kube posts
+// Events on its pods).
+type Reporter interface {
+	Reconciled(ctx context.Context, desired []Target, serving []string, failures map[string]error)
+}
+
+// Redescriber is a Source whose descriptions go stale on their own (a
+// pod's processes come and go): it is asked on every resync, not only on
+// wake-ups and when a target stops resolving.
+type Redescriber interface {
+	RedescribeEachResync() bool
+}
+
+// Attached is the loader as Run drives it.
+type Attached interface {
+	Kernel
+	Intact() error
+	Heal(cgroup string) ([]string, error)
+	Fill() ([]loader.MapFill, error)
+	PeerStorageFailures() (uint64, error)
+	Records() ([]loader.Record, error)
+	RemoveOrphans(owner string, keep func(loader.Record) bool) ([]loader.Record, error)
+	RemoveAllIfUnused() (bool, error)
+	Close() error
+}
+
+// Config is what Run needs besides its source.
+type Config struct {
+	Kernel Attached
+	// Cookies reads a netns cookie from inside it.
+	Cookies netnsx.CookieReader
+	// Owner is the mode (run, docker, kube); Holder names this daemon so a
+	// person can find it.
+	Owner, Holder string
+	// Cgroup is where the programs are attached (for Heal).
+	Cgroup string
+	// Proc is where the host's processes are seen (default /proc).
+	Proc string
+	// AllowHostNetns lets a target be the host's netns (run only).
+	AllowHostNetns bool
+	// WaitForOwners: see the option of that name.
+	WaitForOwners bool
+	// Fixed says the source's targets are given by flags (run): a failure
+	// to enroll them at start ends the daemon, and, as the source does not
+	// know every target its mode serves on the host, an ownerless record of
+	// the mode is removed only once its netns is proven gone.
+	Fixed bool
+	// Resync is how often targets are re-resolved and links checked
+	// (default 1 s).
+	Resync time.Duration
+	// Metrics, if set, serves /metrics, /healthz and /readyz.
+	Metrics net.Listener
+	Version string
+	// StartTimeout bounds the first Desired (default 30 s).
+	StartTimeout time.Duration
+	Log          logrus.FieldLogger
+}
+
+// Run is the life of every long-running mode: enroll what src describes,
+// remove what predecessors left for targets that are gone, serve metrics,
+// follow src's wake-ups and resync (re-resolve, heal detached links) until
+// ctx ends, then hand over or remove the rules as src decides and, as the
+// last instance out, unpin everything. cfg.Kernel is closed on return.
+func Run(ctx context.Context, src Source, cfg Config) error {
+	if cfg.Resync == 0 {
+		cfg.Resync = time.Second
+	}
+	if cfg.StartTimeout == 0 {
+		cfg.StartTimeout = 30 * time.Second
+	}
+	if cfg.Proc == "" {
+		cfg.Proc = procRoot
+	}
+	log := cfg.Log
+	kernel := cfg.Kernel
+	opts := []Option{Proc(cfg.Proc), Holder(cfg.Holder)}
+	if cfg.WaitForOwners {
+		opts = append(opts, WaitForOwners())
+	}
+	if cfg.AllowHostNetns {
+		opts = append(opts, AllowHostNetns())
+	}
+	d := New(kernel, cfg.Cookies, cfg.Owner, log, opts...)
+	r := &runner{src: src, cfg: cfg, d: d, repairs: map[string]uint64{}}
+	stop := func(handingOver bool) error {
+		err := d.Shutdown(handingOver)
+		if !handingOver {
+			if _, e := kernel.RemoveAllIfUnused(); e != nil {
+				err = errors.Join(err, e)
+			}
+		}
+		return errors.Join(err, kernel.Close())
+	}
+	r.heal() // a link detached while no daemon ran
+
+	sctx, cancel := context.WithTimeout(ctx, cfg.StartTimeout)
+	desired, err := src.Desired(sctx)
+	cancel()
+	if err != nil {
+		return errors.Join(err, stop(false))
+	}
+	err = r.reconcile(ctx, desired)
+	if err != nil && cfg.Fixed {
+		return errors.Join(err, stop(false))
+	}
+	if err := r.removeOrphans(desired); err != nil {
+		return errors.Join(err, stop(false))
+	}
+
+	ctx, cancelRun := context.WithCancel(ctx)
+	defer cancelRun()
+	errc := make(chan error, 2)
+	if cfg.Metrics != nil {
+		reg := metrics.Registry(r.snapshot, cfg.Version)
+		go func() { errc <- metrics.Serve(ctx, cfg.Metrics, reg, kernel.Intact, d.Ready) }()
+		log.WithField("addr", cfg.Metrics.Addr().String()).Info("serving /metrics, /healthz, /readyz")
+	}
+	wake := make(chan struct{}, 1)
+	go func() {
+		errc <- src.Watch(ctx, func() {
+			select {
+			case wake <- struct{}{}:
+			default: // a describe is already due; it will see this change too
+			}
+		})
+	}()
+	log.WithFields(logrus.Fields{"cgroup": cfg.Cgroup, "netns": d.Serving(), "holder": cfg.Holder}).Info("nsredirect running")
+
+	redescribe := false
+	if rd, ok := src.(Redescriber); ok {
+		redescribe = rd.RedescribeEachResync()
+	}
+	tick := time.NewTicker(cfg.Resync)
+	defer tick.Stop()
+	// Between resyncs, a cheap look (one stat per target) for a target
+	// whose process is gone: a restart is followed well within a second
+	// even when no event says so.
+	probe := time.NewTicker(max(cfg.Resync/4, time.Millisecond))
+	defer probe.Stop()
+	var runErr error
+	for running := true; running; {
+		select {
+		case <-ctx.Done():
+			running = false
+		case err := <-errc:
+			if err != nil {
+				runErr = err
+				running = false
+			}
+		case <-wake:
+			r.describe(ctx)
+		case <-probe.C:
+			if d.Moved() {
+				r.describe(ctx)
+			}
+		case <-tick.C:
+			if err := kernel.Intact(); err != nil {
+				runErr = err
+				running = false
+				break
+			}
+			r.heal()
+			if redescribe {
+				r.describe(ctx)
+				break
+			}
+			_ = d.Resync() // failures are logged once by the daemon
+			if d.TakeStale() {
+				// A target did not resolve: its source says where it is
+				// now (a container restarted with no usable event).
+				r.describe(ctx)
+			}
+		}
+	}
+	cancelRun()
+	if !cfg.Fixed {
+		// One last look: what stopped meanwhile is removed, not handed over.
+		hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
+		if desired, err := src.Desired(hctx); err != nil {
+			log.WithError(err).Warn("cannot describe the targets at shutdown; deciding on the ones last seen")
+		} else {
+			_ = r.reconcile(hctx, desired)
+		}
+		cancel()
+	}
+	hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
+	handingOver := len(d.Serving()) > 0 && src.Handover(hctx, d.Serving())
+	cancel()
+	log.WithFields(logrus.Fields{"handover": handingOver, "netns": d.Serving()}).Info("stopping")
+	return errors.Join(runErr, stop(handingOver))
+}
+
+type runner struct {
+	src Source
+	cfg Config
+	d   *Daemon
+
+	mu          sync.Mutex
+	repairs     map[string]uint64 // hook -> links re-created
+	describeErr string            // last Desired failure, logged once
+}
+
+func (r *runner) describe(ctx context.Context) {
+	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	desired, err := r.src.Desired(dctx)
+	if err != nil {
+		if ctx.Err() == nil && err.Error() != r.describeErr {
+			r.describeErr = err.Error()
+			r.cfg.Log.WithError(err).Warn("cannot describe the targets; keeping the rules as they are")
+		}
+		return
+	}
+	r.describeErr = ""
+	_ = r.reconcile(ctx, desired)
+}
+
+func (r *runner) reconcile(ctx context.Context, desired []Target) error {
+	err := r.d.Reconcile(desired)
+	if rep, ok := r.src.(Reporter); ok {
+		rep.Reconciled(ctx, desired, r.d.Serving(), r.d.Failures())
+	}
+	return err
+}
+
+// heal re-creates a link of ours that was detached (bpftool link detach)
+// or went defunct.
+func (r *runner) heal() {
+	repaired, err := r.cfg.Kernel.Heal(r.cfg.Cgroup)
+	for _, h := range repaired {
+		r.mu.Lock()
+		r.repairs[h]++
+		r.mu.Unlock()
+		r.cfg.Log.WithFields(logrus.Fields{"hook": h, "cgroup": r.cfg.Cgroup}).Warn("our link was detached or defunct; re-created and re-pinned it")
+	}
+	if err != nil {
+		r.cfg.Log.WithError(err).Error("cannot check or repair the attached links")
+	}
+}
+
+// removeOrphans removes the ownerless records of this mode that nothing
+// claims, after the first reconcile (what a predecessor handed over is ours
+// by then, or held by a live owner and never touched). A source that lists
+// every target of its mode (docker, kube) claims by name; a fixed one (run)
+// cannot tell, so its records go only once their netns is proven gone.
+func (r *runner) removeOrphans(desired []Target) error {
+	want := map[string]bool{}
+	for _, t := range desired {
+		want[t.Name] = true
+	}
+	for _, n := range r.d.Serving() {
+		delete(want, n) // served: ours now, not an orphan
+	}
+	removed, err := r.cfg.Kernel.RemoveOrphans(r.cfg.Owner, func(rec loader.Record) bool {
+		if r.cfg.Fixed {
+			return rec.NetnsIno == 0 || netnsInoAlive(r.cfg.Proc, rec.NetnsIno)
+		}
+		return want[rec.Name]
+	})
+	for _, rec := range removed {
+		r.cfg.Log.WithFields(logrus.Fields{"netns": rec.Name, "cookie": rec.Cookie, "id": rec.ID}).Info("removed rules handed over for a target that is gone")
+	}
+	return err
+}
+
+// netnsInoAlive is NetnsAlive for a record, which keeps only the inode.
+func netnsInoAlive(proc string, ino uint64) bool {
+	dev, err := nsfsDev(proc)
+	if err != nil {
+		return true
+	}
+	return NetnsAlive(proc, netnsx.LiveID{Dev: dev, Ino: ino})
+}
+
+func nsfsDev(proc string) (uint64, error) {
+	id, err := (netnsx.Target{Spec: "self", Path: "/proc/thread-self/ns/net"}).Stat()
+	if err != nil {
+		return 0, err
+	}
+	return id.Dev, nil
+}
+
+// snapshot is what a scrape reports: the daemon's rules and errors, and
+// the kernel's state.
+func (r *runner) snapshot() metrics.Snapshot {
+	s := r.d.Snapshot()
+	r.mu.Lock()
+	s.LinkRepairs = make(map[string]uint64, len(r.repairs))
+	for h, n := range r.repairs {
+		s.LinkRepairs[h] = n
+	}
+	r.mu.Unlock()
+	if fill, err := r.cfg.Kernel.Fill(); err == nil {
+		for _, f := range fill {
+			s.Maps = append(s.Maps, metrics.MapFill{Map: f.Name, Entries: f.Entries, Capacity: f.Capacity})
+		}
+		sort.Slice(s.Maps, func(i, j int) bool { return s.Maps[i].Map < s.Maps[j].Map })
+	}
+	if n, err := r.cfg.Kernel.PeerStorageFailures(); err == nil {
+		s.PeerStorageFailures = n
+	}
+	return s
+}
+
+// HostHolder is the Holder of a daemon outside any pod: "pid N on host H".
+func HostHolder(pid int, hostname string) string {
+	return fmt.Sprintf("pid %d on host %s", pid, hostname)
+}

@@ -1,0 +1,303 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"github.com/sirupsen/logrus/hooks/test"
+
+	"github.com/nsredirect/nsredirect/internal/loader"
+	"github.com/nsredirect/nsredirect/internal/netnsx"
+	"github.com/nsredirect/nsredirect/internal/testenv"
+)
+
+// sleeper starts a process inside ns and returns it once it is in there.
+func sleeper(t *testing.T, ns testenv.Netns) *testenv.Proc {
+	t.Helper()
+	p := testenv.Start(t, ns.Command(context.Background(), "sleep", "60"))
+	pid := p.Cmd.Process.Pid
+	// `ip netns exec` enters ns, then execs sleep in place.
+	waitUntil(t, "the sleep to enter the netns", func() bool {
+		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		return strings.HasSuffix(exe, "/sleep")
+	})
+	return p
+}
+
+func waitUntil(t *testing.T, what string, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second) // caps a hang only
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func pidTarget(t *testing.T, pid int) netnsx.Target {
+	t.Helper()
+	tg, err := netnsx.ParseTarget(fmt.Sprintf("pid:%d", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tg
+}
+
+// TestHostNetnsRefusedByIdentity: a target whose netns is the host's is
+// refused whatever path reaches it (self, a process of the host such as
+// kthreadd or the parent of this test): counted, named, nothing enrolled. With
+// AllowHostNetns it is enrolled.
+func TestHostNetnsRefusedByIdentity(t *testing.T) {
+	testenv.Privileged(t)
+	self, _ := netnsx.ParseTarget("self")
+	kthreadd, _ := netnsx.ParseTarget("/proc/2/ns/net")
+	for _, tg := range []netnsx.Target{self, kthreadd, pidTarget(t, os.Getppid())} {
+		k := newFake()
+		d := New(k, testenv.Cookies(t), "docker", quiet())
+		err := d.Reconcile([]Target{{Name: "h", Kind: "container", Netns: tg, Rules: rules(t, "80=3210")}})
+		if !errors.Is(err, ErrHostNetns) || !strings.Contains(err.Error(), "container h") || !strings.Contains(err.Error(), "host network namespace") {
+			t.Errorf("target %s: Reconcile = %v; want a refusal naming container h and the host network namespace", tg, err)
+		}
+		if len(k.enrolled) != 0 || d.Snapshot().EnrollErrors["h"] != 1 {
+			t.Errorf("target %s: enrolled %v, errors %v; want nothing enrolled and one error", tg, k.enrolled, d.Snapshot().EnrollErrors)
+		}
+		if !errors.Is(d.Failures()["h"], ErrHostNetns) {
+			t.Errorf("target %s: Failures = %v", tg, d.Failures())
+		}
+	}
+	k := newFake()
+	d := New(k, testenv.Cookies(t), "run", quiet(), AllowHostNetns())
+	if err := d.Reconcile([]Target{{Name: "h", Netns: self, Rules: rules(t, "80=3210")}}); err != nil || len(k.enrolled) != 1 {
+		t.Errorf("AllowHostNetns: %v, enrolled %v; want enrolled", err, k.enrolled)
+	}
+}
+
+// TestFailedLookupKeepsLiveNetns: the process a target's netns was found
+// through exits while the netns lives on: the rules stay (and the source is
+// asked to describe the target again); once nothing reaches the netns any
+// more they are removed.
+func TestFailedLookupKeepsLiveNetns(t *testing.T) {
+	ns := testenv.NewNetns(t)
+	p := sleeper(t, ns)
+	k := newFake()
+	d := New(k, testenv.Cookies(t), "kube", quiet())
+	want := []Target{{Name: "shop/web", Kind: "pod", Netns: pidTarget(t, p.Cmd.Process.Pid), Rules: rules(t, "80=3210")}}
+	if err := d.Reconcile(want); err != nil {
+		t.Fatal(err)
+	}
+	cookie := ns.Cookie(t)
+	d.TakeStale()
+	p.Kill()
+	_ = d.Reconcile(want)
+	k.mu.Lock()
+	_, kept := k.enrolled[cookie]
+	k.mu.Unlock()
+	if !kept {
+		t.Fatal("rules removed after one failed lookup while /run/netns still holds the netns")
+	}
+	if !d.TakeStale() {
+		t.Error("a target that did not resolve did not ask for a new description")
+	}
+	ns.Delete(t)
+	_ = d.Reconcile(want)
+	if _, still := k.enrolled[cookie]; still {
+		t.Error("rules kept after the netns is gone (nothing reaches it)")
+	}
+}
+
+// TestPendingIsNotAnError: a target its source says is not there yet (a
+// pod's sandbox being re-created) is logged at info, not counted, and does
+// not remove rules of a netns that lives.
+func TestPendingIsNotAnError(t *testing.T) {
+	ns := testenv.NewNetns(t)
+	k := newFake()
+	log, hook := test.NewNullLogger()
+	d := New(k, testenv.Cookies(t), "kube", log)
+	if err := d.Reconcile([]Target{{Name: "shop/web", Netns: ns.Target(), Rules: rules(t, "80=3210")}}); err != nil {
+		t.Fatal(err)
+	}
+	pending := fmt.Errorf("pod shop/web: no process of the pod found (%w)", ErrPending)
+	for range 3 {
+		_ = d.Reconcile([]Target{{Name: "shop/web", Err: pending}})
+	}
+	if n := d.Snapshot().EnrollErrors["shop/web"]; n != 0 {
+		t.Errorf("pending target counted %d enroll errors; want 0", n)
+	}
+	for _, e := range hook.AllEntries() {
+		if e.Level <= logrus.WarnLevel {
+			t.Errorf("logged at %s: %s %v", e.Level, e.Message, e.Data)
+		}
+	}
+	if _, kept := k.enrolled[ns.Cookie(t)]; !kept {
+		t.Error("a pending target's live netns lost its rules")
+	}
+}
+
+// attachedFake is a fake loader for Run.
+type attachedFake struct {
+	*fakeKernel
+	mu     sync.Mutex
+	heal   [][]string // what each Heal call returns, in turn
+	closed bool
+}
+
+func (a *attachedFake) Intact() error { return nil }
+func (a *attachedFake) Heal(string) ([]string, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.heal) == 0 {
+		return nil, nil
+	}
+	h := a.heal[0]
+	a.heal = a.heal[1:]
+	return h, nil
+}
+func (a *attachedFake) Fill() ([]loader.MapFill, error) {
+	return []loader.MapFill{{Name: "rules", Entries: 3, Capacity: 65536}, {Name: "enrollments", Entries: 1, Capacity: 16384}}, nil
+}
+func (a *attachedFake) PeerStorageFailures() (uint64, error) { return 7, nil }
+func (a *attachedFake) Records() ([]loader.Record, error)    { return nil, nil }
+func (a *attachedFake) RemoveAllIfUnused() (bool, error)     { return true, nil }
+func (a *attachedFake) Close() error                         { a.closed = true; return nil }
+func (a *attachedFake) RemoveOrphans(string, func(loader.Record) bool) ([]loader.Record, error) {
+	return nil, nil
+}
+
+func scrape(t *testing.T, addr string) string {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// TestRunHealsAndExports: Run calls Heal on every resync, logs and counts
+// each link it re-created per hook, and exports the map fill levels and the
+// peer-storage failures; on shutdown Fixed hands over unless RemoveOnExit.
+func TestRunHealsAndExports(t *testing.T) {
+	ns := testenv.NewNetns(t)
+	for _, removeOnExit := range []bool{false, true} {
+		k := &attachedFake{fakeKernel: newFake(), heal: [][]string{nil, {"connect4"}}}
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		log, hook := test.NewNullLogger()
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		src := Fixed{Targets: []Target{{Name: "n", Netns: ns.Target(), Rules: rules(t, "80=3210")}}, RemoveOnExit: removeOnExit}
+		go func() {
+			done <- Run(ctx, src, Config{Kernel: k, Cookies: testenv.Cookies(t), Owner: "run", Fixed: true, Resync: 20 * time.Millisecond, Metrics: ln, Log: log})
+		}()
+		var body string
+		waitUntil(t, "a link repair counted", func() bool {
+			body = scrape(t, ln.Addr().String())
+			return strings.Contains(body, `nsredirect_link_repairs_total{hook="connect4"} 1`)
+		})
+		for _, want := range []string{`nsredirect_map_entries{map="rules"} 3`, `nsredirect_map_capacity{map="rules"} 65536`, `nsredirect_peer_storage_failures_total 7`} {
+			if !strings.Contains(body, want) {
+				t.Errorf("metrics lack %s", want)
+			}
+		}
+		logged := false
+		for _, e := range hook.AllEntries() {
+			if e.Data["hook"] == "connect4" && strings.Contains(e.Message, "re-created") {
+				logged = true
+			}
+		}
+		if !logged {
+			t.Error("the repair was not logged")
+		}
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		k.mu.Lock()
+		_, kept := k.enrolled[ns.Cookie(t)]
+		released := k.released[ns.Cookie(t)]
+		k.mu.Unlock()
+		if kept == removeOnExit || released == removeOnExit || !k.closed {
+			t.Errorf("RemoveOnExit=%v: rules kept %v, released %v, closed %v", removeOnExit, kept, released, k.closed)
+		}
+	}
+}
+
+// TestBadTargetDropsRules: a target its source now describes as wrong (an
+// annotation edited into garbage) loses its rules at once, netns alive or
+// not; one it could not look up keeps them.
+func TestBadTargetDropsRules(t *testing.T) {
+	ns := testenv.NewNetns(t)
+	k := newFake()
+	d := New(k, testenv.Cookies(t), "kube", quiet())
+	good := []Target{{Name: "p", Netns: ns.Target(), Rules: rules(t, "80=3210")}}
+	if err := d.Reconcile(good); err != nil {
+		t.Fatal(err)
+	}
+	cookie := ns.Cookie(t)
+	_ = d.Reconcile([]Target{{Name: "p", Err: fmt.Errorf("%w: read /host/proc: permission denied", ErrLookup)}})
+	if _, kept := k.enrolled[cookie]; !kept {
+		t.Error("a failed lookup removed the rules of a live netns")
+	}
+	_ = d.Reconcile([]Target{{Name: "p", Err: errors.New(`annotation "80=x" does not parse`)}})
+	if _, kept := k.enrolled[cookie]; kept {
+		t.Error("a bad annotation kept the old rules")
+	}
+}
+
+// TestReusedPidNotFollowed: the process a target's /proc path went through
+// is gone and its pid belongs to another process (another netns) now: that
+// one is never enrolled; the source is asked to describe the target again.
+func TestReusedPidNotFollowed(t *testing.T) {
+	a, b := testenv.NewNetns(t), testenv.NewNetns(t)
+	pa, pb := sleeper(t, a), sleeper(t, b)
+	// A proc-like root whose entry 100 leads to pa, then to pb, as a
+	// reused pid would; its stat gives each its own start time.
+	root := t.TempDir()
+	dir := root + "/100"
+	if err := os.MkdirAll(dir+"/ns", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	point := func(p *testenv.Proc, start int) {
+		_ = os.Remove(dir + "/ns/net")
+		if err := os.Symlink(fmt.Sprintf("/proc/%d/ns/net", p.Cmd.Process.Pid), dir+"/ns/net"); err != nil {
+			t.Fatal(err)
+		}
+		stat := fmt.Sprintf("100 (sleep) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 %d 0 0\n", start)
+		if err := os.WriteFile(dir+"/stat", []byte(stat), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	point(pa, 1000)
+	tg, _ := netnsx.ParseTarget(dir + "/ns/net")
+	k := newFake()
+	d := New(k, testenv.Cookies(t), "docker", quiet())
+	want := []Target{{Name: "web", Kind: "container", Netns: tg, Rules: rules(t, "80=3210")}}
+	if err := d.Reconcile(want); err != nil {
+		t.Fatal(err)
+	}
+	d.TakeStale()
+	point(pb, 2000)
+	if err := d.Reconcile(want); err == nil || !strings.Contains(err.Error(), "another process") {
+		t.Errorf("Reconcile = %v; want the reused pid refused", err)
+	}
+	if _, wrong := k.enrolled[b.Cookie(t)]; wrong {
+		t.Error("the netns of the process that took the pid was enrolled")
+	}
+	if !d.TakeStale() {
+		t.Error("the source was not asked to describe the target again")
+	}
+}
