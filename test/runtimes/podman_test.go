@@ -76,21 +76,73 @@ func newRootless(t *testing.T) *rootless {
 	// Not a system user: useradd gives it ranges in /etc/subuid and
 	// /etc/subgid, which a rootless engine maps its user namespace from.
 	mustSh(t, time.Minute, nil, useradd, "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name)
-	t.Cleanup(func() {
-		if out, err := sh(time.Minute, nil, userdel, name); err != nil {
-			t.Errorf("userdel %s: %v: %s", name, err, out)
-		}
-	})
 	u, err := user.Lookup(name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
+	t.Cleanup(func() {
+		// Rootless podman re-executes itself inside its user namespace
+		// and the process we started may exit first, so the service and
+		// its pause process are found by the uid, which only this test's
+		// processes have.
+		stopUser(uid)
+		if out, err := sh(time.Minute, nil, userdel, name); err != nil {
+			t.Errorf("userdel %s: %v: %s", name, err, out)
+		}
+	})
 	if b, _ := os.ReadFile("/etc/subuid"); !strings.Contains(string(b), name+":") {
 		t.Fatalf("useradd gave %s no /etc/subuid range (SUB_UID_COUNT in /etc/login.defs?)", name)
 	}
 	return &rootless{name: name, uid: uid, gid: gid}
+}
+
+// stopUser ends every process of uid (a user the test created): SIGTERM,
+// then SIGKILL what is left after 10 s.
+func stopUser(uid int) {
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			pids := pidsOf(uid)
+			if len(pids) == 0 {
+				return
+			}
+			for _, pid := range pids {
+				_ = syscall.Kill(pid, sig)
+			}
+			if time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+}
+
+// pidsOf lists the live processes whose real uid is uid.
+func pidsOf(uid int) []int {
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "Uid:"); ok {
+				if f := strings.Fields(v); len(f) > 0 && f[0] == strconv.Itoa(uid) {
+					if !strings.Contains(string(b), "State:\tZ") {
+						pids = append(pids, pid)
+					}
+				}
+			}
+		}
+	}
+	return pids
 }
 
 // startPodman runs the Docker-compatible API of Podman on a socket of its
