@@ -243,7 +243,7 @@ func hostDaemon(t *testing.T, pin, sock, label string) *testenv.Proc {
 // container stops, SIGTERM leaves nothing.
 func TestDocker29HostDaemon(t *testing.T) {
 	e := docker29(t)
-	c := newCell(t, "Docker Engine 29 (`docker run`)", "host daemon (systemd unit's command line)")
+	c := newCell(t, e.name+" (`docker run`)", "host daemon (systemd unit's command line)")
 	img, _ := e.makeImage(t)
 	pin := testenv.BPFFS(t)
 	run := testenv.Name("nsrt")

@@ -70,11 +70,14 @@ func need(t *testing.T, ok bool, why string) {
 }
 
 // runtimesBin is the directory holding dockerd, docker-proxy and
-// docker-compose as `make test-runtimes` built them.
+// docker-compose as `make test-runtimes` built them:
+// NSREDIRECT_RUNTIMES_BIN, by default the repository's .cache/runtimes/bin.
 func runtimesBin(t *testing.T) string {
 	t.Helper()
 	dir := os.Getenv("NSREDIRECT_RUNTIMES_BIN")
-	need(t, dir != "", "NSREDIRECT_RUNTIMES_BIN is not set: run `sudo make test-runtimes`, which builds the engines")
+	if dir == "" {
+		dir = filepath.Join(repoDir(t), ".cache", "runtimes", "bin")
+	}
 	for _, b := range []string{"dockerd", "docker-proxy", "docker-compose"} {
 		_, err := os.Stat(filepath.Join(dir, b))
 		need(t, err == nil, fmt.Sprintf("%s/%s is missing: run `sudo make test-runtimes`, which builds it", dir, b))
