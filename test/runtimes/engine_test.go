@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -179,7 +180,7 @@ func startDockerd(bin, cli string) (*engine, error) {
 	)
 	cmd.Env = append(os.Environ(), "PATH="+path)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
+	if err := startTied(cmd); err != nil {
 		logf.Close()
 		cleanDir()
 		return nil, fmt.Errorf("start dockerd: %w", err)
@@ -258,6 +259,25 @@ func (e *engine) bridges() []string {
 		}
 	}
 	return brs
+}
+
+// startTied starts cmd so that it gets SIGTERM if the test binary dies
+// before stopping it (a -timeout panic skips every cleanup): Pdeathsig fires
+// when the forking thread ends, so the fork happens on a thread locked to a
+// goroutine that never returns (threads that entered a netns, which the
+// tests discard, are never this one).
+func startTied(cmd *exec.Cmd) error {
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGTERM
+	errc := make(chan error)
+	go func() {
+		runtime.LockOSThread()
+		errc <- cmd.Start()
+		select {}
+	}()
+	return <-errc
 }
 
 // stopPid ends a process we started, by its pid: SIGTERM, then SIGKILL

@@ -229,7 +229,7 @@ runroot = "%[1]s/run/storage"
 	cmd.Env = p.env
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: p.cred}
-	if err := cmd.Start(); err != nil {
+	if err := startTied(cmd); err != nil {
 		t.Fatalf("start podman system service: %v", err)
 	}
 	done := make(chan struct{})
