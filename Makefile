@@ -94,7 +94,8 @@ image: build
 	@# What a user pulls or loads: the `docker save` archive. (`docker image
 	@# inspect .Size` is not that: Docker 29's containerd image store reports
 	@# the unpacked snapshot, 20.10 the layer sum.)
-	@size=$$(docker save $(IMAGE) | wc -c); echo "$(IMAGE): $$((size / 1000000)) MB (docker save)"; \
+	@size=$$(set -o pipefail; docker save $(IMAGE) | wc -c) || { echo "docker save $(IMAGE) failed" >&2; exit 1; }; \
+		echo "$(IMAGE): $$((size / 1000000)) MB (docker save)"; \
 		test $$size -lt 25000000 || { echo "image $(IMAGE): docker save is $$size bytes; it must stay under 25 MB" >&2; exit 1; }
 
 # The Docker suite alone (starts dockerd if it is not running).

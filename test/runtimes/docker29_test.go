@@ -278,7 +278,12 @@ func TestDocker29HostDaemon(t *testing.T) {
 	pa = e.pidOf(t, run+"-a")
 	clients(t, pa, "recreated container")
 
-	// SIGTERM with the container running: handed over, the redirect kept.
+	// SIGTERM with the container running: handed over, the redirect kept;
+	// the next daemon adopts it. A connect loop across both refuses nothing
+	// (a `systemctl restart`).
+	stop := make(chan struct{})
+	loop := connectLoop(pa, "127.0.0.1:80", 90*time.Second, stop)
+	time.Sleep(200 * time.Millisecond) // some connects before the stop
 	if err := d.Stop(syscall.SIGTERM, 15*time.Second); err != nil {
 		t.Fatalf("daemon exit: %v\n%s", err, d.Output())
 	}
@@ -293,6 +298,13 @@ func TestDocker29HostDaemon(t *testing.T) {
 		r := testenv.RowsOf(rows, run+"-a")
 		return len(r) == 1 && r[0].Alive && r[0].OwnerPID == d2.Cmd.Process.Pid
 	})
+	time.Sleep(200 * time.Millisecond) // and some after
+	close(stop)
+	res := <-loop
+	c.measure("daemon restarted under a connect loop: %d/%d refused", res.failed, res.ok+res.failed)
+	if res.failed != 0 || res.ok < 20 {
+		t.Errorf("across the daemon's restart: %d ok, %d failed (first: %v); want zero failures", res.ok, res.failed, res.firstErr)
+	}
 	e.docker(t, "stop", "-t", "1", run+"-a")
 	testenv.WaitStatus(t, pin, "no rule once the container stopped", func(rows []testenv.StatusRow) bool { return len(rows) == 0 })
 	if err := d2.Stop(syscall.SIGTERM, 15*time.Second); err != nil {
