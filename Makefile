@@ -8,7 +8,7 @@ BIN := bin/nsredirect
 DEPS_STAMP := .cache/deps.stamp
 DEB_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl socat wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
 
-.PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick image test-docker clean soak test-kernels test-runtimes
+.PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick image test-docker clean soak test-kernels
 
 all: build
 
@@ -125,6 +125,7 @@ $(KERNELS_STAMP):
 # .cache/runtimes/results.md. The engines are built from the Go modules pinned
 # in test/runtimes/tools/ into .cache/runtimes/bin (rebuilt only when those
 # go.mod/go.sum change). RUN=REGEX narrows the tests.
+.PHONY: test-runtimes
 RUNTIMES_BIN := .cache/runtimes/bin
 RUNTIMES_STAMP := .cache/runtimes-deps.stamp
 RUNTIMES_PACKAGES := podman uidmap containerd runc
