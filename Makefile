@@ -128,7 +128,7 @@ $(KERNELS_STAMP):
 .PHONY: test-runtimes
 RUNTIMES_BIN := .cache/runtimes/bin
 RUNTIMES_STAMP := .cache/runtimes-deps.stamp
-RUNTIMES_PACKAGES := podman uidmap containerd runc
+RUNTIMES_PACKAGES := podman uidmap passwd containerd runc
 RUNTIMES_TOOLS := test/runtimes/tools
 DOCKERD_VERSION := 29.8.0
 COMPOSE_VERSION := v5.6.0
