@@ -94,8 +94,12 @@ DEMO_IMAGE ?= nsredirect-demo-backend:latest
 image: build
 	docker build --target prebuilt -t $(IMAGE) .
 	docker build --target demo-backend-prebuilt -t $(DEMO_IMAGE) .
-	@size=$$(docker image inspect -f '{{.Size}}' $(IMAGE)); echo "$(IMAGE): $$((size / 1000000)) MB"; \
-		test $$size -lt 15000000 || { echo "image $(IMAGE) is $$size bytes; it must stay under 15 MB" >&2; exit 1; }
+	@# What a user pulls or loads: the `docker save` archive. (`docker image
+	@# inspect .Size` is not that: Docker 29's containerd image store reports
+	@# the unpacked snapshot, 20.10 the layer sum.)
+	@size=$$(set -o pipefail; docker save $(IMAGE) | wc -c) || { echo "docker save $(IMAGE) failed" >&2; exit 1; }; \
+		echo "$(IMAGE): $$((size / 1000000)) MB (docker save)"; \
+		test $$size -lt 25000000 || { echo "image $(IMAGE): docker save is $$size bytes; it must stay under 25 MB" >&2; exit 1; }
 
 # The Docker suite alone (starts dockerd if it is not running).
 test-docker: deps build
@@ -115,4 +119,44 @@ $(KERNELS_STAMP):
 	@if [ "$$(id -u)" != 0 ]; then echo "make test-kernels: run as root (sudo make test-kernels) to apt-get install: $(KERNELS_PACKAGES)" >&2; exit 2; fi
 	apt-get update
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(KERNELS_PACKAGES)
+	@mkdir -p $(dir $@) && touch $@
+
+# Real container engines on this host: Docker Engine 29 (dockerd from the
+# moby/moby/v2 module) with Docker Compose v5 (as the `docker compose` plugin
+# and as `docker-compose`), and Podman's Docker-compatible API (Debian's 4.3),
+# each on its own socket, data root and exec root; one table, also in
+# .cache/runtimes/results.md. The engines are built from the Go modules pinned
+# in test/runtimes/tools/ into .cache/runtimes/bin (rebuilt only when those
+# go.mod/go.sum change). RUN=REGEX narrows the tests.
+.PHONY: test-runtimes
+RUNTIMES_BIN := .cache/runtimes/bin
+RUNTIMES_STAMP := .cache/runtimes-deps.stamp
+RUNTIMES_PACKAGES := podman uidmap passwd containerd runc
+RUNTIMES_TOOLS := test/runtimes/tools
+DOCKERD_VERSION := 29.8.0
+COMPOSE_VERSION := v5.6.0
+test-runtimes: deps build $(RUNTIMES_STAMP) $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-compose
+	$(GO) vet -tags runtimes ./test/runtimes/
+	NSREDIRECT_BIN=$(CURDIR)/$(BIN) DEMO_BACKEND_BIN=$(CURDIR)/bin/demo-backend \
+		NSREDIRECT_RUNTIMES_BIN=$(CURDIR)/$(RUNTIMES_BIN) NSREDIRECT_RUNTIMES_RESULTS=$(CURDIR)/.cache/runtimes/results.md \
+		$(GO) test -tags runtimes -count=1 -p 1 -v -timeout 30m $(if $(RUN),-run '$(RUN)') ./test/runtimes/
+	@cat .cache/runtimes/results.md
+
+$(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-proxy &: $(RUNTIMES_TOOLS)/dockerd/go.mod $(RUNTIMES_TOOLS)/dockerd/go.sum
+	@mkdir -p $(RUNTIMES_BIN)
+	cd $(RUNTIMES_TOOLS)/dockerd && CGO_ENABLED=0 $(GO) build -trimpath -tags 'netgo osusergo static_build nri_no_wasm' \
+		-ldflags '-s -w -X github.com/moby/moby/v2/dockerversion.Version=$(DOCKERD_VERSION)' \
+		-o $(CURDIR)/$(RUNTIMES_BIN)/ github.com/moby/moby/v2/cmd/dockerd github.com/moby/moby/v2/cmd/docker-proxy
+	@touch $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-proxy
+
+$(RUNTIMES_BIN)/docker-compose: $(RUNTIMES_TOOLS)/compose/go.mod $(RUNTIMES_TOOLS)/compose/go.sum
+	@mkdir -p $(RUNTIMES_BIN)
+	cd $(RUNTIMES_TOOLS)/compose && CGO_ENABLED=0 $(GO) build -trimpath \
+		-ldflags '-s -w -X github.com/docker/compose/v5/internal.Version=$(COMPOSE_VERSION)' \
+		-o $(CURDIR)/$@ github.com/docker/compose/v5/cmd
+
+$(RUNTIMES_STAMP):
+	@if [ "$$(id -u)" != 0 ]; then echo "make test-runtimes: run as root (sudo make test-runtimes) to apt-get install: $(RUNTIMES_PACKAGES)" >&2; exit 2; fi
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(RUNTIMES_PACKAGES)
 	@mkdir -p $(dir $@) && touch $@

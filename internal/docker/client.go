@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -167,11 +168,12 @@ var watchedActions = []string{"start", "restart", "die", "stop", "destroy"}
 // accepted the subscription, so a caller can list knowing no later event
 // will be missed.
 func (c *Client) Events(ctx context.Context, label string, connected func(), fn func(Event)) error {
-	q := url.Values{"filters": {filterJSON(map[string][]string{
-		"type":  {"container"},
-		"event": watchedActions,
-		"label": {label},
-	})}}
+	// Only the type is filtered by the Engine: Podman 4.3's Docker API
+	// matches a label filter without a value against nothing, and with
+	// several event filters drops die, so a restart went unseen there.
+	// Label and action are checked here instead (events carry the
+	// container's labels as attributes, in both).
+	q := url.Values{"filters": {filterJSON(map[string][]string{"type": {"container"}})}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url("/events", q), nil)
 	if err != nil {
 		return err
@@ -200,7 +202,9 @@ func (c *Client) Events(ctx context.Context, label string, connected func(), fn 
 			}
 			return fmt.Errorf("read Docker events: %w", err)
 		}
-		fn(ev)
+		if _, ok := ev.Actor.Attributes[label]; ok && slices.Contains(watchedActions, ev.Action) {
+			fn(ev)
+		}
 	}
 }
 

@@ -284,7 +284,9 @@ func TestRunRelistsOnEventsAndReconnect(t *testing.T) {
 	rec.waitFor(t, "backend", func(ts []daemon.Target) bool { return names(ts) == "backend" })
 	// The container restarts: new pid, an event.
 	e.add("aaa", "backend", 2222, map[string]string{DefaultLabel: "80=3210"})
-	e.events <- Event{Type: "container", Action: "restart"}
+	ev := Event{Type: "container", Action: "restart"}
+	ev.Actor.Attributes = map[string]string{DefaultLabel: "80=3210", "name": "backend"} // engines send the labels
+	e.events <- ev
 	rec.waitFor(t, "backend at its new pid", func(ts []daemon.Target) bool {
 		return len(ts) == 1 && ts[0].Netns.Spec == "pid:2222"
 	})
@@ -297,14 +299,14 @@ func TestRunRelistsOnEventsAndReconnect(t *testing.T) {
 	_, filters := e.seen()
 	var evFilter string
 	for _, f := range filters {
-		if strings.Contains(f, `"event"`) {
+		if strings.Contains(f, `"type"`) {
 			evFilter = f
 		}
 	}
-	for _, want := range []string{`"type":["container"]`, `"start"`, `"restart"`, `"die"`, `"stop"`, `"destroy"`, `"label":["nsredirect.redirect"]`} {
-		if !strings.Contains(evFilter, want) {
-			t.Errorf("event filters %s lack %s", evFilter, want)
-		}
+	// Only the type: label and action are checked on our side
+	// (TestEventsPodmanFilters says why).
+	if evFilter != `{"type":["container"]}` {
+		t.Errorf("event filters %s; want only the container type", evFilter)
 	}
 	cancel()
 	select {
