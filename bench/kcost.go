@@ -110,9 +110,7 @@ func measureKernelCost(e *env) (*kernelCost, error) {
 		defer p.Close()
 		ours[hook] = p
 	}
-	quiet := logrus.New()
-	quiet.SetOutput(io.Discard)
-	root, err := loader.Cgroup2Root("", "/proc/self/mountinfo", quiet)
+	root, err := cgroupRoot()
 	if err != nil {
 		return nil, err
 	}
@@ -343,3 +341,9 @@ func runIP(args ...string) (string, error) {
 }
 
 func execQuiet(name string, args ...string) error { return exec.Command(name, args...).Run() }
+
+func cgroupRoot() (string, error) {
+	quiet := logrus.New()
+	quiet.SetOutput(io.Discard)
+	return loader.Cgroup2Root("", "/proc/self/mountinfo", quiet)
+}

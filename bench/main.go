@@ -41,7 +41,7 @@ func main() {
 	flag.StringVar(&c.outDir, "out", "bench/results", "directory for the markdown table and PNG chart")
 	flag.StringVar(&c.nsredirect, "nsredirect", "bin/nsredirect", "nsredirect binary")
 	flag.StringVar(&c.backend, "backend", "bin/demo-backend", "HTTP server binary listening on :3210")
-	flag.StringVar(&c.only, "only", "", "run one part only: \"kernel\" (the in-kernel cost table, ~1 minute)")
+	flag.StringVar(&c.only, "only", "", "run one part only: \"kernel\" (the in-kernel cost table, ~1 minute) or \"scale\" (the daemon at node scale, make bench-scale)")
 	flag.Parse()
 	c.reps, c.wrkSecs, c.iperfSecs, c.dials = 5, 5, 3, 3000
 	if c.quick {
@@ -84,8 +84,15 @@ func run(ctx context.Context, c config) error {
 		}
 		fmt.Print("\n" + machine() + "\n" + renderKernelCost(k))
 		return nil
+	} else if c.only == "scale" {
+		s, err := measureScale(e)
+		if err != nil {
+			return err
+		}
+		fmt.Print("\n" + machine() + "\n" + renderScale(s))
+		return nil
 	} else if c.only != "" {
-		return fmt.Errorf("%w: --only %q: want kernel", errUsage, c.only)
+		return fmt.Errorf("%w: --only %q: want kernel or scale", errUsage, c.only)
 	}
 	r, err := measure(e)
 	if err != nil {
