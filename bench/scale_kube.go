@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
@@ -11,29 +10,38 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/kubernetes/fake"
 )
 
 // fakeAPI serves the calls `nsredirect kube` makes (list and watch pods,
-// post events) over TLS from client-go's fake clientset, as the integration
-// tests do.
+// post events) over TLS, from a pod store of its own: client-go's fake
+// clientset, which the integration tests use, panics once a watcher falls
+// 100 events behind, which 110 pods do at once.
 type fakeAPI struct {
-	cs         *fake.Clientset
 	kubeconfig string
-	events     atomic.Int64
+	mu         sync.Mutex
+	pods       map[string]*corev1.Pod
+	rv         int64
+	watchers   map[chan podEvent]struct{}
+}
+
+type podEvent struct {
+	Type   string      `json:"type"`
+	Object *corev1.Pod `json:"object"`
 }
 
 const benchToken = "bench-token"
 
 func (e *env) fakeAPI() (*fakeAPI, error) {
-	a := &fakeAPI{cs: fake.NewClientset()}
+	a := &fakeAPI{pods: map[string]*corev1.Pod{}, watchers: map[chan podEvent]struct{}{}}
 	srv := httptest.NewTLSServer(http.HandlerFunc(a.serve))
 	e.onClose(srv.Close)
 	ca := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
@@ -53,51 +61,73 @@ func (a *fakeAPI) serve(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusUnauthorized)
 		return
 	}
-	ctx := r.Context()
 	switch {
 	case r.Method == http.MethodGet && r.URL.Path == "/api/v1/pods" && r.URL.Query().Get("watch") == "true":
-		wt, err := a.cs.CoreV1().Pods("").Watch(ctx, metav1.ListOptions{})
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
-			return
-		}
-		defer wt.Stop()
+		ch := make(chan podEvent, 4096)
+		a.mu.Lock()
+		a.watchers[ch] = struct{}{}
+		a.mu.Unlock()
+		defer func() { a.mu.Lock(); delete(a.watchers, ch); a.mu.Unlock() }()
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusOK)
 		w.(http.Flusher).Flush()
 		enc := json.NewEncoder(w)
 		for {
 			select {
-			case <-ctx.Done():
+			case <-r.Context().Done():
 				return
-			case ev, ok := <-wt.ResultChan():
-				if !ok {
-					return
-				}
-				_ = enc.Encode(map[string]any{"type": ev.Type, "object": ev.Object})
+			case ev := <-ch:
+				_ = enc.Encode(ev)
 				w.(http.Flusher).Flush()
 			}
 		}
 	case r.Method == http.MethodGet && r.URL.Path == "/api/v1/pods":
-		l, err := a.cs.CoreV1().Pods("").List(ctx, metav1.ListOptions{})
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
-			return
+		a.mu.Lock()
+		l := corev1.PodList{TypeMeta: metav1.TypeMeta{Kind: "PodList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: strconv.FormatInt(a.rv, 10)}}
+		for _, p := range a.pods {
+			l.Items = append(l.Items, *p)
 		}
+		a.mu.Unlock()
 		_ = json.NewEncoder(w).Encode(l)
 	case r.Method == http.MethodPost && strings.HasSuffix(r.URL.Path, "/events"):
 		var ev corev1.Event
-		if err := json.NewDecoder(r.Body).Decode(&ev); err != nil {
-			http.Error(w, err.Error(), http.StatusBadRequest)
-			return
-		}
-		ev.Name = fmt.Sprintf("%s%d", ev.GenerateName, a.events.Add(1))
-		_, _ = a.cs.CoreV1().Events(ev.Namespace).Create(ctx, &ev, metav1.CreateOptions{})
+		_ = json.NewDecoder(r.Body).Decode(&ev)
 		w.WriteHeader(http.StatusCreated)
 		_ = json.NewEncoder(w).Encode(ev)
 	default:
 		http.NotFound(w, r)
 	}
+}
+
+func (a *fakeAPI) publish(typ string, p *corev1.Pod) {
+	a.rv++
+	c := p.DeepCopy()
+	c.ResourceVersion = strconv.FormatInt(a.rv, 10)
+	if typ != "DELETED" {
+		a.pods[p.Name] = c
+	} else {
+		delete(a.pods, p.Name)
+	}
+	for ch := range a.watchers {
+		select {
+		case ch <- podEvent{Type: typ, Object: c}:
+		default: // a watcher this far behind relists on its own
+		}
+	}
+}
+
+func (a *fakeAPI) add(p *corev1.Pod) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.publish("ADDED", p)
+	return nil
+}
+
+func (a *fakeAPI) remove(p *corev1.Pod) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.publish("DELETED", p)
+	return nil
 }
 
 var podSeq atomic.Int64
@@ -125,15 +155,6 @@ func (e *env) podSandbox(top, name string) (*benchPodSandbox, error) {
 		return nil, err
 	}
 	return &benchPodSandbox{pod: p, sb: sb}, nil
-}
-
-func (a *fakeAPI) add(p *corev1.Pod) error {
-	_, err := a.cs.CoreV1().Pods(p.Namespace).Create(context.Background(), p, metav1.CreateOptions{})
-	return err
-}
-
-func (a *fakeAPI) remove(p *corev1.Pod) error {
-	return a.cs.CoreV1().Pods(p.Namespace).Delete(context.Background(), p.Name, metav1.DeleteOptions{})
 }
 
 // kubeTop creates the kubepods cgroup and removes it, children first, at
