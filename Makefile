@@ -8,7 +8,7 @@ BIN := bin/nsredirect
 DEPS_STAMP := .cache/deps.stamp
 DEB_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl socat wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
 
-.PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick image test-docker clean soak test-kernels
+.PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick bench-scale image test-docker clean soak test-kernels
 
 all: build
 
@@ -82,6 +82,12 @@ bench: deps build
 
 bench-quick: deps build
 	$(GO) run ./bench --quick
+
+# The daemon at node scale: CPU and RSS idle and under churn for kube (110
+# pods, 5,000 processes), docker (200 containers) and run, and start-to-
+# redirect with 50 starting at once (~3 minutes; prints the table).
+bench-scale: deps build
+	$(GO) run ./bench --only scale
 
 soak: deps build
 	NSREDIRECT_BIN=$(CURDIR)/$(BIN) DEMO_BACKEND_BIN=$(CURDIR)/bin/demo-backend \

@@ -25,6 +25,7 @@ import (
 
 type config struct {
 	quick      bool
+	only       string
 	reps       int
 	wrkSecs    int
 	iperfSecs  int
@@ -40,6 +41,7 @@ func main() {
 	flag.StringVar(&c.outDir, "out", "bench/results", "directory for the markdown table and PNG chart")
 	flag.StringVar(&c.nsredirect, "nsredirect", "bin/nsredirect", "nsredirect binary")
 	flag.StringVar(&c.backend, "backend", "bin/demo-backend", "HTTP server binary listening on :3210")
+	flag.StringVar(&c.only, "only", "", "run one part only: \"kernel\" (the in-kernel cost table, ~1 minute) or \"scale\" (the daemon at node scale, make bench-scale)")
 	flag.Parse()
 	c.reps, c.wrkSecs, c.iperfSecs, c.dials = 5, 5, 3, 3000
 	if c.quick {
@@ -75,6 +77,23 @@ func run(ctx context.Context, c config) error {
 	}
 	e := newEnv(ctx, c)
 	defer e.close()
+	if c.only == "kernel" {
+		k, err := measureKernelCost(e)
+		if err != nil {
+			return err
+		}
+		fmt.Print("\n" + machine() + "\n" + renderKernelCost(k))
+		return nil
+	} else if c.only == "scale" {
+		s, err := measureScale(e)
+		if err != nil {
+			return err
+		}
+		fmt.Print("\n" + machine() + "\n" + renderScale(s))
+		return nil
+	} else if c.only != "" {
+		return fmt.Errorf("%w: --only %q: want kernel or scale", errUsage, c.only)
+	}
 	r, err := measure(e)
 	if err != nil {
 		return err

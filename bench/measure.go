@@ -38,6 +38,7 @@ type results struct {
 	// failures counts connects a path refused or dropped, per path.
 	failures  map[string]int
 	imageSize string
+	kcost     *kernelCost
 	cfg       config
 }
 
@@ -87,6 +88,11 @@ func measure(e *env) (*results, error) {
 	if err := measureScaling(e, r, nss["nsredirect"], names["nsredirect"]); err != nil {
 		return nil, fmt.Errorf("scaling: %w", err)
 	}
+	k, err := measureKernelCost(e)
+	if err != nil {
+		return nil, fmt.Errorf("in-kernel cost: %w", err)
+	}
+	r.kcost = k
 	r.imageSize = imageSize()
 	return r, nil
 }
@@ -228,7 +234,7 @@ func connectLatency(ctx context.Context, ns netnsx.Target, addr string, n int) (
 }
 
 // measureScaling fills the rule map with the entries of N-1 other enrolled
-// namespaces (fake cookies; 80=3210 expands to 3 entries each) and times
+// namespaces (fake cookies; 80=3210 expands to 6 entries each) and times
 // connect() through nsredirect at each size.
 func measureScaling(e *env, r *results, ns netnsx.Target, nsName string) error {
 	down, err := paths[1].setup(e, ns, nsName, 80, httpPort)

@@ -40,7 +40,7 @@ func dockerCmd(ctx context.Context, io IO, args []string) error {
 	if err != nil {
 		return UsageError{err}
 	}
-	if err := kf.preflight(); err != nil {
+	if err := kf.preflight(log); err != nil {
 		return err
 	}
 	defer kf.cookies.Close()

@@ -72,14 +72,9 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 	if !filepath.IsAbs(kf.pinDir) || unix.Statfs(parent, &st) != nil || st.Type != unix.BPF_FS_MAGIC {
 		return usagef("--pin-dir %q: %s is not a bpffs; mount bpffs on the node (mount -t bpf bpf /sys/fs/bpf) and into the pod (hostPath /sys/fs/bpf)", kf.pinDir, parent)
 	}
-	// A DaemonSet mounts the host's /sys/fs/cgroup at one path whatever
-	// the node: on a hybrid (v1 + v2) node the cgroup2 root is its unified/
-	// subdirectory, carried along by the recursive hostPath bind.
-	if kf.cgroup != "" && loader.CheckCgroup2(kf.cgroup) != nil && loader.CheckCgroup2(filepath.Join(kf.cgroup, "unified")) == nil {
-		log.WithField("cgroup", filepath.Join(kf.cgroup, "unified")).Info("--cgroup is a hybrid hierarchy; attaching at its cgroup2 part")
-		kf.cgroup = filepath.Join(kf.cgroup, "unified")
-	}
-	if err := kf.preflight(); err != nil {
+	// A DaemonSet mounts the host's /sys/fs/cgroup whatever the node; on a
+	// hybrid (v1 + v2) node preflight attaches at its unified/.
+	if err := kf.preflight(log); err != nil {
 		return err
 	}
 	defer kf.cookies.Close()

@@ -71,20 +71,15 @@ func (k *kernelFlags) register(fs *flag.FlagSet) {
 // preflight checks everything that can be checked before touching the
 // kernel, so bad input leaves nothing attached, and picks how netns cookies
 // are read (the caller closes k.cookies).
-func (k *kernelFlags) preflight() error {
+func (k *kernelFlags) preflight(log logrus.FieldLogger) error {
 	if err := loader.CheckPrivileges(); err != nil {
 		return err
 	}
-	if k.cgroup == "" {
-		cg, err := loader.FindCgroup2("/proc/self/mountinfo")
-		if err != nil {
-			return err
-		}
-		k.cgroup = cg
-	}
-	if err := loader.CheckCgroup2(k.cgroup); err != nil {
+	cg, err := loader.Cgroup2Root(k.cgroup, "/proc/self/mountinfo", log)
+	if err != nil {
 		return err
 	}
+	k.cgroup = cg
 	if err := loader.CheckKernel(); err != nil {
 		return err
 	}
@@ -143,7 +138,7 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := kf.preflight(); err != nil {
+	if err := kf.preflight(log); err != nil {
 		return err
 	}
 	defer kf.cookies.Close()

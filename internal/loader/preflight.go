@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/rlimit"
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 )
 
@@ -175,7 +177,41 @@ func unescapeMount(s string) string {
 	return r.Replace(s)
 }
 
-// CheckCgroup2 checks that path is the root of a cgroup2 mount.
+// Cgroup2Root is the one rule every mode follows to pick where the programs
+// attach. An empty path means the first cgroup2 mount in mountinfo. A path
+// that is not cgroup2 but whose unified/ is (a hybrid host's /sys/fs/cgroup,
+// bound whole into a container or a pod) is used through unified/, and said
+// so in the log. The result must be the root of the cgroup2 hierarchy
+// (CheckCgroup2).
+func Cgroup2Root(path, mountinfo string, log logrus.FieldLogger) (string, error) {
+	if path == "" {
+		found, err := FindCgroup2(mountinfo)
+		if err != nil {
+			return "", err
+		}
+		path = found
+	}
+	if !isCgroup2(path) && isCgroup2(filepath.Join(path, "unified")) {
+		unified := filepath.Join(path, "unified")
+		log.WithFields(logrus.Fields{"cgroup": path, "attach_at": unified}).Info("cgroup is a hybrid (v1 + v2) hierarchy; attaching at its cgroup2 part")
+		path = unified
+	}
+	if err := CheckCgroup2(path); err != nil {
+		return "", err
+	}
+	return path, nil
+}
+
+func isCgroup2(path string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(path, &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC
+}
+
+// CheckCgroup2 checks that path is the root of the cgroup2 hierarchy:
+// programs attached at a sub-cgroup miss every connect outside it. The
+// kernel marks the root itself, whatever the path or mount it is seen
+// through (a bind mount, a private cgroup namespace): every cgroup but the
+// root has a cgroup.type file.
 func CheckCgroup2(path string) error {
 	var st unix.Statfs_t
 	if err := unix.Statfs(path, &st); err != nil {
@@ -183,6 +219,15 @@ func CheckCgroup2(path string) error {
 	}
 	if st.Type != unix.CGROUP2_SUPER_MAGIC {
 		return envErr("cgroup %q is not a cgroup2 filesystem; pass the cgroup2 mount point (see `grep cgroup2 /proc/mounts`)", path)
+	}
+	if _, err := os.Stat(filepath.Join(path, "cgroup.procs")); err != nil {
+		return envErr("cgroup %q is not a cgroup directory (%v); pass the cgroup2 mount point (see `grep cgroup2 /proc/mounts`)", path, err)
+	}
+	switch _, err := os.Stat(filepath.Join(path, "cgroup.type")); {
+	case err == nil:
+		return envErr("cgroup %q is a sub-cgroup, not the root of the cgroup2 hierarchy, so connects outside it would not be redirected; pass the cgroup2 mount point (see `grep cgroup2 /proc/mounts`) or mount the host's whole cgroup2 (docker: -v /sys/fs/cgroup:/host/cgroup2:ro)", path)
+	case !errors.Is(err, fs.ErrNotExist):
+		return envErr("cgroup %q: %v", path, err)
 	}
 	return nil
 }

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/sirupsen/logrus"
+	logrustest "github.com/sirupsen/logrus/hooks/test"
 	"golang.org/x/sys/unix"
 )
 
@@ -81,5 +83,97 @@ func TestCheckProbesNamesFirstMissingFeature(t *testing.T) {
 	}
 	if err := checkProbes(probes[:1]); err != nil {
 		t.Errorf("all present: %v", err)
+	}
+}
+
+// subCgroup returns a cgroup below the cgroup2 root: an existing one, or one
+// it creates (and removes) when it may.
+func subCgroup(t *testing.T, root string) string {
+	t.Helper()
+	entries, err := os.ReadDir(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if e.IsDir() {
+			return filepath.Join(root, e.Name())
+		}
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("no sub-cgroup of the cgroup2 root exists and creating one needs root")
+	}
+	dir := filepath.Join(root, fmt.Sprintf("nsr-test-%d", os.Getpid()))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Rmdir(dir); err != nil {
+			t.Errorf("remove %s: %v", dir, err)
+		}
+	})
+	return dir
+}
+
+// The cgroup2 root is accepted, through any path that reaches it; a
+// sub-cgroup passes the filesystem-type check but is refused, naming it: its
+// programs would miss every connect outside it.
+func TestCheckCgroup2RefusesSubCgroup(t *testing.T) {
+	root, err := FindCgroup2("/proc/self/mountinfo")
+	if err != nil {
+		t.Skipf("no cgroup2 mounted: %v", err)
+	}
+	if err := CheckCgroup2(root); err != nil {
+		t.Fatalf("CheckCgroup2(%s), the cgroup2 mount: %v", root, err)
+	}
+	link := filepath.Join(t.TempDir(), "elsewhere")
+	if err := os.Symlink(root, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := CheckCgroup2(link); err != nil {
+		t.Errorf("CheckCgroup2(%s), the root by another path: %v", link, err)
+	}
+	sub := subCgroup(t, root)
+	err = CheckCgroup2(sub)
+	if !errors.Is(err, ErrEnvironment) || !strings.Contains(err.Error(), sub) || !strings.Contains(err.Error(), "sub-cgroup") {
+		t.Errorf("CheckCgroup2(%s), a sub-cgroup: %v; want ErrEnvironment naming it as a sub-cgroup", sub, err)
+	}
+	if _, err := Cgroup2Root(sub, "/proc/self/mountinfo", logrus.New()); !errors.Is(err, ErrEnvironment) {
+		t.Errorf("Cgroup2Root(%s), a sub-cgroup: %v; want ErrEnvironment", sub, err)
+	}
+	if err := CheckCgroup2(filepath.Join(root, "cgroup.procs")); !errors.Is(err, ErrEnvironment) {
+		t.Errorf("CheckCgroup2 on a file of the root: %v", err)
+	}
+}
+
+// One rule for every mode: a path that is not cgroup2 but whose unified/ is
+// (a hybrid host's /sys/fs/cgroup, bound whole into a container) is used
+// through unified/, and logged; an empty path is the first cgroup2 mount.
+func TestCgroup2RootHybridFallsBackToUnified(t *testing.T) {
+	root, err := FindCgroup2("/proc/self/mountinfo")
+	if err != nil {
+		t.Skipf("no cgroup2 mounted: %v", err)
+	}
+	hybrid := t.TempDir()
+	if err := os.Symlink(root, filepath.Join(hybrid, "unified")); err != nil {
+		t.Fatal(err)
+	}
+	log, hook := logrustest.NewNullLogger()
+	got, err := Cgroup2Root(hybrid, "/proc/self/mountinfo", log)
+	if want := filepath.Join(hybrid, "unified"); err != nil || got != want {
+		t.Fatalf("Cgroup2Root(%s) = %q, %v; want %q", hybrid, got, err, want)
+	}
+	if e := hook.LastEntry(); e == nil || !strings.Contains(e.Message, "hybrid") || e.Data["attach_at"] != got {
+		t.Errorf("the fallback was not logged: %v", hook.AllEntries())
+	}
+	hook.Reset()
+	if got, err := Cgroup2Root(root, "/proc/self/mountinfo", log); err != nil || got != root || len(hook.AllEntries()) != 0 {
+		t.Errorf("Cgroup2Root(%s) = %q, %v (log %v); want it unchanged, nothing logged", root, got, err, hook.AllEntries())
+	}
+	if got, err := Cgroup2Root("", "/proc/self/mountinfo", log); err != nil || got != root {
+		t.Errorf("Cgroup2Root(\"\") = %q, %v; want %q", got, err, root)
+	}
+	plain := t.TempDir()
+	if _, err := Cgroup2Root(plain, "/proc/self/mountinfo", log); !errors.Is(err, ErrEnvironment) || !strings.Contains(err.Error(), plain) {
+		t.Errorf("Cgroup2Root(%s), no cgroup2 anywhere: %v", plain, err)
 	}
 }

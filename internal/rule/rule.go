@@ -3,10 +3,11 @@
 //	[FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT
 //
 // IPv6 addresses go in brackets ("[::1]:80=3210"). With FROM_ADDR omitted a
-// rule covers 127.0.0.1, ::1 and the v4-mapped ::ffff:127.0.0.1; with TO_ADDR
-// omitted the dialled address is kept and only the port changes. Both sides
-// must be loopback: nsredirect only ever redirects loopback to loopback, so a
-// rule cannot steer traffic that would have left the namespace.
+// rule covers 127.0.0.1, ::1 and the v4-mapped ::ffff:127.0.0.1, and the
+// unspecified 0.0.0.0, :: and ::ffff:0.0.0.0 that Linux delivers to loopback;
+// with TO_ADDR omitted the dialled address is kept and only the port changes.
+// Both sides must be loopback: nsredirect only ever redirects loopback to
+// loopback, so a rule cannot steer traffic that would have left the namespace.
 package rule
 
 import (
@@ -53,6 +54,12 @@ var (
 	loopback4       = netip.MustParseAddr("127.0.0.1")
 	loopback6       = netip.IPv6Loopback()
 	loopback4Mapped = netip.AddrFrom16(loopback4.As16())
+	// connect() to an unspecified address reaches loopback: tcp_v4_connect
+	// routes 0.0.0.0 to 127.0.0.1, tcp_v6_connect turns :: into ::1 (or
+	// ::ffff:127.0.0.1 on a v4-bound socket).
+	any4       = netip.IPv4Unspecified()
+	any6       = netip.IPv6Unspecified()
+	any4Mapped = netip.AddrFrom16(any4.As16())
 )
 
 // Parse parses one spec.
@@ -78,8 +85,10 @@ func Parse(s string) (Rule, error) {
 		// 127.0.0.1 cannot be sent to an IPv6 address on an AF_INET socket.
 		return Rule{}, specErr(orig, "an IPv6 TO_ADDR needs an IPv6 FROM_ADDR, e.g. [::1]:80=[::1]:3210")
 	}
-	if r.From == r.To && r.FromPort == r.ToPort || !r.To.IsValid() && r.FromPort == r.ToPort {
-		return Rule{}, specErr(orig, "redirects a port to itself")
+	for _, e := range r.Expand() {
+		if e.ToPort == e.Match.Port && (!e.To.IsValid() || e.To == e.Match.Addr) {
+			return Rule{}, specErr(orig, fmt.Sprintf("redirects %s to itself; pick another TO_PORT or TO_ADDR", dest(e.Match)))
+		}
 	}
 	return r, nil
 }
@@ -134,7 +143,9 @@ func ParseAll(specs []string) ([]Rule, error) {
 }
 
 // Expand lists the kernel entries of a rule. A v4 FROM address also matches
-// its v4-mapped form on dual-stack AF_INET6 sockets.
+// its v4-mapped form on dual-stack AF_INET6 sockets; an omitted one matches
+// loopback and the unspecified addresses (six entries, four with a v4
+// TO_ADDR).
 func (r Rule) Expand() []Expansion {
 	to := r.To
 	var out []Expansion
@@ -155,6 +166,11 @@ func (r Rule) Expand() []Expansion {
 		if !to.IsValid() {
 			// A v4 TO_ADDR cannot be reached from a v6-only ::1 dial.
 			add(loopback6, netip.Addr{})
+		}
+		add(any4, v4)
+		add(any4Mapped, mapped(v4))
+		if !to.IsValid() {
+			add(any6, netip.Addr{})
 		}
 	case r.From.Unmap().Is4():
 		v4 := to.Unmap()

@@ -51,6 +51,13 @@ func TestParseRejects(t *testing.T) {
 		{"80=32x0", `"32x0"`},
 		{"http=3210", `"http"`},
 		{"80=80", "to itself"},
+		{"80=127.0.0.1:80", "127.0.0.1:80 to itself"},
+		{"127.0.0.1:80=80", "127.0.0.1:80 to itself"},
+		{"127.0.0.1:80=127.0.0.1:80", "to itself"},
+		{"127.0.0.5:80=80", "127.0.0.5:80 to itself"},
+		{"[::1]:80=[::1]:80", "[::1]:80 to itself"},
+		{"[::1]:80=80", "[::1]:80 to itself"},
+		{"[::ffff:127.0.0.1]:80=127.0.0.1:80", "to itself"},
 		{"::1:80=3210", "brackets"},
 		{"[::1]80=3210", "[ADDR]:PORT"},
 		{"[127.0.0.1]:80=3210", "without brackets"},
@@ -83,14 +90,28 @@ func TestExpand(t *testing.T) {
 		spec string
 		want []Expansion
 	}{
+		// Linux delivers connect() to 0.0.0.0, :: and ::ffff:0.0.0.0 to
+		// loopback: an omitted FROM_ADDR covers them too.
 		{"80=3210", []Expansion{
 			{d("127.0.0.1", 80), netip.Addr{}, 3210},
 			{d("::ffff:127.0.0.1", 80), netip.Addr{}, 3210},
 			{d("::1", 80), netip.Addr{}, 3210},
+			{d("0.0.0.0", 80), netip.Addr{}, 3210},
+			{d("::ffff:0.0.0.0", 80), netip.Addr{}, 3210},
+			{d("::", 80), netip.Addr{}, 3210},
 		}},
 		{"80=127.0.0.2:3210", []Expansion{
 			{d("127.0.0.1", 80), a("127.0.0.2"), 3210},
 			{d("::ffff:127.0.0.1", 80), a("::ffff:127.0.0.2"), 3210},
+			{d("0.0.0.0", 80), a("127.0.0.2"), 3210},
+			{d("::ffff:0.0.0.0", 80), a("::ffff:127.0.0.2"), 3210},
+		}},
+		// Not a self-redirect: 127.0.0.1:80 goes to 127.0.0.2.
+		{"80=127.0.0.2:80", []Expansion{
+			{d("127.0.0.1", 80), a("127.0.0.2"), 80},
+			{d("::ffff:127.0.0.1", 80), a("::ffff:127.0.0.2"), 80},
+			{d("0.0.0.0", 80), a("127.0.0.2"), 80},
+			{d("::ffff:0.0.0.0", 80), a("::ffff:127.0.0.2"), 80},
 		}},
 		{"127.0.0.5:80=3210", []Expansion{
 			{d("127.0.0.5", 80), netip.Addr{}, 3210},
@@ -135,11 +156,14 @@ func TestParseList(t *testing.T) {
 }
 
 // FuzzParse checks that Parse never panics, that every accepted rule is
-// loopback-only, prints back to an equal rule and expands to 1-3 entries.
+// loopback-only (the unspecified addresses Linux sends to loopback count),
+// prints back to an equal rule, expands to 1-6 entries and sends no
+// destination to itself.
 // The seed corpus runs in every `go test`.
 func FuzzParse(f *testing.F) {
 	for _, s := range []string{"80=3210", "[::1]:80=3210", "127.0.0.1:80=127.0.0.2:3210", "[::ffff:127.0.0.1]:80=3210",
-		"80=", "=", "[", "[]:1=2", "1=[::1]:2", "65535=1", "0=0", "127.0.0.1:1=::1", "80=3210,81=1"} {
+		"80=", "=", "[", "[]:1=2", "1=[::1]:2", "65535=1", "0=0", "127.0.0.1:1=::1", "80=3210,81=1",
+		"80=127.0.0.1:80", "127.0.0.1:80=80", "[::1]:80=[::1]:80", "80=127.0.0.2:80", "[::ffff:127.0.0.1]:80=127.0.0.1:80"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
@@ -158,12 +182,16 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("Parse(%q) = %+v, but Parse(%q) = %+v, %v", s, r, r.String(), back, err)
 		}
 		exp := r.Expand()
-		if len(exp) < 1 || len(exp) > 3 {
+		if len(exp) < 1 || len(exp) > 6 {
 			t.Fatalf("Parse(%q).Expand() has %d entries", s, len(exp))
 		}
 		for _, e := range exp {
-			if !e.Match.Addr.Unmap().IsLoopback() || e.To.IsValid() && !e.To.Unmap().IsLoopback() {
+			m := e.Match.Addr.Unmap()
+			if !m.IsLoopback() && !m.IsUnspecified() || e.To.IsValid() && !e.To.Unmap().IsLoopback() {
 				t.Fatalf("Parse(%q) expands to non-loopback %+v", s, e)
+			}
+			if e.ToPort == e.Match.Port && (!e.To.IsValid() || e.To == e.Match.Addr) {
+				t.Fatalf("Parse(%q) redirects %v to itself", s, e.Match)
 			}
 		}
 	})

@@ -109,7 +109,6 @@ func TestCompose(t *testing.T) {
 		"NSREDIRECT_IMAGE="+img.nsredirect,
 		"DEMO_BACKEND_IMAGE="+img.backend,
 		"NSREDIRECT_HOST_BPFFS="+filepath.Dir(pin),
-		"NSREDIRECT_HOST_CGROUP2="+testenv.RootCgroup(t),
 		"NSREDIRECT_METRICS_ADDR=127.0.0.1:9590",
 	)
 	// Runs before the bpffs is unmounted (cleanups run last first).
@@ -123,6 +122,15 @@ func TestCompose(t *testing.T) {
 	nsr := cp.id("nsredirect")
 	if h := inspectHealth(t, nsr); h != "healthy" {
 		t.Fatalf("nsredirect is %q after compose up; backend should only start once it is healthy", h)
+	}
+	// With no NSREDIRECT_HOST_CGROUP2 the host's /sys/fs/cgroup is bound
+	// in; on a hybrid host nsredirect must attach at its unified/ and say so.
+	if testenv.RootCgroup(t) != "/sys/fs/cgroup" {
+		// The daemon logs to stderr, which `docker logs` replays on its own.
+		logs, err := exec.Command(testenv.Tool(t, "docker"), "logs", nsr).CombinedOutput()
+		if err != nil || !strings.Contains(string(logs), "/host/cgroup2/unified") {
+			t.Errorf("hybrid host: nsredirect did not log attaching at /host/cgroup2/unified (%v):\n%s", err, logs)
+		}
 	}
 	daemonPID := pidOf(t, nsr)
 	// Least privilege: uid 0 with SYS_ADMIN, NET_ADMIN, SYS_PTRACE and nothing else.

@@ -248,10 +248,10 @@ func TestSoak(t *testing.T) {
 			t.Errorf("rule for dead netns %s survived GC", dead)
 		}
 	}
-	if got, want := countEntries(t, pin), 3*len(nss); got != want {
-		t.Errorf("nsr_rules holds %d entries after GC (%d before), want %d (3 per netns)", got, rulesBefore, want)
+	if got, want := countEntries(t, pin), 6*len(nss); got != want {
+		t.Errorf("nsr_rules holds %d entries after GC (%d before), want %d (6 per netns)", got, rulesBefore, want)
 	}
-	t.Logf("nsr_rules entries: %d before GC, %d after (20 netns x 3)", rulesBefore, countEntries(t, pin))
+	t.Logf("nsr_rules entries: %d before GC, %d after (20 netns x 6)", rulesBefore, countEntries(t, pin))
 
 	for _, d := range daemons {
 		if err := d.Stop(syscall.SIGTERM, 5*time.Second); err != nil {
