@@ -13,7 +13,6 @@ import (
 
 	"github.com/nsredirect/nsredirect/internal/daemon"
 	"github.com/nsredirect/nsredirect/internal/kube"
-	"github.com/nsredirect/nsredirect/internal/loader"
 )
 
 // apiTimeout bounds the wait for the API server at start: past it the

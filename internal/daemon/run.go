@@ -126,7 +126,12 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 		}
 		return errors.Join(err, kernel.Close())
 	}
-	r.heal() // a link detached while no daemon ran
+	// A link detached while no daemon ran: Attach has replaced it already
+	// (the loader's StartupRepairs); count it like a repair of the loop's.
+	if sr, ok := kernel.(interface{ StartupRepairs() []string }); ok {
+		r.repaired(sr.StartupRepairs())
+	}
+	r.heal()
 
 	sctx, cancel := context.WithTimeout(ctx, cfg.StartTimeout)
 	desired, err := src.Desired(sctx)
@@ -262,14 +267,20 @@ func (r *runner) reconcile(ctx context.Context, desired []Target) error {
 // or went defunct.
 func (r *runner) heal() {
 	repaired, err := r.cfg.Kernel.Heal(r.cfg.Cgroup)
-	for _, h := range repaired {
+	r.repaired(repaired)
+	if err != nil {
+		r.cfg.Log.WithError(err).Error("cannot check or repair the attached links")
+	}
+}
+
+// repaired logs and counts links of ours that were found detached or
+// defunct and re-created.
+func (r *runner) repaired(hooks []string) {
+	for _, h := range hooks {
 		r.mu.Lock()
 		r.repairs[h]++
 		r.mu.Unlock()
 		r.cfg.Log.WithFields(logrus.Fields{"hook": h, "cgroup": r.cfg.Cgroup}).Warn("our link was detached or defunct; re-created and re-pinned it")
-	}
-	if err != nil {
-		r.cfg.Log.WithError(err).Error("cannot check or repair the attached links")
 	}
 }
 
