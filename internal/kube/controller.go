@@ -57,7 +57,11 @@ type Controller struct {
 	informer cache.SharedIndexInformer
 	kick     chan struct{}
 
-	mu      sync.Mutex        // one Sync at a time: events and resync tick
+	mu sync.Mutex // guards the fields below
+	// syncMu makes a Sync (Desired, Reconcile, Reconciled) one step:
+	// Reconciled reads the pods of the last Desired, which a concurrent
+	// Sync (pod events and the resync tick) would otherwise replace.
+	syncMu  sync.Mutex
 	warned  map[string]string // pod UID -> the warning last posted for it
 	serving map[string]bool   // target names live after the last sync
 	// last and lastWarn are the pods and warnings of the last Desired,
@@ -248,6 +252,8 @@ func (c *Controller) Desired(context.Context) ([]daemon.Target, error) {
 
 // Sync hands the desired set to r and posts the Events it calls for.
 func (c *Controller) Sync(ctx context.Context, r Reconciler) {
+	c.syncMu.Lock()
+	defer c.syncMu.Unlock()
 	ts, _ := c.Desired(ctx)
 	_ = r.Reconcile(ts) // per-target failures are the daemon's to log and count
 	var failures map[string]error
