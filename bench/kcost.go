@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -171,7 +172,41 @@ func measureKernelCost(e *env) (*kernelCost, error) {
 		}
 	}
 	k.missed = recursionMisses(ours) - missedBefore
+	// The hit rows must have been redirected: the daemon's counter says so.
+	hits := 0
+	for _, c := range kcases {
+		if c.dst.Port() == hitPort {
+			hits++
+		}
+	}
+	if got, err := redirectCount(bin, e.pinDir, enrolled.Path); err != nil {
+		return nil, err
+	} else if want := uint64(hits * n * e.cfg.reps); got < want {
+		return nil, fmt.Errorf("the daemon counted %d redirects in %s, want at least the %d hit connects made", got, enrolled.Path, want)
+	}
 	return k, nil
+}
+
+// redirectCount sums the redirect counters of a netns in `nsredirect status`.
+func redirectCount(bin, pinDir, netns string) (uint64, error) {
+	out, err := exec.Command(bin, "status", "--json", "--pin-dir", pinDir).Output()
+	if err != nil {
+		return 0, fmt.Errorf("nsredirect status: %w", err)
+	}
+	var rows []struct {
+		Netns     string `json:"netns"`
+		Redirects uint64 `json:"redirects"`
+	}
+	if err := json.Unmarshal(out, &rows); err != nil {
+		return 0, fmt.Errorf("nsredirect status --json: %w", err)
+	}
+	var n uint64
+	for _, r := range rows {
+		if r.Netns == netns {
+			n += r.Redirects
+		}
+	}
+	return n, nil
 }
 
 // costNetns is a netns with lo up and a veth pair carrying the

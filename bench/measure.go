@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -17,6 +18,7 @@ import (
 	"github.com/nsredirect/nsredirect/internal/bpfobj"
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/netnsx"
+	"github.com/nsredirect/nsredirect/internal/rule"
 )
 
 const (
@@ -234,7 +236,7 @@ func connectLatency(ctx context.Context, ns netnsx.Target, addr string, n int) (
 }
 
 // measureScaling fills the rule map with the entries of N-1 other enrolled
-// namespaces (fake cookies; 80=3210 expands to 6 entries each) and times
+// namespaces (fake cookies; each gets the entries rule.Expand gives 80=3210, 6 today) and times
 // connect() through nsredirect at each size.
 func measureScaling(e *env, r *results, ns netnsx.Target, nsName string) error {
 	down, err := paths[1].setup(e, ns, nsName, 80, httpPort)
@@ -254,14 +256,23 @@ func measureScaling(e *env, r *results, ns netnsx.Target, nsName string) error {
 		}
 	}()
 	rng := rand.New(rand.NewPCG(7, 11))
+	// The entries a real enrollment of 80=3210 writes, from rule.Expand.
+	spec, _ := rule.Parse("80=3210")
+	exp := spec.Expand()
 	for _, size := range []int{1, 100, 1000, 10000} {
-		for len(keys)/3 < size-1 {
+		for len(keys)/len(exp) < size-1 {
 			cookie := 1<<62 | rng.Uint64()>>2
-			for _, fam := range []struct {
-				f    uint8
-				addr [4]uint32
-			}{{4, [4]uint32{0x0100007f}}, {6, [4]uint32{0, 0, 0xffff0000, 0x0100007f}}, {6, [4]uint32{0, 0, 0, 0x01000000}}} {
-				k := bpfobj.RedirectRuleKey{NetnsCookie: cookie, Family: fam.f, Addr: fam.addr, Port: 0x5000}
+			for _, x := range exp {
+				k := bpfobj.RedirectRuleKey{NetnsCookie: cookie, Family: 6, Port: 0x5000}
+				if x.Match.Addr.Is4() {
+					a := x.Match.Addr.As4()
+					k.Family, k.Addr[0] = 4, binary.LittleEndian.Uint32(a[:])
+				} else {
+					a := x.Match.Addr.As16()
+					for i := range k.Addr {
+						k.Addr[i] = binary.LittleEndian.Uint32(a[4*i:])
+					}
+				}
 				v := bpfobj.RedirectRuleVal{Port: 0x8a0c, KeepAddr: 1}
 				if err := m.Put(k, v); err != nil {
 					return fmt.Errorf("fill rule map to %d netns: %w", size, err)
@@ -278,7 +289,7 @@ func measureScaling(e *env, r *results, ns netnsx.Target, nsName string) error {
 			r.failures["nsredirect"] += failed
 			pt.p50, pt.p99 = append(pt.p50, p50), append(pt.p99, p99)
 		}
-		fmt.Printf("scaling: %d netns enrolled (%d map entries): connect p50 %.1f µs\n", size, len(keys)+3, pt.p50.median())
+		fmt.Printf("scaling: %d netns enrolled (%d map entries): connect p50 %.1f µs\n", size, len(keys)+len(exp), pt.p50.median())
 		r.scaling = append(r.scaling, pt)
 	}
 	return nil

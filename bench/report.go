@@ -73,7 +73,7 @@ func render(r *results) string {
 		failuresRow(r),
 	}))
 
-	b.WriteString("\nconnect() through nsredirect as the rule map fills (80=3210 is 6 map entries per netns; the map holds 65,536 entries, the enrollment map 16,384 netns):\n\n")
+	b.WriteString("\nconnect() through nsredirect as the rule map fills (80=3210 is 6 map entries per netns, as rule.Expand writes them; the map holds 65,536 entries, the enrollment map 16,384 netns):\n\n")
 	var rows [][]string
 	for _, s := range r.scaling {
 		rows = append(rows, []string{fmt.Sprint(s.netns), cell(s.p50, "%.1f µs"), cell(s.p99, "%.1f µs"), ratio(s.p50, r.scaling[0].p50)})

@@ -94,27 +94,25 @@ func (s *sandbox) remove() {
 	_, _ = runIP("netns", "del", s.name)
 }
 
-// redirected reports whether 127.0.0.1:80 reaches the listener on :3210.
-func (s *sandbox) redirected() bool {
-	return s.ns.Do(func() error {
-		c, err := net.DialTimeout("tcp", "127.0.0.1:80", 200*time.Millisecond)
-		if err == nil {
-			c.Close()
-		}
-		return err
-	}) == nil
-}
-
-// waitRedirected polls until the redirect is live; the bound only caps a hang.
+// waitRedirected polls until 127.0.0.1:80 reaches the listener on :3210;
+// the bound only caps a hang. The whole loop runs on one thread inside the
+// netns, so polling costs one thread, not one per dial.
 func (s *sandbox) waitRedirected(limit time.Duration) (time.Duration, error) {
 	start := time.Now()
-	for !s.redirected() {
-		if time.Since(start) > limit {
-			return 0, fmt.Errorf("%s: no redirect after %s", s.name, limit)
+	err := s.ns.Do(func() error {
+		for {
+			c, err := net.DialTimeout("tcp", "127.0.0.1:80", 200*time.Millisecond)
+			if err == nil {
+				c.Close()
+				return nil
+			}
+			if time.Since(start) > limit {
+				return fmt.Errorf("%s: no redirect after %s: %w", s.name, limit, err)
+			}
+			time.Sleep(2 * time.Millisecond)
 		}
-		time.Sleep(2 * time.Millisecond)
-	}
-	return time.Since(start), nil
+	})
+	return time.Since(start), err
 }
 
 // usage is a daemon's CPU and peak RSS over a window.
