@@ -129,3 +129,10 @@ release:
 release-check:
 	cd tools/release && $(GO) vet ./... && $(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 	cd tools/release && NSREDIRECT_REPO=$(CURDIR) $(GO) test -count=1 -v -timeout 20m ./...
+
+# The GitHub workflows cannot run here; actionlint (built from its Go
+# module) at least checks they are valid.
+ACTIONLINT := github.com/rhysd/actionlint/cmd/actionlint@v1.7.12
+.PHONY: actionlint
+actionlint:
+	$(GO) run $(ACTIONLINT) -no-color .github/workflows/*.yml
