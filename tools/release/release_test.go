@@ -119,6 +119,7 @@ func TestRelease(t *testing.T) {
 	t.Run("OCIIndex", func(t *testing.T) { checkIndex(t, a) })
 	t.Run("SBOM", func(t *testing.T) { checkSBOM(t, fa["nsredirect_"+testVersion+".spdx.json"]) })
 	t.Run("CtrImport", func(t *testing.T) { checkCtrImport(t, a) })
+	t.Run("DockerLoad", func(t *testing.T) { checkDockerLoad(t, a) })
 }
 
 func tarEntries(t *testing.T, r io.Reader) map[string]*tar.Header {
@@ -330,20 +331,8 @@ func checkSBOM(t *testing.T, b []byte) {
 // index into a containerd of its own (own root, state and socket, stopped
 // at cleanup by pid), as a user's `ctr images import` would.
 func checkCtrImport(t *testing.T, dist string) {
-	ctr, err1 := exec.LookPath("ctr")
-	containerd, err2 := exec.LookPath("containerd")
-	if err := errors.Join(err1, err2); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("containerd and ctr must be installed (make deps installs docker.io): %v", err)
-		}
-		t.Skipf("containerd/ctr not installed: %v", err)
-	}
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("importing into containerd needs root")
-		}
-		t.Skip("importing into containerd needs root")
-	}
+	tools := needRoot(t, "ctr", "containerd")
+	ctr, containerd := tools[0], tools[1]
 	// A short path: the socket path must fit in sun_path.
 	dir, err := os.MkdirTemp("/var/tmp", "nsr-ctr-")
 	if err != nil {
@@ -366,18 +355,7 @@ func checkCtrImport(t *testing.T, dist string) {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 	})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		c, err := net.Dial("unix", sock)
-		if err == nil {
-			c.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("containerd did not listen on %s within 30s:\n%s", sock, logs.String())
-		}
-		time.Sleep(50 * time.Millisecond) // polling the socket: containerd has no readiness signal to wait on
-	}
+	waitSocket(t, sock, &logs)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	ctrRun := func(args ...string) string {
@@ -395,9 +373,109 @@ func checkCtrImport(t *testing.T, dist string) {
 			t.Errorf("ctr images ls has no %q:\n%s", want, ls)
 		}
 	}
-	// The layers are whole: unpack the host's image into a snapshot and
-	// read the binary back.
-	ctrRun("images", "check")
+	// Every blob the imported images name is in the content store.
+	if out := ctrRun("images", "check"); strings.Contains(out, "incomplete") || strings.Contains(out, "missing") {
+		t.Errorf("ctr images check:\n%s", out)
+	}
+}
+
+// needRoot returns the path of each tool, skipping (failing under CI=true)
+// without them or without root.
+func needRoot(t *testing.T, tools ...string) []string {
+	t.Helper()
+	var paths []string
+	for _, name := range tools {
+		p, err := exec.LookPath(name)
+		if err != nil {
+			if os.Getenv("CI") == "true" {
+				t.Fatalf("%s is not installed (make deps installs docker.io)", name)
+			}
+			t.Skipf("%s is not installed", name)
+		}
+		paths = append(paths, p)
+	}
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("this check needs root")
+		}
+		t.Skip("needs root")
+	}
+	return paths
+}
+
+// waitSocket waits until something accepts on sock; the daemons started
+// here have no readiness signal but their socket.
+func waitSocket(t *testing.T, sock string, logs *bytes.Buffer) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		c, err := net.Dial("unix", sock)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing listened on %s within 60s:\n%s", sock, logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// checkDockerLoad loads both architectures' tarballs into a dockerd of its
+// own (own data root, exec root, socket and pidfile; no networking; stopped
+// at cleanup by pid) and runs the host's: `nsredirect version` prints the
+// VERSION.
+func checkDockerLoad(t *testing.T, dist string) {
+	tools := needRoot(t, "dockerd", "docker")
+	dockerd, docker := tools[0], tools[1]
+	dir, err := os.MkdirTemp("/var/tmp", "nsr-dockerd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "sock")
+	cmd := exec.Command(dockerd, "--data-root", filepath.Join(dir, "data"), "--exec-root", filepath.Join(dir, "exec"),
+		"--pidfile", filepath.Join(dir, "pid"), "-H", "unix://"+sock,
+		"--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-forward=false")
+	var logs bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+	})
+	waitSocket(t, sock, &logs)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dockerRun := func(args ...string) string {
+		out, err := exec.CommandContext(ctx, docker, append([]string{"-H", "unix://" + sock}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("docker %s: %v\n%s\ndockerd:\n%s", strings.Join(args, " "), err, out, logs.String())
+		}
+		return string(out)
+	}
+	ref := "ghcr.io/nsredirect/nsredirect:" + testVersion
+	for _, arch := range []string{"arm64", "amd64"} { // the host's last: it keeps the tag
+		out := dockerRun("load", "-i", filepath.Join(dist, "nsredirect_"+testVersion+"_image_linux_"+arch+".tar"))
+		if !strings.Contains(out, "Loaded image: "+ref) {
+			t.Errorf("docker load %s: %s", arch, out)
+		}
+		if got := strings.TrimSpace(dockerRun("image", "inspect", "-f", "{{.Architecture}}", ref)); got != arch {
+			t.Errorf("loaded %s image has architecture %q", arch, got)
+		}
+	}
+	if out := dockerRun("run", "--rm", "--network", "none", ref, "version"); !strings.HasPrefix(out, "nsredirect "+testVersion+" ") {
+		t.Errorf("docker run %s version = %q", ref, out)
+	}
 }
 
 // TestBadInput: a usage error names the bad value and a fix, exit 2.
