@@ -101,7 +101,9 @@ test-docker: deps build
 
 # The privileged suite on Debian's 5.10, 6.1 and 6.12 kernels under qemu
 # (TCG, no KVM needed): one table, also in .cache/kernels/results.md.
-# KERNELS="6.1" and RUN=REGEX narrow it; see scripts/test-kernels.sh.
+# KERNELS="6.1" and RUN=REGEX narrow it; KERNELS="arm64-6.1 arm64-6.12"
+# boots Debian's arm64 kernels under qemu-system-aarch64 with the suite
+# built for arm64; see scripts/test-kernels.sh.
 KERNELS_STAMP := .cache/kernels-deps.stamp
 KERNELS_PACKAGES := qemu-system-x86 qemu-system-arm busybox-static
 KERNELS ?= 5.10 6.1 6.12
