@@ -225,7 +225,8 @@ build_rootfs() {
 	mapfile -t debs < <(apt-get "${opts[@]}" -s -y install $rootfs_pkgs |
 		sed -n 's/^Inst \([^ ]*\) (\([^ ]*\) [^[]*\[\([a-z0-9]*\)\]).*/\1_\2_\3.deb/p' | sed 's/:/%3a/' | sort)
 	[ ${#debs[@]} -gt 0 ] || die "no $arch packages resolved for the root"
-	key=$(printf '%s\n' "${debs[@]}" | sha256sum | cut -c1-16)
+	# The recipe below is part of the key: changing it rebuilds the root.
+	key=$( (printf '%s\n' "${debs[@]}" && declare -f build_rootfs) | sha256sum | cut -c1-16)
 	dir=$cache/rootfs/$arch-$key
 	if [ ! -f "$dir/.done" ]; then
 		log "$arch: unpacking ${#debs[@]} bookworm .debs into a root"
@@ -239,7 +240,10 @@ build_rootfs() {
 		# What base-passwd's postinst would write.
 		cp "$tmp/usr/share/base-passwd/passwd.master" "$tmp/etc/passwd"
 		cp "$tmp/usr/share/base-passwd/group.master" "$tmp/etc/group"
+		# What an installed system has and the suite reads (a plain file
+		# that is not a netns: TestBadInputRefused).
 		printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n' >"$tmp/etc/hosts"
+		echo nsr-guest >"$tmp/etc/hostname"
 		rm -rf "$dir" && mkdir -p "$(dirname "$dir")" && mv "$tmp" "$dir"
 		touch "$dir/.done"
 	fi
