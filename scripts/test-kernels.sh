@@ -246,6 +246,8 @@ build_rootfs() {
 		echo nsr-guest >"$tmp/etc/hostname"
 		rm -rf "$dir" && mkdir -p "$(dirname "$dir")" && mv "$tmp" "$dir"
 		touch "$dir/.done"
+		# Roots of older package sets or recipes are never used again.
+		find "$cache/rootfs" -mindepth 1 -maxdepth 1 -name "$arch-*" ! -name "$(basename "$dir")" -exec rm -rf {} +
 	fi
 	echo "$dir"
 }
