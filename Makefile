@@ -114,9 +114,11 @@ test-docker: deps build
 
 # The privileged suite on Debian's 5.10, 6.1 and 6.12 kernels under qemu
 # (TCG, no KVM needed): one table, also in .cache/kernels/results.md.
-# KERNELS="6.1" and RUN=REGEX narrow it; see scripts/test-kernels.sh.
+# KERNELS="6.1" and RUN=REGEX narrow it; KERNELS="arm64-6.1 arm64-6.12"
+# boots Debian's arm64 kernels under qemu-system-aarch64 with the suite
+# built for arm64; see scripts/test-kernels.sh.
 KERNELS_STAMP := .cache/kernels-deps.stamp
-KERNELS_PACKAGES := qemu-system-x86 busybox-static
+KERNELS_PACKAGES := qemu-system-x86 qemu-system-arm busybox-static
 KERNELS ?= 5.10 6.1 6.12
 test-kernels: deps build $(KERNELS_STAMP)
 	./scripts/test-kernels.sh --repo $(CURDIR) --kernels "$(KERNELS)" $(if $(RUN),--run '$(RUN)')
@@ -166,3 +168,26 @@ $(RUNTIMES_STAMP):
 	apt-get update
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(RUNTIMES_PACKAGES)
 	@mkdir -p $(dir $@) && touch $@
+
+# Release artifacts for linux/amd64 and linux/arm64 in dist/, offline and
+# reproducible (tools/release, its own module so nfpm and go-containerregistry
+# stay out of the daemon's go.mod): tarballs, .debs, image tarballs and the
+# multi-arch OCI index, an SPDX SBOM and SHA256SUMS. Same VERSION and commit,
+# same bytes. release-check builds twice and compares (TestReproducible).
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+.PHONY: release release-check
+release:
+	@case "$(VERSION)" in v[0-9]*.[0-9]*.[0-9]*) ;; *) echo "make release: VERSION=$(VERSION): give a semantic version, e.g. make release VERSION=v1.2.3" >&2; exit 2 ;; esac
+	cd tools/release && SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(GO) run . -repo $(CURDIR) -version $(VERSION) -out $(CURDIR)/dist
+	cd dist && sha256sum -c --quiet SHA256SUMS
+
+release-check:
+	cd tools/release && $(GO) vet ./... && $(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+	cd tools/release && NSREDIRECT_REPO=$(CURDIR) $(GO) test -count=1 -v -timeout 20m ./...
+
+# The GitHub workflows cannot run here; actionlint (built from its Go
+# module) at least checks they are valid.
+ACTIONLINT := github.com/rhysd/actionlint/cmd/actionlint@v1.7.12
+.PHONY: actionlint
+actionlint:
+	$(GO) run $(ACTIONLINT) -no-color .github/workflows/*.yml

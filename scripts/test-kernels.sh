@@ -3,7 +3,7 @@
 # (TCG: no KVM needed) and prints one markdown table, also written to
 # .cache/kernels/results.md. Exits non-zero if any kernel fails.
 #
-#   scripts/test-kernels.sh [--repo DIR] [--kernels "5.10 6.1 6.12"] [--run REGEX]
+#   scripts/test-kernels.sh [--repo DIR] [--kernels "5.10 6.1 6.12 arm64-6.1 arm64-6.12"] [--run REGEX]
 #                           [--pkgs "./internal/... ./test/integration"] [--timeout MIN] [--refresh]
 #                           [--exec SCRIPT]   (run SCRIPT with bash in each guest before the tests)
 #
@@ -12,6 +12,13 @@
 # from bookworm-backports. They come through a private apt configuration
 # under the cache; /etc/apt is never touched. (The -cloud-amd64 flavour is
 # smaller but has no 9p, which the guest uses to see the host's tools.)
+#
+# arm64-6.1 and arm64-6.12 are Debian's linux-image-*-arm64 of the same
+# series, booted by qemu-system-aarch64 (-M virt, TCG). The host's tools are
+# amd64, so those guests chroot instead into an arm64 root unpacked from
+# bookworm's arm64 .debs (bash, iproute2, curl, nodejs, python3, bpftool,
+# util-linux and their dependencies, resolved by the same private apt), and
+# run test binaries built with GOARCH=arm64.
 #
 # Each kernel boots a busybox initramfs (scripts/kernels/init) that mounts
 # the host's root read-only over 9p under a tmpfs overlay, chroots into it
@@ -67,8 +74,18 @@ esac
 if ! [[ $timeout_min =~ ^[0-9]+$ ]] || [ "$timeout_min" -lt 2 ]; then
 	die "--timeout $timeout_min: give whole minutes, at least 2, e.g. --timeout 20"
 fi
-for tool in qemu-system-x86_64 go xz dpkg-deb; do
-	command -v "$tool" >/dev/null || die "$tool is not installed; \`make test-kernels\` installs qemu-system-x86 and busybox-static"
+# arch_of SERIES: the Debian architecture of a series (arm64-6.12 -> arm64).
+arch_of() { case $1 in arm64-*) echo arm64 ;; *) echo amd64 ;; esac; }
+arches=$(for k in $kernels; do arch_of "$k"; done | sort -u)
+for tool in go xz dpkg-deb; do
+	command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+for a in $arches; do
+	case $a in
+	amd64) q=qemu-system-x86_64 qpkg=qemu-system-x86 ;;
+	arm64) q=qemu-system-aarch64 qpkg=qemu-system-arm ;;
+	esac
+	command -v "$q" >/dev/null || die "$q is not installed; \`make test-kernels\` installs $qpkg and busybox-static"
 done
 # The initramfs needs a static busybox (busybox-static): the guest runs it
 # before any library is reachable.
@@ -83,7 +100,9 @@ pattern() {
 	5.10) echo '^linux-image-5\.10\.0-[0-9]+-amd64$' ;;
 	6.1) echo '^linux-image-6\.1\.0-[0-9]+-amd64$' ;;
 	6.12) echo '^linux-image-6\.12\.[0-9]+\+deb[0-9.]+-amd64$' ;;
-	*) die "--kernels: unknown series $1; known: 5.10 6.1 6.12" ;;
+	arm64-6.1) echo '^linux-image-6\.1\.0-[0-9]+-arm64$' ;;
+	arm64-6.12) echo '^linux-image-6\.12\.[0-9]+\+deb[0-9.]+-arm64$' ;;
+	*) die "--kernels: unknown series $1; known: 5.10 6.1 6.12 arm64-6.1 arm64-6.12" ;;
 	esac
 }
 for k in $kernels; do pattern "$k" >/dev/null; done
@@ -101,11 +120,11 @@ fi
 aptdir=$cache/apt
 mkdir -p "$aptdir/lists/partial" "$aptdir/archives/partial" "$aptdir/cache"
 cat >"$aptdir/sources.list.new" <<'EOF'
-deb http://deb.debian.org/debian bullseye main
-deb http://deb.debian.org/debian-security bullseye-security main
-deb http://deb.debian.org/debian bookworm main
-deb http://deb.debian.org/debian-security bookworm-security main
-deb http://deb.debian.org/debian bookworm-backports main
+deb [arch=amd64,arm64] http://deb.debian.org/debian bullseye main
+deb [arch=amd64,arm64] http://deb.debian.org/debian-security bullseye-security main
+deb [arch=amd64,arm64] http://deb.debian.org/debian bookworm main
+deb [arch=amd64,arm64] http://deb.debian.org/debian-security bookworm-security main
+deb [arch=amd64,arm64] http://deb.debian.org/debian bookworm-backports main
 EOF
 if ! cmp -s "$aptdir/sources.list.new" "$aptdir/sources.list"; then
 	mv "$aptdir/sources.list.new" "$aptdir/sources.list"
@@ -117,6 +136,7 @@ apt_opts=(
 	-o "Dir::Etc::SourceList=$aptdir/sources.list" -o Dir::Etc::SourceParts=/dev/null
 	-o "Dir::State::Lists=$aptdir/lists" -o "Dir::Cache=$aptdir/cache"
 	-o "Dir::Cache::Archives=$aptdir/archives" -o APT::Sandbox::User=root
+	-o APT::Architecture=amd64 -o APT::Architectures::=amd64 -o APT::Architectures::=arm64
 )
 # Indexes are refreshed once a day (or with --refresh), so a re-run within
 # the day downloads nothing.
@@ -130,7 +150,8 @@ fi
 # fetch_kernel SERIES: prints "PKG VERSION DIR", DIR holding vmlinuz, config
 # and modules/ with what the guest loads.
 fetch_kernel() {
-	local series=$1 pkg ver deb dir tmp kver moddir
+	local series=$1 arch pkg ver deb dir tmp kver moddir
+	arch=$(arch_of "$series")
 	pkg=$(apt-cache "${apt_opts[@]}" search --names-only "$(pattern "$series")" | awk '{print $1}' | sort -V | tail -1)
 	[ -n "$pkg" ] || die "no Debian package matches $(pattern "$series")"
 	ver=$(apt-cache "${apt_opts[@]}" show "$pkg" | awk '/^Version:/ {print $2}' | sort -V | tail -1)
@@ -139,7 +160,7 @@ fetch_kernel() {
 		deb=$(find "$aptdir/archives" -maxdepth 1 -name "${pkg}_*.deb" | sort -V | tail -1)
 		if [ -z "$deb" ]; then
 			log "$series: downloading $pkg $ver"
-			(cd "$aptdir/archives" && apt-get "${apt_opts[@]}" -qq download "$pkg=$ver" >&2)
+			(cd "$aptdir/archives" && apt-get "${apt_opts[@]}" -qq download "$pkg:$arch=$ver" >&2)
 			deb=$(find "$aptdir/archives" -maxdepth 1 -name "${pkg}_*.deb" | sort -V | tail -1)
 		fi
 		log "$series: extracting $(basename "$deb")"
@@ -180,10 +201,61 @@ fetch_kernel() {
 	echo "$pkg $ver $dir"
 }
 
-# build_initramfs DIR: prints the path of the initramfs for that kernel,
-# keyed by the hash of everything in it.
+# What a foreign root holds: the guest script's bash and coreutils, and what
+# the suite runs (ip, curl, node, python3, bpftool, setpriv/nsenter/prlimit/
+# unshare), with busybox-static for the initramfs.
+rootfs_pkgs="bash coreutils grep sed iproute2 curl nodejs python3 bpftool util-linux mount procps busybox-static base-passwd"
+
+# build_rootfs ARCH: prints the path of a root unpacked from bookworm's
+# ARCH .debs: the packages above and everything they depend on, resolved
+# by the private apt against an empty dpkg status. Keyed by the list of
+# .debs, so a second run unpacks nothing.
+build_rootfs() {
+	local arch=$1 state key dir tmp deb
+	state=$aptdir/state-$arch
+	mkdir -p "$state" && : >"$state/status"
+	local opts=("${apt_opts[@]}" -o "APT::Architecture=$arch" -o "Dir::State::status=$state/status"
+		-o "Dir::State=$state" -o "Dir::State::Lists=$aptdir/lists" -o APT::Install-Recommends=false
+		-o Debug::NoLocking=true -o "APT::Default-Release=bookworm")
+	# shellcheck disable=SC2086 # rootfs_pkgs is a list
+	apt-get "${opts[@]}" -qq -y --download-only install $rootfs_pkgs >&2 ||
+		die "apt-get could not download the $arch root's packages ($rootfs_pkgs)"
+	# The resolved set, as archive file names: "Inst PKG (VER SUITE [ARCH]) ...".
+	# shellcheck disable=SC2086
+	mapfile -t debs < <(apt-get "${opts[@]}" -s -y install $rootfs_pkgs |
+		sed -n 's/^Inst \([^ ]*\) (\([^ ]*\) [^[]*\[\([a-z0-9]*\)\]).*/\1_\2_\3.deb/p' | sed 's/:/%3a/' | sort)
+	[ ${#debs[@]} -gt 0 ] || die "no $arch packages resolved for the root"
+	# The recipe below is part of the key: changing it rebuilds the root.
+	key=$( (printf '%s\n' "${debs[@]}" && declare -f build_rootfs) | sha256sum | cut -c1-16)
+	dir=$cache/rootfs/$arch-$key
+	if [ ! -f "$dir/.done" ]; then
+		log "$arch: unpacking ${#debs[@]} bookworm .debs into a root"
+		tmp=$(mktemp -d "$cache/rootfs.XXXXXX")
+		# bookworm is merged-/usr: keep /bin, /lib, /sbin links while unpacking.
+		mkdir -p "$tmp"/usr/{bin,sbin,lib} "$tmp"/{etc,tmp,run,root,proc,sys,dev}
+		ln -s usr/bin "$tmp/bin" && ln -s usr/sbin "$tmp/sbin" && ln -s usr/lib "$tmp/lib"
+		for deb in "${debs[@]}"; do
+			dpkg-deb --fsys-tarfile "$aptdir/archives/$deb" | tar -x --keep-directory-symlink -C "$tmp"
+		done
+		# What base-passwd's postinst would write.
+		cp "$tmp/usr/share/base-passwd/passwd.master" "$tmp/etc/passwd"
+		cp "$tmp/usr/share/base-passwd/group.master" "$tmp/etc/group"
+		# What an installed system has and the suite reads (a plain file
+		# that is not a netns: TestBadInputRefused).
+		printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n' >"$tmp/etc/hosts"
+		echo nsr-guest >"$tmp/etc/hostname"
+		rm -rf "$dir" && mkdir -p "$(dirname "$dir")" && mv "$tmp" "$dir"
+		touch "$dir/.done"
+		# Roots of older package sets or recipes are never used again.
+		find "$cache/rootfs" -mindepth 1 -maxdepth 1 -name "$arch-*" ! -name "$(basename "$dir")" -exec rm -rf {} +
+	fi
+	echo "$dir"
+}
+
+# build_initramfs DIR BUSYBOX: prints the path of the initramfs for that
+# kernel, keyed by the hash of everything in it.
 build_initramfs() {
-	local kdir=$1 key out tmp
+	local kdir=$1 busybox_bin=$2 key out tmp
 	key=$(cat "$here/kernels/init" "$busybox_bin" "$kdir/modules.order" "$kdir"/modules/*.ko | sha256sum | cut -c1-16)
 	out=$cache/initramfs/$key.cpio.gz
 	if [ ! -f "$out" ]; then
@@ -203,12 +275,15 @@ build_initramfs() {
 }
 
 # --- the checkout's binaries ---------------------------------------------
-bindir=$cache/build/$(echo "$repo" | sha256sum | cut -c1-12)
+# One directory per architecture: $buildroot-amd64, $buildroot-arm64.
+buildroot=$cache/build/$(echo "$repo" | sha256sum | cut -c1-12)
+for arch in $arches; do
+bindir=$buildroot-$arch
 rm -rf "$bindir" && mkdir -p "$bindir"
-log "building test binaries from $repo ($pkgs)"
+log "building $arch test binaries from $repo ($pkgs)"
 (
 	cd "$repo"
-	export CGO_ENABLED=0
+	export CGO_ENABLED=0 GOOS=linux GOARCH=$arch
 	go build -trimpath -o "$bindir/nsredirect" ./cmd/nsredirect
 	go build -trimpath -o "$bindir/demo-backend" ./cmd/demo-backend
 	# One static test binary per package that has tests; the guest runs
@@ -222,6 +297,7 @@ log "building test binaries from $repo ($pkgs)"
 		done
 )
 [ -s "$bindir/tests" ] || die "--pkgs $pkgs: no package with tests in $repo"
+done
 
 # guest_script RESULTS: the script the guest runs after chroot.
 guest_script() {
@@ -258,21 +334,38 @@ rows=()
 details=()
 overall=0
 for series in $kernels; do
+	arch=$(arch_of "$series")
+	bindir=$buildroot-$arch
 	read -r pkg ver kdir < <(fetch_kernel "$series")
-	initrd=$(build_initramfs "$kdir")
 	res=$cache/results/$series
+	# amd64 guests chroot into the host's own root; arm64 guests into the
+	# unpacked arm64 root, with the checkout and the test binaries bound
+	# in from the host at the same paths.
+	case $arch in
+	amd64)
+		initrd=$(build_initramfs "$kdir" "$busybox_bin")
+		qemu=(qemu-system-x86_64 -cpu max) console=ttyS0 guest_root=""
+		;;
+	arm64)
+		rootfs=$(build_rootfs arm64)
+		initrd=$(build_initramfs "$kdir" "$rootfs/bin/busybox")
+		# pauth-impdef: TCG's architected pointer authentication is slow.
+		qemu=(qemu-system-aarch64 -M virt -cpu max,pauth-impdef=on) console=ttyAMA0
+		guest_root=" nsr.root=$rootfs nsr.binds=$repo,$bindir"
+		;;
+	esac
 	rm -rf "$res" && mkdir -p "$res"
 	guest_script "$res" >"$res/guest.sh"
-	log "$series: booting $pkg $ver under qemu (TCG), console in $res/console.log"
+	log "$series: booting $pkg $ver under ${qemu[0]} (TCG), console in $res/console.log"
 	start=$(date +%s)
 	set +e
 	# timeout ends qemu by its pid if the guest hangs; -no-reboot and
 	# panic=-1 turn a guest panic into a qemu exit.
-	timeout --kill-after=10 "${timeout_min}m" qemu-system-x86_64 \
-		-accel tcg,thread=multi -cpu max -smp 2 -m 2G \
+	timeout --kill-after=10 "${timeout_min}m" "${qemu[@]}" \
+		-accel tcg,thread=multi -smp 2 -m 2G \
 		-display none -monitor none -serial stdio -no-reboot -nic none \
 		-kernel "$kdir/vmlinuz" -initrd "$initrd" \
-		-append "console=ttyS0 panic=-1 loglevel=4 nsr.run=$res/guest.sh nsr.results=$res" \
+		-append "console=$console panic=-1 loglevel=4 nsr.run=$res/guest.sh nsr.results=$res$guest_root" \
 		-virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
 		-virtfs "local,path=$res,mount_tag=results,security_model=none,multidevs=remap" \
 		</dev/null 2>&1 | tee "$res/console.log" | sed -u "s/^/[$series] /" >&2

@@ -188,8 +188,16 @@ func socketsOf(t *testing.T, pid int) []string {
 		}
 	}
 	var out []string
+	// Every thread's view: /proc/PID/net follows the main thread alone, and
+	// a goroutine that entered a target netns (netnsx.Do, never unlocked)
+	// may have run there, leaving it in that netns (seen on arm64 guests).
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/net", pid))
 	for _, file := range []string{"tcp", "tcp6"} {
-		data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, file))
+		var data []byte
+		for _, task := range tasks {
+			b, _ := os.ReadFile(filepath.Join(task, file))
+			data = append(data, b...)
+		}
 		for _, line := range strings.Split(string(data), "\n")[1:] {
 			f := strings.Fields(line)
 			if len(f) > 9 && inodes[f[9]] {

@@ -1,0 +1,501 @@
+package main
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+)
+
+const testVersion = "v0.0.0-test.1"
+
+func repoRoot(t *testing.T) string {
+	t.Helper()
+	if p := os.Getenv("NSREDIRECT_REPO"); p != "" {
+		return p
+	}
+	p, err := filepath.Abs("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func buildInto(t *testing.T, out string) {
+	t.Helper()
+	t.Setenv("SOURCE_DATE_EPOCH", "1700000000")
+	start := time.Now()
+	if err := run([]string{"-repo", repoRoot(t), "-version", testVersion, "-out", out}); err != nil {
+		t.Fatalf("release: %v", err)
+	}
+	t.Logf("release into %s: %s", out, time.Since(start).Round(time.Second))
+}
+
+// readDir returns every file under dir by relative name.
+func readDir(t *testing.T, dir string) map[string][]byte {
+	t.Helper()
+	m := map[string][]byte{}
+	err := filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err != nil || fi.IsDir() {
+			return err
+		}
+		b, err := os.ReadFile(p)
+		rel, _ := filepath.Rel(dir, p)
+		m[rel] = b
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// TestRelease builds the release twice with the same VERSION and
+// SOURCE_DATE_EPOCH into different directories, requires byte-identical
+// files, then checks what each artifact holds.
+func TestRelease(t *testing.T) {
+	tmp := t.TempDir()
+	a, b := filepath.Join(tmp, "a"), filepath.Join(tmp, "b")
+	buildInto(t, a)
+	buildInto(t, b)
+	fa, fb := readDir(t, a), readDir(t, b)
+	var names []string
+	for n := range fa {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	want := []string{
+		"SHA256SUMS",
+		"nsredirect_0.0.0~test.1_amd64.deb",
+		"nsredirect_0.0.0~test.1_arm64.deb",
+		"nsredirect_" + testVersion + ".spdx.json",
+		"nsredirect_" + testVersion + "_image_linux_amd64.tar",
+		"nsredirect_" + testVersion + "_image_linux_arm64.tar",
+		"nsredirect_" + testVersion + "_image_oci_index.tar",
+		"nsredirect_" + testVersion + "_linux_amd64.tar.gz",
+		"nsredirect_" + testVersion + "_linux_arm64.tar.gz",
+	}
+	if strings.Join(names, " ") != strings.Join(want, " ") {
+		t.Fatalf("dist holds\n  %s\nwant\n  %s", strings.Join(names, "\n  "), strings.Join(want, "\n  "))
+	}
+
+	t.Run("Reproducible", func(t *testing.T) {
+		for _, n := range names {
+			if !bytes.Equal(fa[n], fb[n]) {
+				t.Errorf("%s differs between two builds of the same version (%d vs %d bytes)", n, len(fa[n]), len(fb[n]))
+			}
+		}
+	})
+	t.Run("SHA256SUMS", func(t *testing.T) {
+		cmd := exec.Command("sha256sum", "-c", "--strict", "SHA256SUMS")
+		cmd.Dir = a
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("sha256sum -c: %v\n%s", err, out)
+		}
+		if got := strings.Count(string(out), ": OK"); got != len(names)-1 {
+			t.Errorf("sha256sum -c checked %d files, want %d:\n%s", got, len(names)-1, out)
+		}
+	})
+	for _, arch := range Arches {
+		t.Run("Tarball_"+arch, func(t *testing.T) { checkTarball(t, a, arch) })
+		t.Run("Deb_"+arch, func(t *testing.T) { checkDeb(t, a, arch) })
+		t.Run("Image_"+arch, func(t *testing.T) { checkImage(t, a, arch) })
+	}
+	t.Run("OCIIndex", func(t *testing.T) { checkIndex(t, a) })
+	t.Run("SBOM", func(t *testing.T) { checkSBOM(t, fa["nsredirect_"+testVersion+".spdx.json"]) })
+	t.Run("CtrImport", func(t *testing.T) { checkCtrImport(t, a) })
+	t.Run("DockerLoad", func(t *testing.T) { checkDockerLoad(t, a) })
+}
+
+func tarEntries(t *testing.T, r io.Reader) map[string]*tar.Header {
+	t.Helper()
+	m := map[string]*tar.Header{}
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return m
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		m[h.Name] = h
+	}
+}
+
+func checkTarball(t *testing.T, dist, arch string) {
+	top := "nsredirect_" + testVersion + "_linux_" + arch
+	f, err := os.Open(filepath.Join(dist, top+".tar.gz"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ents := tarEntries(t, zr)
+	for _, n := range []string{"nsredirect", "LICENSE", "LICENSES/GPL-2.0-only.txt", "LICENSES/BSD-2-Clause.txt", "README.md", "nsredirect.service"} {
+		h, ok := ents[top+"/"+n]
+		if !ok {
+			t.Errorf("%s.tar.gz has no %s", top, n)
+			continue
+		}
+		if h.Uid != 0 || h.Gid != 0 || h.Uname != "root" || !h.ModTime.Equal(time.Unix(1700000000, 0)) {
+			t.Errorf("%s: owner %d:%d %s, mtime %s: want root and SOURCE_DATE_EPOCH", n, h.Uid, h.Gid, h.Uname, h.ModTime)
+		}
+	}
+	if arch != "amd64" {
+		return
+	}
+	// The host runs amd64: the binary is static and prints the VERSION.
+	dir := t.TempDir()
+	cmd := exec.Command("tar", "-xzf", filepath.Join(dist, top+".tar.gz"), "-C", dir)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("tar -x: %v\n%s", err, out)
+	}
+	bin := filepath.Join(dir, top, "nsredirect")
+	out, err := exec.Command(bin, "version").CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), "nsredirect "+testVersion+" ") {
+		t.Errorf("nsredirect version = %q, %v; want it to start with %q", out, err, "nsredirect "+testVersion)
+	}
+	if out, _ := exec.Command("file", bin).CombinedOutput(); len(out) > 0 && !strings.Contains(string(out), "statically linked") {
+		t.Errorf("the binary is not static: %s", out)
+	}
+}
+
+func checkDeb(t *testing.T, dist, arch string) {
+	deb := filepath.Join(dist, "nsredirect_0.0.0~test.1_"+arch+".deb")
+	dpkg, err := exec.LookPath("dpkg-deb")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("dpkg-deb is not installed (Debian's dpkg)")
+		}
+		t.Skip("dpkg-deb is not installed")
+	}
+	field := func(f string) string {
+		out, err := exec.Command(dpkg, "-f", deb, f).Output()
+		if err != nil {
+			t.Fatalf("dpkg-deb -f %s: %v", f, err)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	if got := field("Architecture"); got != arch {
+		t.Errorf("Architecture = %q, want %q", got, arch)
+	}
+	if got := field("Version"); got != "0.0.0~test.1" {
+		t.Errorf("Version = %q", got)
+	}
+	out, err := exec.Command(dpkg, "-c", deb).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"./usr/bin/nsredirect", "./lib/systemd/system/nsredirect.service", "./etc/default/nsredirect", "./usr/share/doc/nsredirect/LICENSES/GPL-2.0-only.txt"} {
+		if !strings.Contains(string(out), " "+p+"\n") {
+			t.Errorf("%s does not install %s:\n%s", filepath.Base(deb), p, out)
+		}
+	}
+	ctl := t.TempDir()
+	if out, err := exec.Command(dpkg, "-e", deb, ctl).CombinedOutput(); err != nil {
+		t.Fatalf("dpkg-deb -e: %v\n%s", err, out)
+	}
+	// No maintainer script: nothing enables or starts the unit.
+	for _, s := range []string{"preinst", "postinst", "prerm", "postrm"} {
+		if _, err := os.Stat(filepath.Join(ctl, s)); err == nil {
+			t.Errorf("the package has a %s; the unit must not be started by the package", s)
+		}
+	}
+	if b, _ := os.ReadFile(filepath.Join(ctl, "conffiles")); strings.TrimSpace(string(b)) != "/etc/default/nsredirect" {
+		t.Errorf("conffiles = %q, want /etc/default/nsredirect", b)
+	}
+	x := t.TempDir()
+	if out, err := exec.Command(dpkg, "-x", deb, x).CombinedOutput(); err != nil {
+		t.Fatalf("dpkg-deb -x: %v\n%s", err, out)
+	}
+	unit, _ := os.ReadFile(filepath.Join(x, "lib/systemd/system/nsredirect.service"))
+	if !strings.Contains(string(unit), "\nExecStart=/usr/bin/nsredirect docker\n") || !strings.Contains(string(unit), "EnvironmentFile=-/etc/default/nsredirect") {
+		t.Errorf("the packaged unit does not run /usr/bin/nsredirect with /etc/default/nsredirect:\n%s", unit)
+	}
+}
+
+func checkImage(t *testing.T, dist, arch string) {
+	p := filepath.Join(dist, "nsredirect_"+testVersion+"_image_linux_"+arch+".tar")
+	img, err := tarball.ImageFromPath(p, nil)
+	if err != nil {
+		t.Fatalf("%s is not a docker-archive image: %v", filepath.Base(p), err)
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cf.Architecture != arch || cf.OS != "linux" || strings.Join(cf.Config.Entrypoint, " ") != "nsredirect" {
+		t.Errorf("config: %s/%s entrypoint %v", cf.OS, cf.Architecture, cf.Config.Entrypoint)
+	}
+	if err := checkImageSize(p, img); err != nil {
+		t.Error(err)
+	}
+	layers, err := img.Layers()
+	if err != nil || len(layers) != 1 {
+		t.Fatalf("layers: %d, %v", len(layers), err)
+	}
+	rc, err := layers[0].Uncompressed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	ents := tarEntries(t, rc)
+	for _, n := range []string{"usr/local/bin/nsredirect", "usr/share/doc/nsredirect/LICENSES/GPL-2.0-only.txt"} {
+		if _, ok := ents[n]; !ok {
+			t.Errorf("image %s has no /%s", arch, n)
+		}
+	}
+}
+
+func checkIndex(t *testing.T, dist string) {
+	dir := t.TempDir()
+	if err := untar(filepath.Join(dist, "nsredirect_"+testVersion+"_image_oci_index.tar"), dir); err != nil {
+		t.Fatal(err)
+	}
+	p, err := layout.FromPath(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	top, err := p.ImageIndex()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tm, err := top.IndexManifest()
+	if err != nil || len(tm.Manifests) != 1 {
+		t.Fatalf("index.json: %v, %v", tm, err)
+	}
+	idx, err := top.ImageIndex(tm.Manifests[0].Digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err := idx.IndexManifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, m := range im.Manifests {
+		got = append(got, m.Platform.OS+"/"+m.Platform.Architecture)
+		img, err := idx.Image(m.Digest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cf, err := img.ConfigFile()
+		if err != nil || cf.Architecture != m.Platform.Architecture {
+			t.Errorf("manifest for %s holds a %s image (%v)", m.Platform.Architecture, cf.Architecture, err)
+		}
+	}
+	if strings.Join(got, " ") != "linux/amd64 linux/arm64" {
+		t.Errorf("index platforms = %v, want linux/amd64 linux/arm64", got)
+	}
+}
+
+func checkSBOM(t *testing.T, b []byte) {
+	var doc spdxDoc
+	if err := json.Unmarshal(b, &doc); err != nil {
+		t.Fatalf("SBOM is not JSON: %v", err)
+	}
+	if doc.SPDXVersion != "SPDX-2.3" || doc.Packages[0].VersionInfo != testVersion {
+		t.Errorf("SBOM: %s, root version %q", doc.SPDXVersion, doc.Packages[0].VersionInfo)
+	}
+	var found bool
+	for _, p := range doc.Packages {
+		if p.Name == "github.com/cilium/ebpf" && p.VersionInfo != "" {
+			found = true
+		}
+	}
+	if !found {
+		t.Error("SBOM does not list github.com/cilium/ebpf, which the binary links")
+	}
+}
+
+// checkCtrImport imports the host architecture's image tarball and the OCI
+// index into a containerd of its own (own root, state and socket, stopped
+// at cleanup by pid), as a user's `ctr images import` would.
+func checkCtrImport(t *testing.T, dist string) {
+	tools := needRoot(t, "ctr", "containerd")
+	ctr, containerd := tools[0], tools[1]
+	// A short path: the socket path must fit in sun_path.
+	dir, err := os.MkdirTemp("/var/tmp", "nsr-ctr-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "sock")
+	cfg := filepath.Join(dir, "config.toml")
+	// No CRI plugin, no snapshotter beyond the native one: import only.
+	if err := os.WriteFile(cfg, []byte("version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(containerd, "--config", cfg, "--root", filepath.Join(dir, "root"), "--state", filepath.Join(dir, "state"), "--address", sock)
+	var logs bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	waitSocket(t, sock, &logs)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	ctrRun := func(args ...string) string {
+		out, err := exec.CommandContext(ctx, ctr, append([]string{"--address", sock, "--namespace", "nsr-test"}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("ctr %s: %v\n%s\ncontainerd:\n%s", strings.Join(args, " "), err, out, logs.String())
+		}
+		return string(out)
+	}
+	ctrRun("images", "import", "--platform", "linux/amd64", filepath.Join(dist, "nsredirect_"+testVersion+"_image_linux_amd64.tar"))
+	ctrRun("images", "import", "--all-platforms", "--index-name", "nsr-index:"+testVersion, filepath.Join(dist, "nsredirect_"+testVersion+"_image_oci_index.tar"))
+	ls := ctrRun("images", "ls")
+	for _, want := range []string{"ghcr.io/nsredirect/nsredirect:" + testVersion, "linux/amd64,linux/arm64"} {
+		if !strings.Contains(ls, want) {
+			t.Errorf("ctr images ls has no %q:\n%s", want, ls)
+		}
+	}
+	// Every blob the imported images name is in the content store.
+	if out := ctrRun("images", "check"); strings.Contains(out, "incomplete") || strings.Contains(out, "missing") {
+		t.Errorf("ctr images check:\n%s", out)
+	}
+}
+
+// needRoot returns the path of each tool, skipping (failing under CI=true)
+// without them or without root.
+func needRoot(t *testing.T, tools ...string) []string {
+	t.Helper()
+	var paths []string
+	for _, name := range tools {
+		p, err := exec.LookPath(name)
+		if err != nil {
+			if os.Getenv("CI") == "true" {
+				t.Fatalf("%s is not installed (make deps installs docker.io)", name)
+			}
+			t.Skipf("%s is not installed", name)
+		}
+		paths = append(paths, p)
+	}
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("this check needs root")
+		}
+		t.Skip("needs root")
+	}
+	return paths
+}
+
+// waitSocket waits until something accepts on sock; the daemons started
+// here have no readiness signal but their socket.
+func waitSocket(t *testing.T, sock string, logs *bytes.Buffer) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		c, err := net.Dial("unix", sock)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing listened on %s within 60s:\n%s", sock, logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// checkDockerLoad loads both architectures' tarballs into a dockerd of its
+// own (own data root, exec root, socket and pidfile; no networking; stopped
+// at cleanup by pid) and runs the host's: `nsredirect version` prints the
+// VERSION.
+func checkDockerLoad(t *testing.T, dist string) {
+	tools := needRoot(t, "dockerd", "docker")
+	dockerd, docker := tools[0], tools[1]
+	dir, err := os.MkdirTemp("/var/tmp", "nsr-dockerd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "sock")
+	cmd := exec.Command(dockerd, "--data-root", filepath.Join(dir, "data"), "--exec-root", filepath.Join(dir, "exec"),
+		"--pidfile", filepath.Join(dir, "pid"), "-H", "unix://"+sock,
+		"--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-forward=false")
+	var logs bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+	})
+	waitSocket(t, sock, &logs)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dockerRun := func(args ...string) string {
+		out, err := exec.CommandContext(ctx, docker, append([]string{"-H", "unix://" + sock}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("docker %s: %v\n%s\ndockerd:\n%s", strings.Join(args, " "), err, out, logs.String())
+		}
+		return string(out)
+	}
+	ref := "ghcr.io/nsredirect/nsredirect:" + testVersion
+	for _, arch := range []string{"arm64", "amd64"} { // the host's last: it keeps the tag
+		out := dockerRun("load", "-i", filepath.Join(dist, "nsredirect_"+testVersion+"_image_linux_"+arch+".tar"))
+		if !strings.Contains(out, "Loaded image: "+ref) {
+			t.Errorf("docker load %s: %s", arch, out)
+		}
+		if got := strings.TrimSpace(dockerRun("image", "inspect", "-f", "{{.Architecture}}", ref)); got != arch {
+			t.Errorf("loaded %s image has architecture %q", arch, got)
+		}
+	}
+	if out := dockerRun("run", "--rm", "--network", "none", ref, "version"); !strings.HasPrefix(out, "nsredirect "+testVersion+" ") {
+		t.Errorf("docker run %s version = %q", ref, out)
+	}
+}
+
+// TestBadInput: a usage error names the bad value and a fix, exit 2.
+func TestBadInput(t *testing.T) {
+	t.Setenv("SOURCE_DATE_EPOCH", "1700000000")
+	for _, tc := range []struct {
+		args []string
+		env  string
+		want string
+	}{
+		{[]string{"-version", "1.2.3"}, "1700000000", `-version "1.2.3"`},
+		{[]string{"-version", "v1.2"}, "1700000000", `-version "v1.2"`},
+		{[]string{"-version", "v1.2.3"}, "yesterday", `SOURCE_DATE_EPOCH="yesterday"`},
+		{[]string{"-version", "v1.2.3"}, "", "SOURCE_DATE_EPOCH is not set"},
+		{[]string{"-version", "v1.2.3", "-repo", t.TempDir()}, "1700000000", "not an nsredirect checkout"},
+	} {
+		t.Setenv("SOURCE_DATE_EPOCH", tc.env)
+		err := run(append(tc.args, "-out", filepath.Join(t.TempDir(), "dist")))
+		if !errors.Is(err, errUsage) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("release %v (SOURCE_DATE_EPOCH=%q) = %v; want a usage error naming %s", tc.args, tc.env, err, tc.want)
+		}
+	}
+}
