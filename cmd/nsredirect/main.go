@@ -6,10 +6,18 @@ import (
 	"context"
 	"os"
 	"os/signal"
+	"runtime"
 	"syscall"
 
 	"github.com/nsredirect/nsredirect/internal/cli"
 )
+
+// The main goroutine keeps the main thread for itself. The runtime cannot end
+// the main thread, so a goroutine locked to it that exits inside another
+// network namespace (netnsx.Do) would leave it parked there for the
+// process's life, holding a container's netns alive; locked here, no other
+// goroutine ever runs on it.
+func init() { runtime.LockOSThread() }
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
