@@ -141,7 +141,6 @@ func TestConvexOverrideUp(t *testing.T) {
 		"NSREDIRECT_IMAGE="+img.nsredirect,
 		"NSREDIRECT_HOST_BPFFS="+filepath.Dir(pin),
 		"NSREDIRECT_HOST_DOCKER_SOCK="+e.sock,
-		"NSREDIRECT_HOST_CGROUP2="+testenv.RootCgroup(t),
 		// Published on loopback, on ports the kernel picks: this host is shared.
 		"PORT=127.0.0.1:0", "SITE_PROXY_PORT=127.0.0.1:0", "DASHBOARD_PORT=127.0.0.1:0",
 	)
