@@ -57,7 +57,7 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 	if kubeconfig != "" {
 		client, err = kube.FromKubeconfig(kubeconfig)
 	} else {
-		client, err = kube.InCluster(io.Getenv, kube.ServiceAccountDir)
+		client, err = kube.InCluster()
 	}
 	if err != nil {
 		if kubeconfig == "" {
