@@ -53,6 +53,7 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 	if err := unix.Statfs(proc, &st); err != nil || st.Type != unix.PROC_SUPER_MAGIC {
 		return usagef("--proc %q is not a procfs; mount the host's /proc (hostPath /proc) and pass its path", proc)
 	}
+	kube.RouteClientLogs(log)
 	var client *kube.Client
 	if kubeconfig != "" {
 		client, err = kube.FromKubeconfig(kubeconfig)

@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -18,9 +19,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/klog/v2"
 )
 
 // apiServer is an HTTP/2 TLS server answering pod lists, watches and event
@@ -296,6 +299,22 @@ func TestKubeconfigErrors(t *testing.T) {
 	}
 	if _, err := FromKubeconfig(filepath.Join(dir, "missing")); err == nil || !errors.Is(err, ErrConfig) {
 		t.Errorf("missing kubeconfig: %v; want ErrConfig", err)
+	}
+}
+
+// TestClientLogsRouted: client-go's global klog output (API warnings,
+// exec plugins) goes through our logger, in its format.
+func TestClientLogsRouted(t *testing.T) {
+	var buf bytes.Buffer
+	l := logrus.New()
+	l.SetOutput(&buf)
+	l.SetFormatter(&logrus.JSONFormatter{})
+	RouteClientLogs(l)
+	t.Cleanup(klog.ClearLogger)
+	klog.Warning("from client-go")
+	klog.Flush()
+	if !strings.Contains(buf.String(), `"msg":"from client-go"`) {
+		t.Errorf("logged %q; want the klog line as JSON", buf.String())
 	}
 }
 
