@@ -8,7 +8,7 @@ BIN := bin/nsredirect
 DEPS_STAMP := .cache/deps.stamp
 DEB_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl socat wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
 
-.PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick image test-docker clean soak test-kernels
+.PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick image test-docker clean soak test-kernels test-runtimes-kube
 
 all: build
 
@@ -112,4 +112,23 @@ $(KERNELS_STAMP):
 	@if [ "$$(id -u)" != 0 ]; then echo "make test-kernels: run as root (sudo make test-kernels) to apt-get install: $(KERNELS_PACKAGES)" >&2; exit 2; fi
 	apt-get update
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(KERNELS_PACKAGES)
+	@mkdir -p $(dir $@) && touch $@
+
+# A real single-node Kubernetes v1.37.2 (etcd from Debian; apiserver,
+# controller-manager, scheduler, kubelet and kubectl built from
+# k8s.io/kubernetes in test/runtimes/kubernetes/go.mod, helm from
+# test/deploy's; containerd 1.6, runc and the CNI plugins from Debian), and
+# nsredirect installed on it with `kubectl apply -k` and `helm install` as the
+# README says. Builds are cached in .cache/kubernetes/bin (cold: ~25 min on 2
+# cores); the results table goes to .cache/kubernetes/results.md.
+KUBE_PACKAGES := containerd runc containernetworking-plugins openssl bpftool python3
+KUBE_STAMP := .cache/kube-deps.stamp
+test-runtimes-kube: deps build $(KUBE_STAMP)
+	test/runtimes/kubernetes/build.sh $(CURDIR)/.cache/kubernetes/bin
+	test/runtimes/kubernetes/cluster.sh --repo $(CURDIR) --bin $(CURDIR)/.cache/kubernetes/bin
+
+$(KUBE_STAMP):
+	@if [ "$$(id -u)" != 0 ]; then echo "make test-runtimes-kube: run as root (sudo make test-runtimes-kube) to apt-get install: $(KUBE_PACKAGES)" >&2; exit 2; fi
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(KUBE_PACKAGES)
 	@mkdir -p $(dir $@) && touch $@
