@@ -66,12 +66,15 @@ log() { echo "[$(date +%T)] $*" >&2; }
 fail() { log "FAIL: $*"; exit 1; }
 row() { echo "$*" >>"$W/results.md"; log "result: $*"; }
 
+# alive PID: running (not gone, not a zombie waiting for its parent).
+alive() { [[ -d /proc/$1 ]] && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
+
 # stop PID: SIGTERM, then SIGKILL after 10 s.
 stop() {
 	local pid=$1 i
 	kill -TERM "$pid" 2>/dev/null || return 0
 	for ((i = 0; i < 100; i++)); do
-		[[ -d /proc/$pid ]] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null || break
+		alive "$pid" || break
 		sleep 0.1 # polling interval, bounded by the loop
 	done
 	kill -KILL "$pid" 2>/dev/null || true
@@ -152,8 +155,8 @@ cleanup() {
 	[[ -e $W ]] && left+=("$W")
 	ls -d /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods 2>/dev/null | while read -r c; do echo "cluster.sh: cgroup $c left" >&2; done
 	ip link show "$BRIDGE" >/dev/null 2>&1 && left+=("bridge $BRIDGE")
-	for name in "${!pids[@]}"; do kill -0 "${pids[$name]}" 2>/dev/null && left+=("$name pid ${pids[$name]}"); done
-	for p in "${shims[@]}"; do kill -0 "$p" 2>/dev/null && left+=("containerd-shim pid $p"); done
+	for name in "${!pids[@]}"; do alive "${pids[$name]}" && left+=("$name pid ${pids[$name]}"); done
+	for p in "${shims[@]}"; do alive "$p" && left+=("containerd-shim pid $p"); done
 	if ((${#left[@]})); then
 		echo "cluster.sh: left behind: ${left[*]}" >&2
 		rc=1
