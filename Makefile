@@ -119,8 +119,8 @@ $(KERNELS_STAMP):
 # k8s.io/kubernetes in test/runtimes/kubernetes/go.mod, helm from
 # test/deploy's; containerd 1.6, runc and the CNI plugins from Debian), and
 # nsredirect installed on it with `kubectl apply -k` and `helm install` as the
-# README says. Builds are cached in .cache/kubernetes/bin (cold: ~25 min on 2
-# cores); the results table goes to .cache/kubernetes/results.md.
+# README says. Builds are cached in .cache/kubernetes/bin (cold: ~15 min of CPU;
+# 38 min on a busy 2-core machine); the run ~1 min; its table: .cache/kubernetes/results.md.
 KUBE_PACKAGES := containerd runc containernetworking-plugins openssl bpftool python3
 KUBE_STAMP := .cache/kube-deps.stamp
 test-runtimes-kube: deps build $(KUBE_STAMP)
