@@ -420,6 +420,12 @@ installed() {
 	row "| $kind: \`kubectl rollout restart ds/nsredirect\` under a connect loop in pod web | $(grep ok= "$W/loop.out") |"
 	mapfile -t ours < <(pinned_progs)
 	redirected web || fail "$kind: pod web not redirected after the rollout"
+	# --log-format json holds for client-go's own messages too.
+	local lines notjson
+	lines=$(kubectl -n nsredirect logs ds/nsredirect | wc -l)
+	notjson=$(kubectl -n nsredirect logs ds/nsredirect | grep -cv '^{' || true)
+	((notjson == 0)) || fail "$kind: daemon log lines not JSON: $(kubectl -n nsredirect logs ds/nsredirect | grep -v '^{' | head -3)"
+	row "| $kind: the new daemon pod's log (--log-format json) | $lines lines, all JSON |"
 }
 
 # uninstalled KIND: nothing pinned, nothing attached, pod web's redirect gone.
