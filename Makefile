@@ -8,7 +8,7 @@ BIN := bin/nsredirect
 DEPS_STAMP := .cache/deps.stamp
 DEB_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl socat wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
 
-.PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick bench-scale image test-docker clean soak test-kernels
+.PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick bench-scale image test-docker clean soak test-kernels test-runtimes-kube
 
 all: build
 
@@ -191,3 +191,22 @@ ACTIONLINT := github.com/rhysd/actionlint/cmd/actionlint@v1.7.12
 .PHONY: actionlint
 actionlint:
 	$(GO) run $(ACTIONLINT) -no-color .github/workflows/*.yml
+
+# A real single-node Kubernetes v1.37.2 (etcd from Debian; apiserver,
+# controller-manager, scheduler, kubelet and kubectl built from
+# k8s.io/kubernetes in test/runtimes/kubernetes/go.mod, helm from
+# test/deploy's; containerd 1.6, runc and the CNI plugins from Debian), and
+# nsredirect installed on it with `kubectl apply -k` and `helm install` as the
+# README says. Builds are cached in .cache/kubernetes/bin (cold: ~15 min of CPU;
+# 38 min on a busy 2-core machine); the run ~1 min; its table: .cache/kubernetes/results.md.
+KUBE_PACKAGES := containerd runc containernetworking-plugins openssl bpftool python3
+KUBE_STAMP := .cache/kube-deps.stamp
+test-runtimes-kube: deps build $(KUBE_STAMP)
+	test/runtimes/kubernetes/build.sh $(CURDIR)/.cache/kubernetes/bin
+	test/runtimes/kubernetes/cluster.sh --repo $(CURDIR) --bin $(CURDIR)/.cache/kubernetes/bin
+
+$(KUBE_STAMP):
+	@if [ "$$(id -u)" != 0 ]; then echo "make test-runtimes-kube: run as root (sudo make test-runtimes-kube) to apt-get install: $(KUBE_PACKAGES)" >&2; exit 2; fi
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(KUBE_PACKAGES)
+	@mkdir -p $(dir $@) && touch $@

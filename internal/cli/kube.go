@@ -53,11 +53,12 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 	if err := unix.Statfs(proc, &st); err != nil || st.Type != unix.PROC_SUPER_MAGIC {
 		return usagef("--proc %q is not a procfs; mount the host's /proc (hostPath /proc) and pass its path", proc)
 	}
+	kube.RouteClientLogs(log)
 	var client *kube.Client
 	if kubeconfig != "" {
 		client, err = kube.FromKubeconfig(kubeconfig)
 	} else {
-		client, err = kube.InCluster(io.Getenv, kube.ServiceAccountDir)
+		client, err = kube.InCluster()
 	}
 	if err != nil {
 		if kubeconfig == "" {

@@ -5,7 +5,13 @@ import (
 
 	"github.com/go-logr/logr"
 	"github.com/sirupsen/logrus"
+	"k8s.io/klog/v2"
 )
+
+// RouteClientLogs sends what client-go logs outside the informer's context
+// (API warnings, exec credential plugins, transport retries: klog's global
+// logger) to log as well, so nothing reaches stderr in klog's own format.
+func RouteClientLogs(log logrus.FieldLogger) { klog.SetLogger(klogTo(log)) }
 
 // klogTo routes client-go's logs (klog, through the context the informer
 // runs with) to our logger, so --log-format json holds for them too:

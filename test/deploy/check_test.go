@@ -423,9 +423,10 @@ func checkSecurityContext(t *testing.T, c corev1.Container) {
 // only reads, and the paths the args name.
 func checkMounts(t *testing.T, c corev1.Container, volumes []corev1.Volume, w want) {
 	t.Helper()
-	hostToContainer := corev1.MountPropagationHostToContainer
+	// No mountPropagation on the bpffs: HostToContainer is refused where
+	// the node's /sys/fs/bpf is a private mount, and pins need none.
 	wantMounts := map[string]corev1.VolumeMount{
-		"bpffs":   {Name: "bpffs", MountPath: "/sys/fs/bpf", MountPropagation: &hostToContainer},
+		"bpffs":   {Name: "bpffs", MountPath: "/sys/fs/bpf"},
 		"cgroup2": {Name: "cgroup2", MountPath: "/host/cgroup2", ReadOnly: true},
 		"proc":    {Name: "proc", MountPath: "/host/proc", ReadOnly: true},
 	}
