@@ -99,6 +99,27 @@ func (e *Event) DeepCopyObject() runtime.Object {
 	return &out
 }
 
+// EventList is a core/v1 EventList, as listed.
+type EventList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata"`
+	Items           []Event `json:"items"`
+}
+
+// DeepCopyObject implements runtime.Object, for the REST client's decoder.
+func (l *EventList) DeepCopyObject() runtime.Object {
+	if l == nil {
+		return nil
+	}
+	out := &EventList{TypeMeta: l.TypeMeta}
+	l.ListMeta.DeepCopyInto(&out.ListMeta)
+	out.Items = make([]Event, len(l.Items))
+	for i := range l.Items {
+		out.Items[i] = *l.Items[i].DeepCopyObject().(*Event)
+	}
+	return out
+}
+
 // ObjectReference names the pod an event is about.
 type ObjectReference struct {
 	Kind            string `json:"kind"`

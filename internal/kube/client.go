@@ -125,6 +125,25 @@ func (c *Client) WatchPods(ctx context.Context, opts metav1.ListOptions) (watch.
 	return w, nil
 }
 
+// ListEvents returns the Events in namespace about the object with uid (the
+// controller's EventLister: a restarted daemon does not post a Warning
+// again). The field selector does the work on a real API server; the
+// result is filtered here too, for servers that ignore it.
+func (c *Client) ListEvents(ctx context.Context, namespace, uid string) ([]Event, error) {
+	var l EventList
+	opts := metav1.ListOptions{FieldSelector: "involvedObject.uid=" + uid}
+	if err := c.rest.Get().Namespace(namespace).Resource("events").VersionedParams(&opts, metav1.ParameterCodec).Do(ctx).Into(&l); err != nil {
+		return nil, fmt.Errorf("list events of %s in %s: %w", uid, namespace, err)
+	}
+	out := l.Items[:0]
+	for _, ev := range l.Items {
+		if ev.InvolvedObject.UID == uid {
+			out = append(out, ev)
+		}
+	}
+	return out, nil
+}
+
 // CreateEvent posts ev in its namespace.
 func (c *Client) CreateEvent(ctx context.Context, ev *Event) error {
 	if err := c.rest.Post().Namespace(ev.Namespace).Resource("events").Body(ev).Do(ctx).Error(); err != nil {
@@ -132,3 +151,6 @@ func (c *Client) CreateEvent(ctx context.Context, ev *Event) error {
 	}
 	return nil
 }
+
+// The controller finds Warnings posted before a restart through it.
+var _ EventLister = (*Client)(nil)

@@ -57,6 +57,15 @@ func newAPIServer(t *testing.T) *apiServer {
 			a.mu.Unlock()
 			w.WriteHeader(http.StatusCreated)
 			_ = json.NewEncoder(w).Encode(ev)
+		case r.Method == http.MethodGet && r.URL.Path == "/api/v1/namespaces/ns/events":
+			if r.URL.Query().Get("fieldSelector") != "involvedObject.uid=u1" {
+				http.Error(w, "field selector "+r.URL.Query().Get("fieldSelector"), http.StatusBadRequest)
+				return
+			}
+			// One of another object too: a server that ignored the selector.
+			fmt.Fprintln(w, `{"kind":"EventList","apiVersion":"v1","metadata":{"resourceVersion":"7"},"items":[`+
+				`{"metadata":{"name":"a.1","namespace":"ns"},"involvedObject":{"kind":"Pod","namespace":"ns","name":"a","uid":"u1"},"reason":"InvalidRedirect","message":"bad","type":"Warning"},`+
+				`{"metadata":{"name":"b.1","namespace":"ns"},"involvedObject":{"kind":"Pod","namespace":"ns","name":"b","uid":"u2"},"reason":"InvalidRedirect","message":"bad","type":"Warning"}]}`)
 		case r.URL.Path != "/api/v1/pods":
 			http.Error(w, "path "+r.URL.Path, http.StatusNotFound)
 		case r.URL.Query().Get("fieldSelector") != "spec.nodeName=n1":
@@ -144,6 +153,13 @@ func TestKubeconfigClient(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+	evs, err := c.ListEvents(ctx, "ns", "u1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(evs) != 1 || evs[0].Reason != "InvalidRedirect" || evs[0].Message != "bad" || evs[0].Type != EventWarning || evs[0].InvolvedObject.UID != "u1" {
+		t.Errorf("events listed %+v; want the one Warning on u1", evs)
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()

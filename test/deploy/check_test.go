@@ -58,11 +58,12 @@ func wantDefaults() want {
 	}
 }
 
-// The RBAC rules, exactly: read pods, create events. No patch: the daemon
-// records events with plain creates.
+// The RBAC rules, exactly: read pods, create events and list them (a
+// restarted daemon looks for the Warning it posted before). No patch: the
+// daemon records events with plain creates.
 var wantRules = []rbacv1.PolicyRule{
 	{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch"}},
-	{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create"}},
+	{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "list"}},
 }
 
 // The capabilities, exactly, spelled without CAP_ as Kubernetes expects.
