@@ -101,13 +101,6 @@ func (l *Loader) syncUDPFor(want bool) ([]string, error) {
 		}
 		return nil, nil
 	}
-	if l.cgroup == "" {
-		return nil, errors.New("UDP rules are enrolled but this instance has no cgroup to attach their hooks at; start a daemon")
-	}
-	cgroupID, err := inodeOf(l.cgroup)
-	if err != nil {
-		return nil, fmt.Errorf("cgroup %s: %w", l.cgroup, err)
-	}
 	var attached []string
 	var errs []error
 	for _, h := range udpHooks {
@@ -118,6 +111,15 @@ func (l *Loader) syncUDPFor(want bool) ([]string, error) {
 		}
 		if ok {
 			continue
+		}
+		if l.cgroup == "" {
+			// Opened for status or cleanup: the daemons' Heal attaches it.
+			errs = append(errs, fmt.Errorf("the %s hook of the UDP rules is not attached; a running daemon re-attaches it at its next resync", h.name))
+			continue
+		}
+		cgroupID, err := inodeOf(l.cgroup)
+		if err != nil {
+			return attached, fmt.Errorf("cgroup %s: %w", l.cgroup, err)
 		}
 		if err := l.reattach(h, l.cgroup, cgroupID); err != nil {
 			errs = append(errs, err)
