@@ -7,11 +7,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
@@ -27,7 +30,7 @@ addr, port, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
 s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 s.bind((addr, port))
-print("serving on", s.getsockname()[1], flush=True)
+print("serving on %d." % s.getsockname()[1], flush=True)
 while True:
     q, peer = s.recvfrom(4096)
     if q.startswith(b"nsr:"):
@@ -93,21 +96,78 @@ func startUDPServer(t *testing.T, ns *testenv.Netns, addr string, port int, tag 
 		cmd = ns.Command(context.Background(), py, args...)
 	}
 	p := testenv.Start(t, cmd)
-	p.WaitOutput(t, "serving on", 30*time.Second)
-	f := strings.Fields(p.Output()[strings.Index(p.Output(), "serving on"):])
-	got, err := strconv.Atoi(f[2])
-	if err != nil {
-		t.Fatalf("server port: %q", p.Output())
+	var m []string
+	waitFor(t, "the UDP server to serve", 30*time.Second, func() bool {
+		m = servingOn.FindStringSubmatch(p.Output())
+		return m != nil || p.Exited()
+	})
+	if m == nil {
+		t.Fatalf("UDP server exited: %s", p.Output())
 	}
+	got, _ := strconv.Atoi(m[1])
 	return got
 }
 
-// udpHooksAtRoot lists our UDP programs attached at the cgroup2 root, as
-// the kernel reports them (BPF_PROG_QUERY; names cut at 15 characters).
-func udpHooksAtRoot(t *testing.T) []string {
+var servingOn = regexp.MustCompile(`serving on (\d+)\.`)
+
+// udpProgIDs are the IDs of the UDP programs pinned in pin (prog_<hook>),
+// which every start pins whether or not it attaches them.
+func udpProgIDs(t *testing.T, pin string) []int {
+	t.Helper()
+	var ids []int
+	for _, h := range loader.UDPHookNames() {
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(pin, "prog_"+h), nil)
+		if err != nil {
+			t.Fatalf("pinned UDP program %s: %v", h, err)
+		}
+		info, err := p.Info()
+		p.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := info.ID()
+		ids = append(ids, int(id))
+	}
+	return ids
+}
+
+// attachedOf lists which of ids the kernel reports attached at the cgroup2
+// root (BPF_PROG_QUERY), by name.
+func attachedOf(t *testing.T, ids []int) []string {
+	t.Helper()
+	at := testenv.AttachedAtRoot(t)
+	var out []string
+	for _, id := range ids {
+		if name, ok := at[id]; ok {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
+// waitDetached waits until none of ids is attached: the kernel detaches a
+// link whose last reference went from a deferred work item.
+func waitDetached(t *testing.T, ids []int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for left := attachedOf(t, ids); len(left) > 0; left = attachedOf(t, ids) {
+		if time.Now().After(deadline) {
+			t.Errorf("UDP programs still attached 5s after the last UDP rule went: %v", left)
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// newUDPProgs lists programs with our UDP names attached at the root now
+// and not in before.
+func newUDPProgs(t *testing.T, before map[int]string) []string {
 	t.Helper()
 	var out []string
-	for _, name := range testenv.AttachedAtRoot(t) {
+	for id, name := range testenv.AttachedAtRoot(t) {
+		if _, old := before[id]; old {
+			continue
+		}
 		for _, p := range []string{"nsr_sendmsg", "nsr_recvmsg", "nsr_udp_conn"} {
 			if strings.HasPrefix(name, p) {
 				out = append(out, name)
@@ -220,7 +280,7 @@ func TestUDPHooksOnlyWhileUDPRules(t *testing.T) {
 	testenv.Server(t, tcpNs, ":3210")
 	startUDPServer(t, &udpNs, "::", 5353, "backend")
 	testenv.Daemon(t, pin, "run", "--netns", tcpNs.Path, "--redirect", "80=3210", "--remove-on-exit")
-	if got := udpHooksAtRoot(t); len(got) != 0 {
+	if got := attachedOf(t, udpProgIDs(t, pin)); len(got) != 0 {
 		t.Fatalf("UDP programs attached with only a TCP rule on the host: %v", got)
 	}
 	if got := udpLinksPinned(pin); len(got) != 0 {
@@ -228,7 +288,7 @@ func TestUDPHooksOnlyWhileUDPRules(t *testing.T) {
 	}
 
 	d := testenv.Daemon(t, pin, "run", "--netns", udpNs.Path, "--redirect", "53=5353/udp", "--remove-on-exit")
-	if got := udpHooksAtRoot(t); len(got) != 6 {
+	if got := attachedOf(t, udpProgIDs(t, pin)); len(got) != 6 {
 		t.Fatalf("UDP programs at the root with a UDP rule: %v, want 6", got)
 	}
 	py := testenv.Tool(t, "python3")
@@ -243,6 +303,7 @@ func TestUDPHooksOnlyWhileUDPRules(t *testing.T) {
 		t.Fatalf("bpftool link detach: %v\n%s", err, out)
 	}
 	waitFor(t, "the sendmsg4 link re-created", 20*time.Second, func() bool { return linkAttachedAt(t, pin, "sendmsg4") })
+	ids := udpProgIDs(t, pin)
 	if got := mustClient(t, udpNs, py, "-c", udpClient, "127.0.0.1", "53"); !hasLine(got, "unconnected backend:unconnected 127.0.0.1 53") {
 		t.Errorf("UDP redirect after the heal: %s", got)
 	}
@@ -250,9 +311,7 @@ func TestUDPHooksOnlyWhileUDPRules(t *testing.T) {
 	if err := d.Stop(syscall.SIGTERM, 10*time.Second); err != nil {
 		t.Fatalf("SIGTERM: %v\n%s", err, d.Output())
 	}
-	if got := udpHooksAtRoot(t); len(got) != 0 {
-		t.Errorf("UDP programs still attached after the last UDP rule went: %v", got)
-	}
+	waitDetached(t, ids)
 	if got := udpLinksPinned(pin); len(got) != 0 {
 		t.Errorf("UDP links still pinned after the last UDP rule went: %v", got)
 	}
@@ -394,6 +453,7 @@ func TestUDPBadSuffixRefused(t *testing.T) {
 	pin := testenv.BPFFS(t)
 	ns := testenv.NewNetns(t)
 	env := []string{"PATH=" + os.Getenv("PATH")}
+	before := testenv.AttachedAtRoot(t)
 	for _, tc := range []struct{ spec, mention string }{
 		{"53=5353/sctp", `"sctp"`},
 		{"53/udp=5353", "at the end"},
@@ -407,7 +467,7 @@ func TestUDPBadSuffixRefused(t *testing.T) {
 	if _, err := os.Stat(pin); !os.IsNotExist(err) {
 		t.Errorf("pin dir left behind: %v", err)
 	}
-	if got := udpHooksAtRoot(t); len(got) != 0 {
+	if got := newUDPProgs(t, before); len(got) != 0 {
 		t.Errorf("UDP programs attached: %v", got)
 	}
 }
