@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -88,47 +90,69 @@ func measureUDP(e *env) (*udpResults, error) {
 	if r.attached, err = udpAttached(e.pinDir); err != nil {
 		return nil, err
 	}
-	paths := []struct{ name, addr string }{
+	if r.attached != "none" {
+		return nil, fmt.Errorf("UDP programs attached with only a TCP rule on the host: %s", r.attached)
+	}
+	stopNow(tcpOnly)
+
+	// Each repeat measures every path: first with no UDP rule on the host
+	// (no UDP program attached), then with the daemon's 53=5353/udp, which
+	// --remove-on-exit takes away again, so drift on a shared machine hits
+	// every path alike.
+	without := []struct{ name, addr string }{
 		{"direct to :5353, no UDP rule on the host", fmt.Sprintf("127.0.0.1:%d", udpBackendPort)},
 		{"socat UDP-RECVFROM sidecar :5354 → :5353", fmt.Sprintf("127.0.0.1:%d", udpSocatPort)},
 	}
-	for rep := 0; rep < r.reps; rep++ {
+	with := []struct{ name, addr string }{
+		{"nsredirect 127.0.0.1:53 → :5353 (53=5353/udp)", fmt.Sprintf("127.0.0.1:%d", udpRulePort)},
+		{"direct to :5353, UDP programs attached (no rule for the port)", fmt.Sprintf("127.0.0.1:%d", udpBackendPort)},
+	}
+	measure := func(rep int, paths []struct{ name, addr string }) error {
 		for _, p := range paths {
 			fmt.Printf("udp: %s, repeat %d/%d\n", p.name, rep+1, r.reps)
 			n, err := udpRate(e, ns, p.addr, time.Duration(r.secs)*time.Second)
 			if err != nil {
-				return nil, fmt.Errorf("%s: %w", p.name, err)
+				return fmt.Errorf("%s: %w", p.name, err)
 			}
 			r.add(p.name, n)
 		}
+		return nil
 	}
-	stopNow(tcpOnly)
-
-	daemon, err := e.start(bin, "run", "--netns", ns.Path, "--redirect", fmt.Sprintf("%d=%d/udp", udpRulePort, udpBackendPort), "--pin-dir", e.pinDir, "--log-level", "warn", "--remove-on-exit")
+	startUDP := func() (*exec.Cmd, error) {
+		d, err := e.start(bin, "run", "--netns", ns.Path, "--redirect", fmt.Sprintf("%d=%d/udp", udpRulePort, udpBackendPort), "--pin-dir", e.pinDir, "--log-level", "warn", "--remove-on-exit")
+		if err != nil {
+			return nil, err
+		}
+		if err := waitLive(e, bin, ns); err != nil {
+			return nil, err
+		}
+		if a, err := udpAttached(e.pinDir); err != nil || !strings.HasPrefix(a, "all 6") {
+			return nil, fmt.Errorf("with a UDP rule the UDP programs should be attached: %s %v", a, err)
+		}
+		return d, nil
+	}
+	for rep := 0; rep < r.reps; rep++ {
+		if a, err := udpAttached(e.pinDir); err != nil || a != "none" {
+			return nil, fmt.Errorf("with no UDP rule no UDP program may be attached: %s %v", a, err)
+		}
+		if err := measure(rep, without); err != nil {
+			return nil, err
+		}
+		d, err := startUDP()
+		if err != nil {
+			return nil, err
+		}
+		err = measure(rep, with)
+		stopDaemon(d)
+		if err != nil {
+			return nil, err
+		}
+	}
+	daemon, err := startUDP()
 	if err != nil {
 		return nil, err
 	}
 	defer stopNow(daemon)
-	if err := waitLive(e, bin, ns); err != nil {
-		return nil, err
-	}
-	if a, err := udpAttached(e.pinDir); err != nil || !strings.HasPrefix(a, "all 6") {
-		return nil, fmt.Errorf("with a UDP rule the UDP programs should be attached: %s %v", a, err)
-	}
-	paths = []struct{ name, addr string }{
-		{"nsredirect 127.0.0.1:53 → :5353 (53=5353/udp)", fmt.Sprintf("127.0.0.1:%d", udpRulePort)},
-		{"direct to :5353, UDP programs attached (no rule for the port)", fmt.Sprintf("127.0.0.1:%d", udpBackendPort)},
-	}
-	for rep := 0; rep < r.reps; rep++ {
-		for _, p := range paths {
-			fmt.Printf("udp: %s, repeat %d/%d\n", p.name, rep+1, r.reps)
-			n, err := udpRate(e, ns, p.addr, time.Duration(r.secs)*time.Second)
-			if err != nil {
-				return nil, fmt.Errorf("%s: %w", p.name, err)
-			}
-			r.add(p.name, n)
-		}
-	}
 	if err := r.measureCost(e, ns); err != nil {
 		return nil, err
 	}
@@ -213,6 +237,15 @@ func (r *udpResults) measureCost(e *env, ns netnsx.Target) error {
 		}
 	}
 	return nil
+}
+
+// stopDaemon stops d and waits until it has exited, so its
+// --remove-on-exit is done.
+func stopDaemon(d *exec.Cmd) {
+	stopNow(d)
+	for i := 0; i < 500 && syscall.Kill(d.Process.Pid, 0) == nil; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // udpAttached describes which UDP links are pinned and attached.
