@@ -1065,15 +1065,20 @@ func countKeys(m *ebpf.Map) (int, error) {
 	}
 }
 
-// PeerStorageFailures counts connects that were redirected but whose
-// dialled address could not be stored for getpeername (the socket storage
-// allocation failed), summed over CPUs.
+// PeerStorageFailures counts connects and UDP datagrams that were
+// redirected but whose dialled address could not be stored (the socket
+// storage allocation failed), so getpeername or recvfrom shows the target
+// port, summed over CPUs.
 func (l *Loader) PeerStorageFailures() (uint64, error) {
-	var perCPU []uint64
-	if err := l.maps.NsrStats.Lookup(bpfobj.RedirectNsrStatNSR_STAT_PEER_STORAGE_FAIL, &perCPU); err != nil {
-		return 0, fmt.Errorf("read the peer storage failure counter: %w", err)
+	var n uint64
+	for _, stat := range []bpfobj.RedirectNsrStat{bpfobj.RedirectNsrStatNSR_STAT_PEER_STORAGE_FAIL, bpfobj.RedirectNsrStatNSR_STAT_UDP_PEER_STORAGE_FAIL} {
+		var perCPU []uint64
+		if err := l.maps.NsrStats.Lookup(stat, &perCPU); err != nil {
+			return 0, fmt.Errorf("read the peer storage failure counter: %w", err)
+		}
+		n += sum(perCPU)
 	}
-	return sum(perCPU), nil
+	return n, nil
 }
 
 // Heal checks the pinned link of every hook and re-creates one that is
