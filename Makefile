@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/nsredirect/nsredirect/internal/cli.Version=$(VERSION)
 BIN := bin/nsredirect
 DEPS_STAMP := .cache/deps.stamp
-DEB_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl socat wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
+DEB_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl socat dnsutils wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
 
 .PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick bench-scale image test-docker clean soak test-kernels test-runtimes-kube
 

@@ -44,7 +44,7 @@ func main() {
 	flag.StringVar(&c.outDir, "out", "bench/results", "directory for the markdown table and PNG chart")
 	flag.StringVar(&c.nsredirect, "nsredirect", "bin/nsredirect", "nsredirect binary")
 	flag.StringVar(&c.backend, "backend", "bin/demo-backend", "HTTP server binary listening on :3210")
-	flag.StringVar(&c.only, "only", "", "run one part only: \"kernel\" (the in-kernel cost table, ~1 minute) or \"scale\" (the daemon at node scale, make bench-scale)")
+	flag.StringVar(&c.only, "only", "", "run one part only: \"kernel\" (the in-kernel cost table, ~1 minute), \"udp\" (UDP rate and per-datagram cost, ~1 minute) or \"scale\" (the daemon at node scale, make bench-scale)")
 	flag.Parse()
 	c.reps, c.wrkSecs, c.iperfSecs, c.dials = 5, 5, 3, 3000
 	if c.quick {
@@ -94,8 +94,15 @@ func run(ctx context.Context, c config) error {
 		}
 		fmt.Print("\n" + machine() + "\n" + renderScale(s))
 		return nil
+	} else if c.only == "udp" {
+		u, err := measureUDP(e)
+		if err != nil {
+			return err
+		}
+		fmt.Print("\n" + machine() + "\n" + renderUDP(u))
+		return nil
 	} else if c.only != "" {
-		return fmt.Errorf("%w: --only %q: want kernel or scale", errUsage, c.only)
+		return fmt.Errorf("%w: --only %q: want kernel, udp or scale", errUsage, c.only)
 	}
 	r, err := measure(e)
 	if err != nil {

@@ -41,6 +41,7 @@ type results struct {
 	failures  map[string]int
 	imageSize string
 	kcost     *kernelCost
+	udp       *udpResults
 	cfg       config
 }
 
@@ -95,6 +96,9 @@ func measure(e *env) (*results, error) {
 		return nil, fmt.Errorf("in-kernel cost: %w", err)
 	}
 	r.kcost = k
+	if r.udp, err = measureUDP(e); err != nil {
+		return nil, fmt.Errorf("udp: %w", err)
+	}
 	r.imageSize = imageSize()
 	return r, nil
 }

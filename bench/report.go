@@ -81,6 +81,7 @@ func render(r *results) string {
 	b.WriteString(table([]string{"enrolled netns", "connect p50", "connect p99", "p50 vs 1 netns"}, rows))
 
 	b.WriteString(renderKernelCost(r.kcost))
+	b.WriteString(renderUDP(r.udp))
 	fmt.Fprintf(&b, "\nnsredirect daemon RSS: %.1f MB. Image nsredirect:latest: %s.\n\n", float64(r.daemonRSSKB)/1024, r.imageSize)
 	b.WriteString(targets(r))
 	return b.String()

@@ -25,21 +25,23 @@
 
 #define SYS_PROCEED 1
 #define NSR_IPPROTO_TCP 6 /* linux/in.h, without its libc dependencies */
+#define NSR_IPPROTO_UDP 17
 
 /* Indexes of nsr_stats, the per-CPU event counters. */
 enum nsr_stat {
 	NSR_STAT_PEER_STORAGE_FAIL = 0, /* redirected, but the dialled address not kept */
+	NSR_STAT_UDP_PEER_STORAGE_FAIL, /* a UDP datagram redirected, its replies' source not rewritten */
 	NSR_STAT_MAX,
 };
 
-/* One expanded rule: (netns, family, address, port) as dialled. Addresses
- * and ports are in network byte order; IPv4 lives in addr[0]. */
+/* One expanded rule: (netns, protocol, family, address, port) as dialled.
+ * Addresses and ports are in network byte order; IPv4 lives in addr[0]. */
 struct rule_key {
 	__u64 netns_cookie;
 	__u32 addr[4];
 	__u16 port;
 	__u8 family; /* 4 or 6 */
-	__u8 _pad0;
+	__u8 proto;  /* NSR_IPPROTO_TCP or NSR_IPPROTO_UDP */
 	__u32 _pad1;
 };
 
@@ -138,7 +140,7 @@ static __always_inline int maybe_ours6(const struct rule_key *key)
  * re-connected socket never reports a stale peer: a socket that was
  * redirected once may connect again elsewhere, so the delete stays even on
  * the fast path (it is one pointer test when the socket holds no storage).
- * UDP and other protocols never get storage, so they skip it. */
+ * Other protocols skip it; UDP has its own programs, below. */
 static __always_inline const struct rule_val *lookup(struct bpf_sock_addr *ctx, struct rule_key *key, int candidate)
 {
 	const struct rule_val *val;
@@ -172,7 +174,7 @@ static __always_inline const struct rule_val *lookup(struct bpf_sock_addr *ctx, 
 SEC("cgroup/connect4")
 int nsr_connect4(struct bpf_sock_addr *ctx)
 {
-	struct rule_key key = {.family = 4};
+	struct rule_key key = {.family = 4, .proto = NSR_IPPROTO_TCP};
 	const struct rule_val *val;
 
 	if (ctx->protocol != NSR_IPPROTO_TCP)
@@ -192,7 +194,7 @@ int nsr_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int nsr_connect6(struct bpf_sock_addr *ctx)
 {
-	struct rule_key key = {.family = 6};
+	struct rule_key key = {.family = 6, .proto = NSR_IPPROTO_TCP};
 	const struct rule_val *val;
 
 	/* Covers ::1 and v4-mapped ::ffff:127.0.0.1 on dual-stack sockets: a
@@ -242,6 +244,255 @@ int nsr_getpeername6(struct bpf_sock_addr *ctx)
 	ctx->user_ip6[2] = orig->addr[2];
 	ctx->user_ip6[3] = orig->addr[3];
 	ctx->user_port = (__u32)orig->port;
+	return SYS_PROCEED;
+}
+
+/*
+ * UDP. These programs are attached only while some netns of the host has a
+ * UDP rule (internal/loader): sendmsg and recvmsg run per datagram, so a host
+ * without UDP rules does not run them at all.
+ *
+ * A redirected UDP socket remembers, in nsr_udp_peers, what it sent to and
+ * where that went; recvmsg reports a datagram from the new destination as
+ * coming from the dialled one, since resolvers drop answers whose source is
+ * not the server they asked. One entry per socket: the last redirected
+ * destination. Connected UDP also fills nsr_sockets, for getpeername.
+ */
+struct udp_peer {
+	__u32 orig_addr[4]; /* dialled, as recvfrom() should report it */
+	__u32 new_addr[4];  /* where the datagrams went, as replies come from it */
+	__u16 orig_port;
+	__u16 new_port;
+	__u8 family; /* 4 or 6: the hook that wrote it */
+	__u8 _pad0[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct udp_peer);
+} nsr_udp_peers SEC(".maps");
+
+#define NSR_LOOPBACK4 0x7f000001 /* 127.0.0.1 */
+
+/* Replies to 0.0.0.0, :: and ::ffff:0.0.0.0 come from loopback. */
+static __always_inline void reply_addr4(__u32 *a)
+{
+	if (*a == 0)
+		*a = bpf_htonl(NSR_LOOPBACK4);
+}
+
+static __always_inline void reply_addr6(__u32 *a)
+{
+	if (a[0] == 0 && a[1] == 0 && a[3] == 0) {
+		if (a[2] == 0)
+			a[3] = bpf_htonl(1);
+		else if (a[2] == bpf_htonl(0xffff))
+			a[3] = bpf_htonl(NSR_LOOPBACK4);
+	}
+}
+
+/* Looks a UDP destination up, counts a hit and remembers it on the socket.
+ * The key's address words are the dialled ones; new holds them rewritten. */
+static __always_inline const struct rule_val *udp_lookup(struct bpf_sock_addr *ctx, struct rule_key *key, __u32 *new_addr)
+{
+	const struct rule_val *val;
+	struct udp_peer *peer;
+	int words = key->family == 4 ? 1 : 4;
+
+	key->netns_cookie = bpf_get_netns_cookie(ctx);
+	val = bpf_map_lookup_elem(&nsr_rules, key);
+	if (!val)
+		return 0;
+	for (int i = 0; i < 4; i++)
+		new_addr[i] = val->keep_addr ? key->addr[i] : val->addr[i];
+	peer = bpf_sk_storage_get(&nsr_udp_peers, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (peer) {
+		__builtin_memcpy(peer->orig_addr, key->addr, sizeof(peer->orig_addr));
+		__builtin_memcpy(peer->new_addr, new_addr, sizeof(peer->new_addr));
+		if (words == 1) {
+			reply_addr4(&peer->orig_addr[0]);
+			reply_addr4(&peer->new_addr[0]);
+		} else {
+			reply_addr6(peer->orig_addr);
+			reply_addr6(peer->new_addr);
+		}
+		peer->orig_port = key->port;
+		peer->new_port = val->port;
+		peer->family = key->family;
+	} else {
+		count_stat(NSR_STAT_UDP_PEER_STORAGE_FAIL);
+	}
+	count(key->netns_cookie, val->index);
+	return val;
+}
+
+/* connect() of a UDP socket: like TCP's, plus the reply mapping. */
+static __always_inline const struct rule_val *udp_connect(struct bpf_sock_addr *ctx, struct rule_key *key, __u32 *new_addr, int candidate)
+{
+	const struct rule_val *val = 0;
+	struct orig_dst *orig;
+
+	if (candidate)
+		val = udp_lookup(ctx, key, new_addr);
+	if (!val) {
+		/* Re-connected elsewhere: no stale peer, no stale reply mapping. */
+		bpf_sk_storage_delete(&nsr_sockets, ctx->sk);
+		bpf_sk_storage_delete(&nsr_udp_peers, ctx->sk);
+		return 0;
+	}
+	orig = bpf_sk_storage_get(&nsr_sockets, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (orig) {
+		__builtin_memcpy(orig->addr, key->addr, sizeof(orig->addr));
+		orig->port = key->port;
+		orig->family = key->family;
+	} else {
+		count_stat(NSR_STAT_PEER_STORAGE_FAIL);
+	}
+	return val;
+}
+
+SEC("cgroup/connect4")
+int nsr_udp_connect4(struct bpf_sock_addr *ctx)
+{
+	struct rule_key key = {.family = 4, .proto = NSR_IPPROTO_UDP};
+	__u32 new_addr[4] = {};
+	const struct rule_val *val;
+
+	if (ctx->protocol != NSR_IPPROTO_UDP)
+		return SYS_PROCEED;
+	key.addr[0] = ctx->user_ip4;
+	key.port = (__u16)ctx->user_port;
+	val = udp_connect(ctx, &key, new_addr, maybe_ours4(key.addr[0]));
+	if (!val)
+		return SYS_PROCEED;
+	ctx->user_ip4 = new_addr[0];
+	ctx->user_port = (__u32)val->port;
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/connect6")
+int nsr_udp_connect6(struct bpf_sock_addr *ctx)
+{
+	struct rule_key key = {.family = 6, .proto = NSR_IPPROTO_UDP};
+	__u32 new_addr[4] = {};
+	const struct rule_val *val;
+
+	if (ctx->protocol != NSR_IPPROTO_UDP)
+		return SYS_PROCEED;
+	key.addr[0] = ctx->user_ip6[0];
+	key.addr[1] = ctx->user_ip6[1];
+	key.addr[2] = ctx->user_ip6[2];
+	key.addr[3] = ctx->user_ip6[3];
+	key.port = (__u16)ctx->user_port;
+	val = udp_connect(ctx, &key, new_addr, maybe_ours6(&key));
+	if (!val)
+		return SYS_PROCEED;
+	ctx->user_ip6[0] = new_addr[0];
+	ctx->user_ip6[1] = new_addr[1];
+	ctx->user_ip6[2] = new_addr[2];
+	ctx->user_ip6[3] = new_addr[3];
+	ctx->user_port = (__u32)val->port;
+	return SYS_PROCEED;
+}
+
+/* sendto()/sendmsg() with a destination on an unconnected UDP socket, once
+ * per datagram. A v4-mapped destination on a dual-stack socket runs
+ * sendmsg4 with the IPv4 address (udpv6_sendmsg hands it to udp_sendmsg). */
+SEC("cgroup/sendmsg4")
+int nsr_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	struct rule_key key = {.family = 4, .proto = NSR_IPPROTO_UDP};
+	__u32 new_addr[4] = {};
+	const struct rule_val *val;
+
+	if (!maybe_ours4(ctx->user_ip4) || ctx->protocol != NSR_IPPROTO_UDP)
+		return SYS_PROCEED;
+	key.addr[0] = ctx->user_ip4;
+	key.port = (__u16)ctx->user_port;
+	val = udp_lookup(ctx, &key, new_addr);
+	if (!val)
+		return SYS_PROCEED;
+	ctx->user_ip4 = new_addr[0];
+	ctx->user_port = (__u32)val->port;
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/sendmsg6")
+int nsr_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	struct rule_key key = {.family = 6, .proto = NSR_IPPROTO_UDP};
+	__u32 new_addr[4] = {};
+	const struct rule_val *val;
+
+	key.addr[0] = ctx->user_ip6[0];
+	key.addr[1] = ctx->user_ip6[1];
+	key.addr[2] = ctx->user_ip6[2];
+	key.addr[3] = ctx->user_ip6[3];
+	if (!maybe_ours6(&key) || ctx->protocol != NSR_IPPROTO_UDP)
+		return SYS_PROCEED;
+	key.port = (__u16)ctx->user_port;
+	val = udp_lookup(ctx, &key, new_addr);
+	if (!val)
+		return SYS_PROCEED;
+	ctx->user_ip6[0] = new_addr[0];
+	ctx->user_ip6[1] = new_addr[1];
+	ctx->user_ip6[2] = new_addr[2];
+	ctx->user_ip6[3] = new_addr[3];
+	ctx->user_port = (__u32)val->port;
+	return SYS_PROCEED;
+}
+
+/* recvfrom()/recvmsg() asking for the source, once per datagram: a datagram
+ * from where this socket's redirected datagrams went is reported as coming
+ * from where the application sent them. recvmsg programs must return 1. */
+SEC("cgroup/recvmsg4")
+int nsr_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct udp_peer *peer;
+
+	if (!maybe_ours4(ctx->user_ip4))
+		return SYS_PROCEED;
+	peer = bpf_sk_storage_get(&nsr_udp_peers, ctx->sk, 0, 0);
+	if (!peer || peer->family != 4 || peer->new_addr[0] != ctx->user_ip4 || peer->new_port != (__u16)ctx->user_port)
+		return SYS_PROCEED;
+	ctx->user_ip4 = peer->orig_addr[0];
+	ctx->user_port = (__u32)peer->orig_port;
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/recvmsg6")
+int nsr_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	struct rule_key src = {};
+	struct udp_peer *peer;
+
+	src.addr[0] = ctx->user_ip6[0];
+	src.addr[1] = ctx->user_ip6[1];
+	src.addr[2] = ctx->user_ip6[2];
+	src.addr[3] = ctx->user_ip6[3];
+	if (!maybe_ours6(&src))
+		return SYS_PROCEED;
+	peer = bpf_sk_storage_get(&nsr_udp_peers, ctx->sk, 0, 0);
+	if (!peer || peer->new_port != (__u16)ctx->user_port)
+		return SYS_PROCEED;
+	if (peer->family == 4) {
+		/* Sent v4-mapped on a dual-stack socket (through sendmsg4),
+		 * answered from ::ffff:a.b.c.d. */
+		if (src.addr[2] != bpf_htonl(0xffff) || peer->new_addr[0] != src.addr[3])
+			return SYS_PROCEED;
+		ctx->user_ip6[3] = peer->orig_addr[0];
+	} else {
+		if (peer->new_addr[0] != src.addr[0] || peer->new_addr[1] != src.addr[1] ||
+		    peer->new_addr[2] != src.addr[2] || peer->new_addr[3] != src.addr[3])
+			return SYS_PROCEED;
+		ctx->user_ip6[0] = peer->orig_addr[0];
+		ctx->user_ip6[1] = peer->orig_addr[1];
+		ctx->user_ip6[2] = peer->orig_addr[2];
+		ctx->user_ip6[3] = peer->orig_addr[3];
+	}
+	ctx->user_port = (__u32)peer->orig_port;
 	return SYS_PROCEED;
 }
 

@@ -23,8 +23,9 @@ type RedirectCounterKey struct {
 type RedirectNsrStat uint32
 
 const (
-	RedirectNsrStatNSR_STAT_PEER_STORAGE_FAIL RedirectNsrStat = 0
-	RedirectNsrStatNSR_STAT_MAX               RedirectNsrStat = 1
+	RedirectNsrStatNSR_STAT_PEER_STORAGE_FAIL     RedirectNsrStat = 0
+	RedirectNsrStatNSR_STAT_UDP_PEER_STORAGE_FAIL RedirectNsrStat = 1
+	RedirectNsrStatNSR_STAT_MAX                   RedirectNsrStat = 2
 )
 
 type RedirectOrigDst struct {
@@ -41,7 +42,7 @@ type RedirectRuleKey struct {
 	Addr        [4]uint32
 	Port        uint16
 	Family      uint8
-	Pad0        uint8
+	Proto       uint8
 	Pad1        uint32
 }
 
@@ -54,6 +55,16 @@ type RedirectRuleVal struct {
 	Index    uint32
 }
 
+type RedirectUdpPeer struct {
+	_        structs.HostLayout
+	OrigAddr [4]uint32
+	NewAddr  [4]uint32
+	OrigPort uint16
+	NewPort  uint16
+	Family   uint8
+	Pad0     [3]uint8
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -62,10 +73,17 @@ const (
 	RedirectMapNsrRules         = "nsr_rules"
 	RedirectMapNsrSockets       = "nsr_sockets"
 	RedirectMapNsrStats         = "nsr_stats"
+	RedirectMapNsrUdpPeers      = "nsr_udp_peers"
 	RedirectProgNsrConnect4     = "nsr_connect4"
 	RedirectProgNsrConnect6     = "nsr_connect6"
 	RedirectProgNsrGetpeername4 = "nsr_getpeername4"
 	RedirectProgNsrGetpeername6 = "nsr_getpeername6"
+	RedirectProgNsrRecvmsg4     = "nsr_recvmsg4"
+	RedirectProgNsrRecvmsg6     = "nsr_recvmsg6"
+	RedirectProgNsrSendmsg4     = "nsr_sendmsg4"
+	RedirectProgNsrSendmsg6     = "nsr_sendmsg6"
+	RedirectProgNsrUdpConnect4  = "nsr_udp_connect4"
+	RedirectProgNsrUdpConnect6  = "nsr_udp_connect6"
 )
 
 // LoadRedirect returns the embedded CollectionSpec for Redirect.
@@ -114,6 +132,12 @@ type RedirectProgramSpecs struct {
 	NsrConnect6     *ebpf.ProgramSpec `ebpf:"nsr_connect6"`
 	NsrGetpeername4 *ebpf.ProgramSpec `ebpf:"nsr_getpeername4"`
 	NsrGetpeername6 *ebpf.ProgramSpec `ebpf:"nsr_getpeername6"`
+	NsrRecvmsg4     *ebpf.ProgramSpec `ebpf:"nsr_recvmsg4"`
+	NsrRecvmsg6     *ebpf.ProgramSpec `ebpf:"nsr_recvmsg6"`
+	NsrSendmsg4     *ebpf.ProgramSpec `ebpf:"nsr_sendmsg4"`
+	NsrSendmsg6     *ebpf.ProgramSpec `ebpf:"nsr_sendmsg6"`
+	NsrUdpConnect4  *ebpf.ProgramSpec `ebpf:"nsr_udp_connect4"`
+	NsrUdpConnect6  *ebpf.ProgramSpec `ebpf:"nsr_udp_connect6"`
 }
 
 // RedirectMapSpecs contains maps before they are loaded into the kernel.
@@ -124,6 +148,7 @@ type RedirectMapSpecs struct {
 	NsrRules    *ebpf.MapSpec `ebpf:"nsr_rules"`
 	NsrSockets  *ebpf.MapSpec `ebpf:"nsr_sockets"`
 	NsrStats    *ebpf.MapSpec `ebpf:"nsr_stats"`
+	NsrUdpPeers *ebpf.MapSpec `ebpf:"nsr_udp_peers"`
 }
 
 // RedirectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -156,6 +181,7 @@ type RedirectMaps struct {
 	NsrRules    *ebpf.Map `ebpf:"nsr_rules"`
 	NsrSockets  *ebpf.Map `ebpf:"nsr_sockets"`
 	NsrStats    *ebpf.Map `ebpf:"nsr_stats"`
+	NsrUdpPeers *ebpf.Map `ebpf:"nsr_udp_peers"`
 }
 
 func (m *RedirectMaps) Close() error {
@@ -164,6 +190,7 @@ func (m *RedirectMaps) Close() error {
 		m.NsrRules,
 		m.NsrSockets,
 		m.NsrStats,
+		m.NsrUdpPeers,
 	)
 }
 
@@ -181,6 +208,12 @@ type RedirectPrograms struct {
 	NsrConnect6     *ebpf.Program `ebpf:"nsr_connect6"`
 	NsrGetpeername4 *ebpf.Program `ebpf:"nsr_getpeername4"`
 	NsrGetpeername6 *ebpf.Program `ebpf:"nsr_getpeername6"`
+	NsrRecvmsg4     *ebpf.Program `ebpf:"nsr_recvmsg4"`
+	NsrRecvmsg6     *ebpf.Program `ebpf:"nsr_recvmsg6"`
+	NsrSendmsg4     *ebpf.Program `ebpf:"nsr_sendmsg4"`
+	NsrSendmsg6     *ebpf.Program `ebpf:"nsr_sendmsg6"`
+	NsrUdpConnect4  *ebpf.Program `ebpf:"nsr_udp_connect4"`
+	NsrUdpConnect6  *ebpf.Program `ebpf:"nsr_udp_connect6"`
 }
 
 func (p *RedirectPrograms) Close() error {
@@ -189,6 +222,12 @@ func (p *RedirectPrograms) Close() error {
 		p.NsrConnect6,
 		p.NsrGetpeername4,
 		p.NsrGetpeername6,
+		p.NsrRecvmsg4,
+		p.NsrRecvmsg6,
+		p.NsrSendmsg4,
+		p.NsrSendmsg6,
+		p.NsrUdpConnect4,
+		p.NsrUdpConnect6,
 	)
 }
 

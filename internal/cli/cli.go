@@ -120,7 +120,7 @@ func printUsage(w io.Writer) {
 	for _, c := range commands() {
 		fmt.Fprintf(w, "  nsredirect %s %s\n      %s\n", c.name, c.args, c.help)
 	}
-	fmt.Fprintln(w, "\nSPEC: [FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT, e.g. 80=3210 or [::1]:80=3210")
+	fmt.Fprintln(w, "\nSPEC: [FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT[/udp], e.g. 80=3210, [::1]:80=3210 or 53=5353/udp")
 	fmt.Fprintln(w, "TARGET: self, a path (/run/netns/NAME, /proc/PID/ns/net) or pid:N")
 	fmt.Fprintln(w, "Every flag also reads NSREDIRECT_<FLAG> from the environment (NSREDIRECT_PIN_DIR, ...).")
 }

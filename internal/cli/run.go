@@ -117,7 +117,7 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 	var allowHost, removeOnExit bool
 	var kf kernelFlags
 	fs.StringVar(&netnsArg, "netns", "", "target netns: self, a path (/run/netns/NAME, /proc/PID/ns/net) or pid:N")
-	fs.Var(&redirects, "redirect", "SPEC [FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT; repeat for more")
+	fs.Var(&redirects, "redirect", "SPEC [FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT[/udp]; repeat for more")
 	fs.BoolVar(&allowHost, "allow-host-netns", false, "allow a target that is the host's netns (redirects the loopback of every host process)")
 	fs.BoolVar(&removeOnExit, "remove-on-exit", false, "remove the rules when stopped (default: they stay while the netns lives, for the next daemon to adopt)")
 	log, err := kf.parse(fs, args, io)

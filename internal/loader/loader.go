@@ -82,6 +82,7 @@ type Record struct {
 // pinned links.
 type Loader struct {
 	dir     string
+	cgroup  string // where the programs are attached; "" when only opened
 	pins    pins
 	log     logrus.FieldLogger
 	maps    bpfobj.RedirectMaps
@@ -115,6 +116,7 @@ func Attach(dir, cgroup string, log logrus.FieldLogger) (*Loader, error) {
 	defer lk.unlock()
 
 	l := newLoader(dir, log)
+	l.cgroup = cgroup
 	if err := l.attach(cgroup); err != nil {
 		// Leave nothing new behind; what enrolled netns rely on stays.
 		l.removeAllIfUnused()
@@ -171,6 +173,9 @@ func (l *Loader) attach(cgroup string) error {
 		if err := l.attachHook(h, coll.Programs[h.prog], cgroup, cgroupID); err != nil {
 			return err
 		}
+	}
+	if err := l.attachUDP(coll, cgroup, cgroupID); err != nil {
+		return err
 	}
 	// A migration that crashed after renaming its new state into place
 	// left the old maps: nothing uses them any more.
@@ -528,6 +533,10 @@ func (l *Loader) Enroll(e Enrollment) error {
 		l.log.WithFields(logrus.Fields{"netns": e.Name, "cookie": e.Cookie, "previous_pid": old.OwnerPID}).Info("adopting rules left by a previous owner")
 	}
 	before, err := l.readCookie(e.Cookie)
+	if err == nil && rule.HasUDP(e.Rules) {
+		// The UDP hooks go on before the first UDP entry is in.
+		_, err = l.syncUDPFor(true)
+	}
 	if err == nil {
 		var w written
 		w, err = l.putRules(e.Cookie, e.Rules, old.Specs, before)
@@ -545,6 +554,9 @@ func (l *Loader) Enroll(e Enrollment) error {
 	if err != nil {
 		if !alreadyOurs {
 			l.giveUp(e.Cookie, owner, !ownerDirExisted)
+		}
+		if _, serr := l.syncUDP(); serr != nil {
+			l.log.WithError(serr).Warn("UDP hooks not brought in line with the rules")
 		}
 		return err
 	}
@@ -564,7 +576,9 @@ func (l *Loader) Enroll(e Enrollment) error {
 			_ = l.maps.NsrCounters.Delete(bpfobj.RedirectCounterKey{NetnsCookie: e.Cookie, Index: i})
 		}
 	}
-	return nil
+	// This netns may have held the last UDP rule of the host.
+	_, err = l.syncUDP()
+	return err
 }
 
 // written is what putRules wrote, for restore.
@@ -640,7 +654,11 @@ func (l *Loader) Unenroll(cookie uint64) error {
 	defer lk.unlock()
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.unenroll(cookie)
+	if err := l.unenroll(cookie); err != nil {
+		return err
+	}
+	_, err = l.syncUDP()
+	return err
 }
 
 // unenroll deletes what the maps hold for cookie: every rule and counter key
@@ -817,7 +835,11 @@ func (l *Loader) Live(cookie uint64) (Record, error) {
 				return r, fmt.Errorf("rule entry for netns %q missing from the kernel map; restart its daemon", r.Name)
 			}
 		}
-		for _, h := range hooks {
+		hs := hooks
+		if rule.HasUDP(r.Rules) {
+			hs = append(append([]hook(nil), hooks...), udpHooks...)
+		}
+		for _, h := range hs {
 			ok, err := linkAttached(l.pins.link(h))
 			if err != nil || !ok {
 				return r, fmt.Errorf("%s program is not attached (%v); restart the daemon", h.name, err)
@@ -858,10 +880,11 @@ func (l *Loader) removeWhere(match func(Record) bool, sweep bool) ([]Record, err
 		}
 		removed = append(removed, r)
 	}
-	if sweep {
-		l.removeAllIfUnused()
+	if sweep && l.removeAllIfUnused() {
+		return removed, nil
 	}
-	return removed, nil
+	_, err = l.syncUDP()
+	return removed, err
 }
 
 // RemoveOrphans removes enrollments that mode owner left behind when its
@@ -919,7 +942,7 @@ func (l *Loader) removeAllIfUnused() bool {
 		return false
 	}
 	// Links first: unpinning the last reference to a link detaches it.
-	for _, h := range hooks {
+	for _, h := range append(append([]hook(nil), hooks...), udpHooks...) {
 		_ = os.Remove(l.pins.link(h))
 		_ = os.Remove(l.pins.prog(h))
 	}
@@ -942,7 +965,7 @@ func (l *Loader) removeAllIfUnused() bool {
 }
 
 func ruleEntry(cookie uint64, index uint32, x rule.Expansion) (bpfobj.RedirectRuleKey, bpfobj.RedirectRuleVal) {
-	k := bpfobj.RedirectRuleKey{NetnsCookie: cookie, Port: htons(x.Match.Port)}
+	k := bpfobj.RedirectRuleKey{NetnsCookie: cookie, Port: htons(x.Match.Port), Proto: protoNumber(x.Match.Proto)}
 	k.Family, k.Addr = addrWords(x.Match.Addr)
 	v := bpfobj.RedirectRuleVal{Port: htons(x.ToPort), Index: index}
 	if x.To.IsValid() {
@@ -1042,15 +1065,20 @@ func countKeys(m *ebpf.Map) (int, error) {
 	}
 }
 
-// PeerStorageFailures counts connects that were redirected but whose
-// dialled address could not be stored for getpeername (the socket storage
-// allocation failed), summed over CPUs.
+// PeerStorageFailures counts connects and UDP datagrams that were
+// redirected but whose dialled address could not be stored (the socket
+// storage allocation failed), so getpeername or recvfrom shows the target
+// port, summed over CPUs.
 func (l *Loader) PeerStorageFailures() (uint64, error) {
-	var perCPU []uint64
-	if err := l.maps.NsrStats.Lookup(bpfobj.RedirectNsrStatNSR_STAT_PEER_STORAGE_FAIL, &perCPU); err != nil {
-		return 0, fmt.Errorf("read the peer storage failure counter: %w", err)
+	var n uint64
+	for _, stat := range []bpfobj.RedirectNsrStat{bpfobj.RedirectNsrStatNSR_STAT_PEER_STORAGE_FAIL, bpfobj.RedirectNsrStatNSR_STAT_UDP_PEER_STORAGE_FAIL} {
+		var perCPU []uint64
+		if err := l.maps.NsrStats.Lookup(stat, &perCPU); err != nil {
+			return 0, fmt.Errorf("read the peer storage failure counter: %w", err)
+		}
+		n += sum(perCPU)
 	}
-	return sum(perCPU), nil
+	return n, nil
 }
 
 // Heal checks the pinned link of every hook and re-creates one that is
@@ -1084,6 +1112,10 @@ func (l *Loader) Heal(cgroup string) ([]string, error) {
 		}
 		repaired = append(repaired, h.name)
 	}
+	// The UDP hooks: attached while a UDP rule is live, gone otherwise.
+	udp, err := l.syncUDP()
+	repaired = append(repaired, udp...)
+	errs = append(errs, err)
 	return repaired, errors.Join(errs...)
 }
 

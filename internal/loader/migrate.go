@@ -15,7 +15,8 @@ import (
 // dir, enrollment records in nsr_enroll) onto this build's maps, in place,
 // while connects keep being redirected:
 //
-//  1. the new maps are made in a staging dir; rules and records are copied;
+//  1. the new maps are made in a staging dir; rules (given the protocol
+//     byte, TCP) and records are copied;
 //     the socket storage is carried over as it is, so sockets redirected
 //     before keep their dialled address for getpeername;
 //  2. the programs are loaded on the new maps and swapped in with
@@ -79,7 +80,7 @@ func (l *Loader) migrateV1(spec *ebpf.CollectionSpec, cgroup string, cgroupID ui
 	}
 	l.records = records
 
-	nRules, err := copyMap(old[bpfobj.RedirectMapNsrRules], repl[bpfobj.RedirectMapNsrRules])
+	nRules, err := copyV1Rules(old[bpfobj.RedirectMapNsrRules], repl[bpfobj.RedirectMapNsrRules])
 	if err != nil {
 		return fmt.Errorf("copy rules: %w", err)
 	}
@@ -109,6 +110,11 @@ func (l *Loader) migrateV1(spec *ebpf.CollectionSpec, cgroup string, cgroupID ui
 			l.putBack(hooks[:i], oldProgs, cgroup, cgroupID)
 			return err
 		}
+	}
+	// Version 1 had no UDP rules: this only pins the UDP programs.
+	if err := l.attachUDP(coll, cgroup, cgroupID); err != nil {
+		l.putBack(hooks, oldProgs, cgroup, cgroupID)
+		return err
 	}
 	// After the swap: counts the old programs made up to it are kept.
 	if _, err := copyMap(old[bpfobj.RedirectMapNsrCounters], repl[bpfobj.RedirectMapNsrCounters]); err != nil {
@@ -176,6 +182,26 @@ func (l *Loader) copyV1Records(enroll *ebpf.Map) (int, []uint32, error) {
 		return n, live, fmt.Errorf("read version 1 enrollments: %w", err)
 	}
 	return n, live, nil
+}
+
+// copyV1Rules copies the rule entries of version 1, which were all TCP and
+// had a zero byte where rule_key.proto now is.
+func copyV1Rules(from, to *ebpf.Map) (int, error) {
+	if from.KeySize() != to.KeySize() || from.ValueSize() != to.ValueSize() {
+		return 0, errors.New("the rule maps' layouts differ")
+	}
+	var k bpfobj.RedirectRuleKey
+	var v bpfobj.RedirectRuleVal
+	n := 0
+	it := from.Iterate()
+	for it.Next(&k, &v) {
+		k.Proto = ipprotoTCP
+		if err := to.Put(k, v); err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, it.Err()
 }
 
 // copyMap copies every entry of from into to, byte for byte (per-CPU values

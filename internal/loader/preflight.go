@@ -84,6 +84,9 @@ var kernelProbes = []kernelProbe{
 	{"bpf_get_netns_cookie in cgroup/connect programs (Linux >= 5.7)", func() error {
 		return features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnGetNetnsCookie)
 	}},
+	// UDP: sendmsg (4.18) and recvmsg (5.2), attached only while a UDP
+	// rule is live, but probed up front like the rest.
+	{"cgroup/recvmsg4 and recvmsg6 hooks for UDP (Linux >= 5.2)", func() error { return probeHook(ebpf.AttachCGroupUDP4Recvmsg) }},
 	// The last feature to arrive; cgroup bpf_links and link.Update (5.7)
 	// come with it.
 	{"cgroup/getpeername4 and getpeername6 hooks (Linux >= 5.8)", probeGetpeername},
@@ -124,10 +127,14 @@ func removeMemlock() error {
 
 // probeGetpeername loads a do-nothing program for the getpeername4 hook:
 // kernels before 5.8 refuse the expected attach type at load.
-func probeGetpeername() error {
+func probeGetpeername() error { return probeHook(ebpf.AttachCgroupInet4GetPeername) }
+
+// probeHook loads a do-nothing cgroup sock_addr program for attach type at:
+// a kernel that lacks the hook refuses the expected attach type at load.
+func probeHook(at ebpf.AttachType) error {
 	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
 		Type:       ebpf.CGroupSockAddr,
-		AttachType: ebpf.AttachCgroupInet4GetPeername,
+		AttachType: at,
 		License:    "Dual BSD/GPL",
 		Instructions: asm.Instructions{
 			asm.LoadImm(asm.R0, 1, asm.DWord),

@@ -30,8 +30,8 @@ type Snapshot struct {
 	// LinkRepairs counts links of ours re-created per hook (connect4, ...)
 	// after they were found detached or defunct.
 	LinkRepairs map[string]uint64
-	// PeerStorageFailures counts connects redirected whose dialled address
-	// could not be stored for getpeername.
+	// PeerStorageFailures counts connects and UDP datagrams redirected
+	// whose dialled address could not be stored for getpeername or recvfrom.
 	PeerStorageFailures uint64
 	// Maps is how full each pinned map is.
 	Maps []MapFill
@@ -62,7 +62,7 @@ func NewCollector(snapshot func() Snapshot) prometheus.Collector {
 		rules:     prometheus.NewDesc("nsredirect_rules", "Rules this instance has live in the kernel.", nil, nil),
 		errors:    prometheus.NewDesc("nsredirect_enroll_errors_total", "Failed attempts to enroll a netns (bad spec, netns gone, already served).", []string{"netns"}, nil),
 		repairs:   prometheus.NewDesc("nsredirect_link_repairs_total", "Links of ours found detached or defunct and re-created, per hook.", []string{"hook"}, nil),
-		peerFails: prometheus.NewDesc("nsredirect_peer_storage_failures_total", "Connects redirected whose dialled address could not be stored, so getpeername shows the target port.", nil, nil),
+		peerFails: prometheus.NewDesc("nsredirect_peer_storage_failures_total", "Connects and UDP datagrams redirected whose dialled address could not be stored, so getpeername or recvfrom shows the target port.", nil, nil),
 		entries:   prometheus.NewDesc("nsredirect_map_entries", "Entries in each pinned map.", []string{"map"}, nil),
 		capacity:  prometheus.NewDesc("nsredirect_map_capacity", "Maximum entries of each pinned map.", []string{"map"}, nil),
 	}

@@ -1,7 +1,9 @@
 // Package rule parses and validates redirect specs:
 //
-//	[FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT
+//	[FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT[/tcp|/udp]
 //
+// A spec is TCP unless it ends in /udp (Docker's port syntax); /tcp may be
+// written and is dropped when a rule is printed back.
 // IPv6 addresses go in brackets ("[::1]:80=3210"). With FROM_ADDR omitted a
 // rule covers 127.0.0.1, ::1 and the v4-mapped ::ffff:127.0.0.1, and the
 // unspecified 0.0.0.0, :: and ::ffff:0.0.0.0 that Linux delivers to loopback;
@@ -26,20 +28,37 @@ const MaxPerTarget = 16
 // usage error.
 var ErrSpec = errors.New("invalid redirect spec")
 
+// Proto is the transport protocol of a rule; the zero value is TCP.
+type Proto uint8
+
+const (
+	TCP Proto = iota
+	UDP
+)
+
+func (p Proto) String() string {
+	if p == UDP {
+		return "udp"
+	}
+	return "tcp"
+}
+
 // Rule is one parsed spec. A zero From/To address means "omitted".
 type Rule struct {
 	From     netip.Addr
 	FromPort uint16
 	To       netip.Addr
 	ToPort   uint16
+	Proto    Proto
 }
 
 // Dest is one concrete destination a rule matches, as the kernel sees it in
-// connect(): a v4 address on AF_INET sockets, a v6 (possibly v4-mapped)
-// address on AF_INET6 sockets.
+// connect() or sendmsg(): a v4 address on AF_INET sockets, a v6 (possibly
+// v4-mapped) address on AF_INET6 sockets.
 type Dest struct {
-	Addr netip.Addr
-	Port uint16
+	Addr  netip.Addr
+	Port  uint16
+	Proto Proto
 }
 
 // Expansion is one kernel entry of a rule: match Match, send to To (zero
@@ -68,10 +87,24 @@ func Parse(s string) (Rule, error) {
 	s = strings.TrimSpace(s)
 	from, to, ok := strings.Cut(s, "=")
 	if !ok || strings.Contains(to, "=") {
-		return Rule{}, specErr(orig, "want [FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT, e.g. 80=3210")
+		return Rule{}, specErr(orig, "want [FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT[/udp], e.g. 80=3210 or 53=5353/udp")
 	}
 	var r Rule
 	var err error
+	if strings.Contains(from, "/") {
+		return Rule{}, specErr(orig, "the protocol goes at the end of the spec, e.g. 53=5353/udp")
+	}
+	if i := strings.LastIndex(to, "/"); i >= 0 {
+		switch suffix := to[i+1:]; suffix {
+		case "tcp":
+			r.Proto = TCP
+		case "udp":
+			r.Proto = UDP
+		default:
+			return Rule{}, specErr(orig, fmt.Sprintf("protocol %q: want /tcp (the default) or /udp, e.g. 53=5353/udp", suffix))
+		}
+		to = to[:i]
+	}
 	if r.From, r.FromPort, err = parseEnd(from); err != nil {
 		return Rule{}, specErr(orig, "from side: "+err.Error())
 	}
@@ -150,7 +183,7 @@ func (r Rule) Expand() []Expansion {
 	to := r.To
 	var out []Expansion
 	add := func(match netip.Addr, to netip.Addr) {
-		out = append(out, Expansion{Match: Dest{match, r.FromPort}, To: to, ToPort: r.ToPort})
+		out = append(out, Expansion{Match: Dest{match, r.FromPort, r.Proto}, To: to, ToPort: r.ToPort})
 	}
 	mapped := func(a netip.Addr) netip.Addr {
 		if !a.IsValid() {
@@ -182,9 +215,24 @@ func (r Rule) Expand() []Expansion {
 	return out
 }
 
-// String formats a rule back into spec syntax; Parse(r.String()) == r.
+// String formats a rule back into spec syntax; Parse(r.String()) == r. A
+// TCP rule has no suffix, so specs stored by older versions read the same.
 func (r Rule) String() string {
-	return end(r.From, r.FromPort) + "=" + end(r.To, r.ToPort)
+	s := end(r.From, r.FromPort) + "=" + end(r.To, r.ToPort)
+	if r.Proto == UDP {
+		s += "/udp"
+	}
+	return s
+}
+
+// HasUDP reports whether some rule of rules is UDP.
+func HasUDP(rules []Rule) bool {
+	for _, r := range rules {
+		if r.Proto == UDP {
+			return true
+		}
+	}
+	return false
 }
 
 func end(a netip.Addr, port uint16) string {
@@ -199,7 +247,12 @@ func end(a netip.Addr, port uint16) string {
 	}
 }
 
-func dest(d Dest) string { return end(d.Addr, d.Port) }
+func dest(d Dest) string {
+	if d.Proto == UDP {
+		return end(d.Addr, d.Port) + "/udp"
+	}
+	return end(d.Addr, d.Port)
+}
 
 func parseEnd(s string) (netip.Addr, uint16, error) {
 	if s == "" {

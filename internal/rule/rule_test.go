@@ -25,6 +25,11 @@ func TestParse(t *testing.T) {
 		{"80=127.0.0.1:3210", Rule{FromPort: 80, To: a("127.0.0.1"), ToPort: 3210}},
 		{"1=65535", Rule{FromPort: 1, ToPort: 65535}},
 		{"127.0.0.1:80=127.0.0.1:81", Rule{From: a("127.0.0.1"), FromPort: 80, To: a("127.0.0.1"), ToPort: 81}},
+		{"80=3210/tcp", Rule{FromPort: 80, ToPort: 3210}},
+		{"53=5353/udp", Rule{FromPort: 53, ToPort: 5353, Proto: UDP}},
+		{" 53=5353/udp ", Rule{FromPort: 53, ToPort: 5353, Proto: UDP}},
+		{"[::1]:53=[::1]:5353/udp", Rule{From: a("::1"), FromPort: 53, To: a("::1"), ToPort: 5353, Proto: UDP}},
+		{"127.0.0.1:53=127.0.0.2:53/udp", Rule{From: a("127.0.0.1"), FromPort: 53, To: a("127.0.0.2"), ToPort: 53, Proto: UDP}},
 	} {
 		got, err := Parse(tc.spec)
 		if err != nil {
@@ -69,6 +74,14 @@ func TestParseRejects(t *testing.T) {
 		{"[::1]:80=127.0.0.1:3210", "IPv4 and IPv6"},
 		{"80=[::1]:3210", "IPv6 TO_ADDR"},
 		{":80=3210", "empty address"},
+		{"53=5353/sctp", `protocol "sctp"`},
+		{"53=5353/UDP", `protocol "UDP"`},
+		{"53=5353/", `protocol ""`},
+		{"53=5353/udp/udp", "5353/udp"},
+		{"53/udp=5353", "at the end"},
+		{"53=53/udp", "53/udp to itself"},
+		{"53=10.0.0.1:53/udp", "not a loopback"},
+		{"53=[::1]:5353/udp", "IPv6 TO_ADDR"},
 	} {
 		_, err := Parse(tc.spec)
 		if err == nil {
@@ -85,7 +98,8 @@ func TestParseRejects(t *testing.T) {
 }
 
 func TestExpand(t *testing.T) {
-	d := func(s string, p uint16) Dest { return Dest{a(s), p} }
+	d := func(s string, p uint16) Dest { return Dest{a(s), p, TCP} }
+	u := func(s string, p uint16) Dest { return Dest{a(s), p, UDP} }
 	for _, tc := range []struct {
 		spec string
 		want []Expansion
@@ -118,6 +132,15 @@ func TestExpand(t *testing.T) {
 			{d("::ffff:127.0.0.5", 80), netip.Addr{}, 3210},
 		}},
 		{"[::1]:80=[::1]:3210", []Expansion{{d("::1", 80), a("::1"), 3210}}},
+		{"[::1]:53=[::1]:5353/udp", []Expansion{{u("::1", 53), a("::1"), 5353}}},
+		{"53=5353/udp", []Expansion{
+			{u("127.0.0.1", 53), netip.Addr{}, 5353},
+			{u("::ffff:127.0.0.1", 53), netip.Addr{}, 5353},
+			{u("::1", 53), netip.Addr{}, 5353},
+			{u("0.0.0.0", 53), netip.Addr{}, 5353},
+			{u("::ffff:0.0.0.0", 53), netip.Addr{}, 5353},
+			{u("::", 53), netip.Addr{}, 5353},
+		}},
 	} {
 		r, err := Parse(tc.spec)
 		if err != nil {
@@ -145,6 +168,13 @@ func TestParseList(t *testing.T) {
 			t.Errorf("ParseList(%q) = %v, want ErrSpec", bad, err)
 		}
 	}
+	// TCP and UDP on the same port do not collide; two UDP rules do.
+	if _, err := ParseList("53=5353/udp,53=5353"); err != nil {
+		t.Errorf("53/tcp and 53/udp refused together: %v", err)
+	}
+	if _, err := ParseList("53=5353/udp,127.0.0.1:53=5354/udp"); err == nil || !strings.Contains(err.Error(), "127.0.0.1:53/udp is already redirected") {
+		t.Errorf("two UDP rules for 127.0.0.1:53: %v", err)
+	}
 	// Different loopback addresses on the same port do not collide.
 	if _, err := ParseList("127.0.0.1:80=3210,127.0.0.2:80=3211,[::1]:80=3212"); err != nil {
 		t.Errorf("distinct sources refused: %v", err)
@@ -163,7 +193,8 @@ func TestParseList(t *testing.T) {
 func FuzzParse(f *testing.F) {
 	for _, s := range []string{"80=3210", "[::1]:80=3210", "127.0.0.1:80=127.0.0.2:3210", "[::ffff:127.0.0.1]:80=3210",
 		"80=", "=", "[", "[]:1=2", "1=[::1]:2", "65535=1", "0=0", "127.0.0.1:1=::1", "80=3210,81=1",
-		"80=127.0.0.1:80", "127.0.0.1:80=80", "[::1]:80=[::1]:80", "80=127.0.0.2:80", "[::ffff:127.0.0.1]:80=127.0.0.1:80"} {
+		"80=127.0.0.1:80", "127.0.0.1:80=80", "[::1]:80=[::1]:80", "80=127.0.0.2:80", "[::ffff:127.0.0.1]:80=127.0.0.1:80",
+		"53=5353/udp", "53=5353/tcp", "53=5353/", "53=5353/sctp", "53/udp=5353", "[::1]:53=[::1]:5353/udp", "53=53/udp", "/udp", "53=5353/udp/tcp"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
@@ -204,7 +235,7 @@ func FuzzParse(f *testing.F) {
 // equal list.
 func FuzzParseList(f *testing.F) {
 	for _, s := range []string{"80=3210", "80=3210,443=3211", " 80=3210 , ", "80=3210,80=3211", ",,", "[::1]:80=3210,127.0.0.1:80=3211",
-		strings.Repeat("1=2,", 20), "80=3210,\n81=3211"} {
+		strings.Repeat("1=2,", 20), "80=3210,\n81=3211", "53=5353/udp,53=5353", "53=5353/udp,53=5354/udp", "53=5353/udp,80=3210/tcp"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {

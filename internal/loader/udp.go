@@ -1,0 +1,160 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/cilium/ebpf"
+	"github.com/sirupsen/logrus"
+
+	"github.com/nsredirect/nsredirect/internal/bpfobj"
+	"github.com/nsredirect/nsredirect/internal/rule"
+)
+
+// udpHooks run only while some netns of the host has a UDP rule: sendmsg
+// and recvmsg run per datagram, so a host without UDP rules must not pay for
+// them. Their programs are pinned at every start (prog_<name>), their links
+// (link_<name>) exist exactly while the rule map holds a UDP entry. The UDP
+// connect programs sit on the connect hooks next to the TCP ones (a cgroup
+// bpf_link attaches with multi-program semantics); getpeername is shared.
+var udpHooks = []hook{
+	{bpfobj.RedirectProgNsrUdpConnect4, ebpf.AttachCGroupInet4Connect, "udp_connect4"},
+	{bpfobj.RedirectProgNsrUdpConnect6, ebpf.AttachCGroupInet6Connect, "udp_connect6"},
+	{bpfobj.RedirectProgNsrSendmsg4, ebpf.AttachCGroupUDP4Sendmsg, "sendmsg4"},
+	{bpfobj.RedirectProgNsrSendmsg6, ebpf.AttachCGroupUDP6Sendmsg, "sendmsg6"},
+	{bpfobj.RedirectProgNsrRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg, "recvmsg4"},
+	{bpfobj.RedirectProgNsrRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg, "recvmsg6"},
+}
+
+// Kernel protocol numbers in rule_key.proto.
+const (
+	ipprotoTCP = 6
+	ipprotoUDP = 17
+)
+
+func protoNumber(p rule.Proto) uint8 {
+	if p == rule.UDP {
+		return ipprotoUDP
+	}
+	return ipprotoTCP
+}
+
+// anyUDPRule reports whether the rule map holds a UDP entry, for any netns:
+// the kernel, not the records, says whether the UDP hooks are needed.
+func (l *Loader) anyUDPRule() (bool, error) {
+	found := false
+	err := scanRules(l.maps.NsrRules, func(k bpfobj.RedirectRuleKey, _ bpfobj.RedirectRuleVal) {
+		if k.Proto == ipprotoUDP {
+			found = true
+		}
+	})
+	if err != nil {
+		return false, fmt.Errorf("look for UDP rules: %w", err)
+	}
+	return found, nil
+}
+
+// attachUDP pins the UDP programs of a freshly loaded collection and, at
+// start, brings their links in line with the rule map: an attached link
+// gets the new program through link.Update, a detached or defunct one is
+// replaced while UDP rules are live, and links left while none is are
+// removed.
+func (l *Loader) attachUDP(coll *ebpf.Collection, cgroup string, cgroupID uint64) error {
+	want, err := l.anyUDPRule()
+	if err != nil {
+		return err
+	}
+	for _, h := range udpHooks {
+		prog := coll.Programs[h.prog]
+		if want {
+			if err := l.attachHook(h, prog, cgroup, cgroupID); err != nil {
+				return err
+			}
+			continue
+		}
+		l.detachUDP(h)
+		if err := pinAtomically(prog, l.pins.prog(h)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// syncUDP attaches the UDP hooks from their pinned programs when the rule
+// map holds a UDP entry and they are not attached, and removes their links
+// when it holds none. Called with the pin dir locked, after every change of
+// the rule map. It returns the hooks it attached.
+func (l *Loader) syncUDP() ([]string, error) {
+	want, err := l.anyUDPRule()
+	if err != nil {
+		return nil, err
+	}
+	return l.syncUDPFor(want)
+}
+
+// syncUDPFor attaches the UDP hooks (want) or removes them.
+func (l *Loader) syncUDPFor(want bool) ([]string, error) {
+	if !want {
+		for _, h := range udpHooks {
+			l.detachUDP(h)
+		}
+		return nil, nil
+	}
+	var attached []string
+	var errs []error
+	for _, h := range udpHooks {
+		ok, err := linkAttached(l.pins.link(h))
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if ok {
+			continue
+		}
+		if l.cgroup == "" {
+			// Opened for status or cleanup: the daemons' Heal attaches it.
+			errs = append(errs, fmt.Errorf("the %s hook of the UDP rules is not attached; a running daemon re-attaches it at its next resync", h.name))
+			continue
+		}
+		cgroupID, err := inodeOf(l.cgroup)
+		if err != nil {
+			return attached, fmt.Errorf("cgroup %s: %w", l.cgroup, err)
+		}
+		if err := l.reattach(h, l.cgroup, cgroupID); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		l.log.WithFields(logrus.Fields{"hook": h.name, "cgroup": l.cgroup}).Info("a UDP rule is live: attached at cgroup2 root")
+		attached = append(attached, h.name)
+	}
+	return attached, errors.Join(errs...)
+}
+
+// detachUDP removes the pinned link of h, its last reference: the program
+// leaves the hook.
+func (l *Loader) detachUDP(h hook) {
+	if err := os.Remove(l.pins.link(h)); err == nil {
+		l.log.WithField("hook", h.name).Info("no UDP rule is left: detached")
+	}
+}
+
+// UDPHooksAttached reports whether every UDP hook has an attached link.
+func (l *Loader) UDPHooksAttached() (bool, error) {
+	for _, h := range udpHooks {
+		ok, err := linkAttached(l.pins.link(h))
+		if err != nil || !ok {
+			return false, err
+		}
+	}
+	return true, nil
+}
+
+// UDPHookNames names the UDP hooks, as their pins are named (link_<name>).
+func UDPHookNames() []string {
+	out := make([]string, len(udpHooks))
+	for i, h := range udpHooks {
+		out[i] = h.name
+	}
+	return out
+}
