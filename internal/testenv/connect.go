@@ -66,17 +66,18 @@ type LoopResult struct {
 	FirstErr   error
 }
 
-// PacedConnects dials addr from pid's netns every 2 ms until stop is closed
-// (at most limit, at most 100000 times) and sends the counts when it ends.
-// Entering the netns failing counts as one failure.
-func PacedConnects(pid int, addr string, limit time.Duration, stop <-chan struct{}) <-chan LoopResult {
+// PacedConnects dials addr from pid's netns every 2 ms, each connect bounded
+// by dialTimeout, until stop is closed (at most limit, at most 100000 times)
+// and sends the counts when it ends. Entering the netns failing counts as
+// one failure.
+func PacedConnects(pid int, addr string, limit, dialTimeout time.Duration, stop <-chan struct{}) <-chan LoopResult {
 	res := make(chan LoopResult, 1)
 	go func() {
 		var r LoopResult
 		target, err := netnsx.ParseTarget(fmt.Sprintf("pid:%d", pid))
 		if err == nil {
 			err = target.Do(func() error {
-				dialLoop(addr, stop, 100000, time.Now().Add(limit), 2*time.Millisecond, func(err error) {
+				dialLoop(addr, dialTimeout, stop, 100000, time.Now().Add(limit), 2*time.Millisecond, func(err error) {
 					if err == nil {
 						r.OK++
 						return
@@ -107,7 +108,7 @@ func CountConnects(t testing.TB, target netnsx.Target, addr string, stop <-chan 
 	var once sync.Once
 	go func() {
 		errc <- target.Do(func() error {
-			dialLoop(addr, stop, limit, time.Time{}, 0, func(err error) {
+			dialLoop(addr, time.Second, stop, limit, time.Time{}, 0, func(err error) {
 				if err == nil {
 					ok.Add(1)
 					return
@@ -121,17 +122,17 @@ func CountConnects(t testing.TB, target netnsx.Target, addr string, stop <-chan 
 	return ok, failed, errc
 }
 
-// dialLoop connects to addr (in the caller's netns) until stop is closed, n
-// connects are made or end (unless zero) has passed, pausing between them,
-// and reports each outcome.
-func dialLoop(addr string, stop <-chan struct{}, n int, end time.Time, pause time.Duration, outcome func(error)) {
+// dialLoop connects to addr (in the caller's netns, each connect bounded by
+// timeout) until stop is closed, n connects are made or end (unless zero)
+// has passed, pausing between them, and reports each outcome.
+func dialLoop(addr string, timeout time.Duration, stop <-chan struct{}, n int, end time.Time, pause time.Duration, outcome func(error)) {
 	for i := 0; i < n && (end.IsZero() || time.Now().Before(end)); i++ {
 		select {
 		case <-stop:
 			return
 		default:
 		}
-		c, err := net.DialTimeout("tcp", addr, time.Second)
+		c, err := net.DialTimeout("tcp", addr, timeout)
 		if err == nil {
 			c.Close()
 		}

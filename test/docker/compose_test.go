@@ -181,7 +181,7 @@ func TestCompose(t *testing.T) {
 	nsr = cp.id("nsredirect")
 	oldDaemon := pidOf(t, nsr)
 	stop := make(chan struct{})
-	loop := testenv.PacedConnects(pid, "127.0.0.1:80", 90*time.Second, stop)
+	loop := testenv.PacedConnects(pid, "127.0.0.1:80", 90*time.Second, time.Second, stop)
 	time.Sleep(300 * time.Millisecond)
 	cp.run("up", "-d", "--force-recreate", "--no-deps", "nsredirect")
 	nsr = cp.id("nsredirect")

@@ -162,7 +162,7 @@ func nodeFetch(t *testing.T, pid int, url string) string {
 // redirected connect.
 func restartLatency(t *testing.T, what string, action func(), find func() (docker.Inspected, bool)) time.Duration {
 	t.Helper()
-	latency := enginetest.RestartLatency(t, what, action, find)
+	latency := enginetest.RestartLatency(t, what, time.Second, action, find)
 	t.Logf("%s: redirect working %s after the new container started", what, latency.Round(time.Millisecond))
 	return latency
 }

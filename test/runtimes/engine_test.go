@@ -407,5 +407,3 @@ func repoDir(t *testing.T) string {
 	}
 	return p
 }
-
-var errNoContainer = enginetest.ErrNoNewContainer

@@ -67,7 +67,7 @@ func clients(t *testing.T, pid int, what string) {
 // first redirected connect.
 func restartLatency(t *testing.T, what string, action func(), find func() (docker.Inspected, bool)) time.Duration {
 	t.Helper()
-	return enginetest.RestartLatency(t, what, action, find)
+	return enginetest.RestartLatency(t, what, time.Second, action, find)
 }
 
 // loopResult counts the outcomes of a connect loop.
@@ -81,7 +81,7 @@ type loopResult struct {
 func connectLoop(pid int, addr string, limit time.Duration, stop <-chan struct{}) <-chan loopResult {
 	res := make(chan loopResult, 1)
 	go func() {
-		r := <-testenv.PacedConnects(pid, addr, limit, stop)
+		r := <-testenv.PacedConnects(pid, addr, limit, time.Second, stop)
 		res <- loopResult{ok: r.OK, failed: r.Failed, firstErr: r.FirstErr}
 	}()
 	return res
