@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/sirupsen/logrus"
@@ -16,41 +15,9 @@ import (
 )
 
 // fakeKernel records what the daemon asks of the loader.
-type fakeKernel struct {
-	mu       sync.Mutex
-	enrolled map[uint64]loader.Enrollment
-	released map[uint64]bool
-	fail     map[string]error // by enrollment name
-}
+type fakeKernel = testenv.FakeKernel
 
-func newFake() *fakeKernel {
-	return &fakeKernel{enrolled: map[uint64]loader.Enrollment{}, released: map[uint64]bool{}, fail: map[string]error{}}
-}
-
-func (k *fakeKernel) Enroll(e loader.Enrollment) error {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if err := k.fail[e.Name]; err != nil {
-		return err
-	}
-	k.enrolled[e.Cookie] = e
-	return nil
-}
-
-func (k *fakeKernel) Unenroll(c uint64) error {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	delete(k.enrolled, c)
-	return nil
-}
-
-func (k *fakeKernel) Release(c uint64) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.released[c] = true
-}
-
-func (k *fakeKernel) Redirects(_ uint64, n int) []uint64 { return make([]uint64, n) }
+func newFake() *fakeKernel { return testenv.NewFakeKernel() }
 
 func rules(t *testing.T, s string) []rule.Rule {
 	r, err := rule.ParseList(s)
@@ -76,8 +43,8 @@ func TestReconcileAddUpdateRemove(t *testing.T) {
 		t.Fatal(err)
 	}
 	ca, cb := a.Cookie(t), b.Cookie(t)
-	if len(k.enrolled) != 2 || k.enrolled[ca].Name != "a" || k.enrolled[cb].Rules[0].ToPort != 3211 || k.enrolled[ca].Owner != "test" {
-		t.Fatalf("enrolled %+v", k.enrolled)
+	if len(k.Enrolled) != 2 || k.Enrolled[ca].Name != "a" || k.Enrolled[cb].Rules[0].ToPort != 3211 || k.Enrolled[ca].Owner != "test" {
+		t.Fatalf("enrolled %+v", k.Enrolled)
 	}
 	if err := d.Ready(); err != nil {
 		t.Errorf("Ready: %v", err)
@@ -86,21 +53,21 @@ func TestReconcileAddUpdateRemove(t *testing.T) {
 	if err := d.Reconcile([]Target{{Name: "a", Netns: a.Target(), Rules: rules(t, "80=4000,443=4001")}}); err != nil {
 		t.Fatal(err)
 	}
-	if len(k.enrolled) != 1 || len(k.enrolled[ca].Rules) != 2 {
-		t.Fatalf("after update: %+v", k.enrolled)
+	if len(k.Enrolled) != 1 || len(k.Enrolled[ca].Rules) != 2 {
+		t.Fatalf("after update: %+v", k.Enrolled)
 	}
 	if got := d.Snapshot(); len(got.Rules) != 2 || got.Rules[0].Netns != "a" {
 		t.Errorf("snapshot %+v", got)
 	}
-	if err := d.Shutdown(false); err != nil || len(k.enrolled) != 0 {
-		t.Fatalf("shutdown: %v, left %+v", err, k.enrolled)
+	if err := d.Shutdown(false); err != nil || len(k.Enrolled) != 0 {
+		t.Fatalf("shutdown: %v, left %+v", err, k.Enrolled)
 	}
 }
 
 func TestFailureIsolatedAndCounted(t *testing.T) {
 	a := testenv.NewNetns(t)
 	k := newFake()
-	k.fail["bad"] = errors.New("boom")
+	k.Fail["bad"] = errors.New("boom")
 	d := New(k, testenv.Cookies(t), "test", quiet())
 	missing, _ := netnsx.ParseTarget("/run/netns/nsr-missing-for-test")
 	err := d.Reconcile([]Target{
@@ -112,8 +79,8 @@ func TestFailureIsolatedAndCounted(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "boom") || !strings.Contains(err.Error(), "nsr-missing-for-test") {
 		t.Errorf("Reconcile error = %v; want both failures", err)
 	}
-	if e, ok := k.enrolled[a.Cookie(t)]; !ok || e.Name != "good" {
-		t.Errorf("good target not enrolled: %+v", k.enrolled)
+	if e, ok := k.Enrolled[a.Cookie(t)]; !ok || e.Name != "good" {
+		t.Errorf("good target not enrolled: %+v", k.Enrolled)
 	}
 	if err := d.Ready(); err == nil || !strings.Contains(err.Error(), "bad, gone") || strings.Contains(err.Error(), "badlabel") {
 		t.Errorf("Ready = %v; want it to name the targets that failed to enroll, not the one its source could not describe", err)
@@ -136,8 +103,8 @@ func TestHandoverReleasesWithoutRemoving(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := a.Cookie(t)
-	if _, still := k.enrolled[c]; !still || !k.released[c] {
-		t.Errorf("handover: enrolled=%v released=%v; want rules kept and ownership released", k.enrolled, k.released)
+	if _, still := k.Enrolled[c]; !still || !k.Released[c] {
+		t.Errorf("handover: enrolled=%v released=%v; want rules kept and ownership released", k.Enrolled, k.Released)
 	}
 }
 
@@ -153,8 +120,8 @@ func TestTargetErrIsCountedNotEnrolled(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "99999") {
 		t.Errorf("Reconcile error = %v; want the bad label's", err)
 	}
-	if len(k.enrolled) != 1 || k.enrolled[a.Cookie(t)].Name != "good" {
-		t.Errorf("enrolled %+v; want only the good target", k.enrolled)
+	if len(k.Enrolled) != 1 || k.Enrolled[a.Cookie(t)].Name != "good" {
+		t.Errorf("enrolled %+v; want only the good target", k.Enrolled)
 	}
 	_ = d.Resync()
 	if s := d.Snapshot(); s.EnrollErrors["badlabel"] != 1 || s.EnrollErrors["good"] != 0 {
@@ -171,7 +138,7 @@ func TestWaitForOwners(t *testing.T) {
 	want := []Target{{Name: "a", Netns: a.Target(), Rules: rules(t, "80=3210")}}
 
 	k := newFake()
-	k.fail["a"] = busy
+	k.Fail["a"] = busy
 	d := New(k, testenv.Cookies(t), "kube", quiet(), WaitForOwners())
 	_ = d.Reconcile(want)
 	if err := d.Ready(); err != nil {
@@ -180,16 +147,16 @@ func TestWaitForOwners(t *testing.T) {
 	if n := d.Snapshot().EnrollErrors["a"]; n != 0 || len(d.Serving()) != 0 {
 		t.Errorf("held target: %d errors, serving %v; want none of either", n, d.Serving())
 	}
-	k.mu.Lock()
-	delete(k.fail, "a") // the old owner let go
-	k.mu.Unlock()
+	k.Lock()
+	delete(k.Fail, "a") // the old owner let go
+	k.Unlock()
 	_ = d.Reconcile(want)
 	if got := d.Serving(); len(got) != 1 || got[0] != "a" {
 		t.Errorf("after the owner let go: serving %v; want a adopted", got)
 	}
 
 	k2 := newFake()
-	k2.fail["a"] = busy
+	k2.Fail["a"] = busy
 	d2 := New(k2, testenv.Cookies(t), "run", quiet())
 	_ = d2.Reconcile(want)
 	if err := d2.Ready(); err == nil || d2.Snapshot().EnrollErrors["a"] != 1 {

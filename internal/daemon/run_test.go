@@ -21,30 +21,6 @@ import (
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
-// sleeper starts a process inside ns and returns it once it is in there.
-func sleeper(t *testing.T, ns testenv.Netns) *testenv.Proc {
-	t.Helper()
-	p := testenv.Start(t, ns.Command(context.Background(), "sleep", "60"))
-	pid := p.Cmd.Process.Pid
-	// `ip netns exec` enters ns, then execs sleep in place.
-	waitUntil(t, "the sleep to enter the netns", func() bool {
-		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-		return strings.HasSuffix(exe, "/sleep")
-	})
-	return p
-}
-
-func waitUntil(t *testing.T, what string, ok func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second) // caps a hang only
-	for !ok() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func pidTarget(t *testing.T, pid int) netnsx.Target {
 	t.Helper()
 	tg, err := netnsx.ParseTarget(fmt.Sprintf("pid:%d", pid))
@@ -69,8 +45,8 @@ func TestHostNetnsRefusedByIdentity(t *testing.T) {
 		if !errors.Is(err, ErrHostNetns) || !strings.Contains(err.Error(), "container h") || !strings.Contains(err.Error(), "host network namespace") {
 			t.Errorf("target %s: Reconcile = %v; want a refusal naming container h and the host network namespace", tg, err)
 		}
-		if len(k.enrolled) != 0 || d.Snapshot().EnrollErrors["h"] != 1 {
-			t.Errorf("target %s: enrolled %v, errors %v; want nothing enrolled and one error", tg, k.enrolled, d.Snapshot().EnrollErrors)
+		if len(k.Enrolled) != 0 || d.Snapshot().EnrollErrors["h"] != 1 {
+			t.Errorf("target %s: enrolled %v, errors %v; want nothing enrolled and one error", tg, k.Enrolled, d.Snapshot().EnrollErrors)
 		}
 		if !errors.Is(d.Failures()["h"], ErrHostNetns) {
 			t.Errorf("target %s: Failures = %v", tg, d.Failures())
@@ -78,8 +54,8 @@ func TestHostNetnsRefusedByIdentity(t *testing.T) {
 	}
 	k := newFake()
 	d := New(k, testenv.Cookies(t), "run", quiet(), AllowHostNetns())
-	if err := d.Reconcile([]Target{{Name: "h", Netns: self, Rules: rules(t, "80=3210")}}); err != nil || len(k.enrolled) != 1 {
-		t.Errorf("AllowHostNetns: %v, enrolled %v; want enrolled", err, k.enrolled)
+	if err := d.Reconcile([]Target{{Name: "h", Netns: self, Rules: rules(t, "80=3210")}}); err != nil || len(k.Enrolled) != 1 {
+		t.Errorf("AllowHostNetns: %v, enrolled %v; want enrolled", err, k.Enrolled)
 	}
 }
 
@@ -89,7 +65,7 @@ func TestHostNetnsRefusedByIdentity(t *testing.T) {
 // more they are removed.
 func TestFailedLookupKeepsLiveNetns(t *testing.T) {
 	ns := testenv.NewNetns(t)
-	p := sleeper(t, ns)
+	p := testenv.Sleeper(t, ns)
 	k := newFake()
 	d := New(k, testenv.Cookies(t), "kube", quiet())
 	want := []Target{{Name: "shop/web", Kind: "pod", Netns: pidTarget(t, p.Cmd.Process.Pid), Rules: rules(t, "80=3210")}}
@@ -100,9 +76,9 @@ func TestFailedLookupKeepsLiveNetns(t *testing.T) {
 	d.TakeStale()
 	p.Kill()
 	_ = d.Reconcile(want)
-	k.mu.Lock()
-	_, kept := k.enrolled[cookie]
-	k.mu.Unlock()
+	k.Lock()
+	_, kept := k.Enrolled[cookie]
+	k.Unlock()
 	if !kept {
 		t.Fatal("rules removed after one failed lookup while /run/netns still holds the netns")
 	}
@@ -111,7 +87,7 @@ func TestFailedLookupKeepsLiveNetns(t *testing.T) {
 	}
 	ns.Delete(t)
 	_ = d.Reconcile(want)
-	if _, still := k.enrolled[cookie]; still {
+	if _, still := k.Enrolled[cookie]; still {
 		t.Error("rules kept after the netns is gone (nothing reaches it)")
 	}
 }
@@ -139,7 +115,7 @@ func TestPendingIsNotAnError(t *testing.T) {
 			t.Errorf("logged at %s: %s %v", e.Level, e.Message, e.Data)
 		}
 	}
-	if _, kept := k.enrolled[ns.Cookie(t)]; !kept {
+	if _, kept := k.Enrolled[ns.Cookie(t)]; !kept {
 		t.Error("a pending target's live netns lost its rules")
 	}
 }
@@ -204,7 +180,7 @@ func TestRunHealsAndExports(t *testing.T) {
 			done <- Run(ctx, src, Config{Kernel: k, Cookies: testenv.Cookies(t), Owner: "run", Fixed: true, Resync: 20 * time.Millisecond, Metrics: ln, Log: log})
 		}()
 		var body string
-		waitUntil(t, "a link repair counted", func() bool {
+		testenv.WaitFor(t, "a link repair counted", 10*time.Second, func() bool {
 			body = scrape(t, ln.Addr().String())
 			return strings.Contains(body, `nsredirect_link_repairs_total{hook="connect4"} 1`)
 		})
@@ -226,10 +202,10 @@ func TestRunHealsAndExports(t *testing.T) {
 		if err := <-done; err != nil {
 			t.Fatal(err)
 		}
-		k.mu.Lock()
-		_, kept := k.enrolled[ns.Cookie(t)]
-		released := k.released[ns.Cookie(t)]
-		k.mu.Unlock()
+		k.Lock()
+		_, kept := k.Enrolled[ns.Cookie(t)]
+		released := k.Released[ns.Cookie(t)]
+		k.Unlock()
 		if kept == removeOnExit || released == removeOnExit || !k.closed {
 			t.Errorf("RemoveOnExit=%v: rules kept %v, released %v, closed %v", removeOnExit, kept, released, k.closed)
 		}
@@ -249,11 +225,11 @@ func TestBadTargetDropsRules(t *testing.T) {
 	}
 	cookie := ns.Cookie(t)
 	_ = d.Reconcile([]Target{{Name: "p", Err: fmt.Errorf("%w: read /host/proc: permission denied", ErrLookup)}})
-	if _, kept := k.enrolled[cookie]; !kept {
+	if _, kept := k.Enrolled[cookie]; !kept {
 		t.Error("a failed lookup removed the rules of a live netns")
 	}
 	_ = d.Reconcile([]Target{{Name: "p", Err: errors.New(`annotation "80=x" does not parse`)}})
-	if _, kept := k.enrolled[cookie]; kept {
+	if _, kept := k.Enrolled[cookie]; kept {
 		t.Error("a bad annotation kept the old rules")
 	}
 }
@@ -263,7 +239,7 @@ func TestBadTargetDropsRules(t *testing.T) {
 // one is never enrolled; the source is asked to describe the target again.
 func TestReusedPidNotFollowed(t *testing.T) {
 	a, b := testenv.NewNetns(t), testenv.NewNetns(t)
-	pa, pb := sleeper(t, a), sleeper(t, b)
+	pa, pb := testenv.Sleeper(t, a), testenv.Sleeper(t, b)
 	// A proc-like root whose entry 100 leads to pa, then to pb, as a
 	// reused pid would; its stat gives each its own start time.
 	root := t.TempDir()
@@ -294,7 +270,7 @@ func TestReusedPidNotFollowed(t *testing.T) {
 	if err := d.Reconcile(want); err == nil || !strings.Contains(err.Error(), "another process") {
 		t.Errorf("Reconcile = %v; want the reused pid refused", err)
 	}
-	if _, wrong := k.enrolled[b.Cookie(t)]; wrong {
+	if _, wrong := k.Enrolled[b.Cookie(t)]; wrong {
 		t.Error("the netns of the process that took the pid was enrolled")
 	}
 	if !d.TakeStale() {

@@ -3,12 +3,9 @@ package kube
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -18,7 +15,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/nsredirect/nsredirect/internal/daemon"
-	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
@@ -42,27 +38,6 @@ func TestPodNetnsOldestByStartTime(t *testing.T) {
 	}
 }
 
-// fakeKernel is a daemon.Kernel without a kernel.
-type fakeKernel struct {
-	mu       sync.Mutex
-	enrolled map[uint64]loader.Enrollment
-}
-
-func (k *fakeKernel) Enroll(e loader.Enrollment) error {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.enrolled[e.Cookie] = e
-	return nil
-}
-func (k *fakeKernel) Unenroll(c uint64) error {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	delete(k.enrolled, c)
-	return nil
-}
-func (k *fakeKernel) Release(uint64)                     {}
-func (k *fakeKernel) Redirects(_ uint64, n int) []uint64 { return make([]uint64, n) }
-
 // TestSandboxRecreationIsNotAnError: while a pod's sandbox is being
 // re-created no process of it is found; that is logged at info, not as an
 // error, and not counted in the enroll errors.
@@ -76,7 +51,7 @@ func TestSandboxRecreationIsNotAnError(t *testing.T) {
 	p := pod("shop", "web", "node-a", "80=3210")
 	f.add(t, p)
 	cached(t, c, "shop", "web", anyPod)
-	d := daemon.New(&fakeKernel{enrolled: map[uint64]loader.Enrollment{}}, testenv.Cookies(t), "kube", log, daemon.WaitForOwners())
+	d := daemon.New(testenv.NewFakeKernel(), testenv.Cookies(t), "kube", log, daemon.WaitForOwners())
 	for range 3 {
 		c.Sync(context.Background(), d)
 	}
@@ -174,7 +149,7 @@ func TestChosenProcessExitsRefusesNothing(t *testing.T) {
 	procs := map[int]*testenv.Proc{}
 	root := fakeProc(t, map[int]string{100: cg, 500: cg, 700: cg})
 	for pid, start := range map[int]uint64{100: 300, 500: 100, 700: 200} {
-		s := startSleeper(t, ns)
+		s := testenv.Sleeper(t, ns)
 		procs[pid] = s
 		dir := filepath.Join(root, fmt.Sprint(pid))
 		if err := os.WriteFile(filepath.Join(dir, "stat"), []byte(statLine(pid, start)), 0o644); err != nil {
@@ -192,28 +167,8 @@ func TestChosenProcessExitsRefusesNothing(t *testing.T) {
 	f.add(t, p)
 	waitDial(t, ns, 80, true)
 
-	var ok, failed atomic.Int64
 	stop := make(chan struct{})
-	done := make(chan error, 1)
-	go func() {
-		done <- ns.Target().Do(func() error {
-			for i := 0; i < 100000; i++ {
-				select {
-				case <-stop:
-					return nil
-				default:
-				}
-				c, err := net.DialTimeout("tcp", "127.0.0.1:80", time.Second)
-				if err != nil {
-					failed.Add(1)
-					continue
-				}
-				c.Close()
-				ok.Add(1)
-			}
-			return nil
-		})
-	}()
+	ok, failed, done := testenv.CountConnects(t, ns.Target(), "127.0.0.1:80", stop, 100000)
 	progress := func(what string, more int64) {
 		at := ok.Load() + failed.Load()
 		waitFor(t, what, func() bool { return ok.Load()+failed.Load() > at+more })
@@ -239,17 +194,6 @@ func TestChosenProcessExitsRefusesNothing(t *testing.T) {
 	}
 }
 
-func startSleeper(t *testing.T, ns testenv.Netns) *testenv.Proc {
-	t.Helper()
-	s := testenv.Start(t, ns.Command(context.Background(), "sleep", "60"))
-	pid := s.Cmd.Process.Pid
-	waitFor(t, "the sleep to enter the netns", func() bool {
-		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-		return strings.HasSuffix(exe, "/sleep")
-	})
-	return s
-}
-
 // TestHostNetnsPodWarned: a pod whose processes are in the host's netns
 // without hostNetwork in its spec (what the API says is not what the
 // kernel says) is refused by netns identity, with a Warning Event.
@@ -268,7 +212,7 @@ func TestHostNetnsPodWarned(t *testing.T) {
 	c := startController(t, f, Config{Node: "node-a", Proc: root, Log: quietLog()})
 	f.add(t, p)
 	cached(t, c, "shop", "sneaky", anyPod)
-	k := &fakeKernel{enrolled: map[uint64]loader.Enrollment{}}
+	k := testenv.NewFakeKernel()
 	log, _ := test.NewNullLogger()
 	d := daemon.New(k, testenv.Cookies(t), "kube", log, daemon.WaitForOwners())
 	c.Sync(context.Background(), d)
@@ -277,7 +221,7 @@ func TestHostNetnsPodWarned(t *testing.T) {
 	if len(ev) != 1 || ev[0].Type != corev1.EventTypeWarning || !strings.Contains(ev[0].Message, "host network namespace") || !strings.Contains(ev[0].Message, "pod shop/sneaky") {
 		t.Errorf("events %+v; want one Warning naming the pod and the host network namespace", ev)
 	}
-	if len(k.enrolled) != 0 || d.Snapshot().EnrollErrors["shop/sneaky"] != 1 {
-		t.Errorf("enrolled %v, errors %v; want nothing enrolled, one error", k.enrolled, d.Snapshot().EnrollErrors)
+	if len(k.Enrolled) != 0 || d.Snapshot().EnrollErrors["shop/sneaky"] != 1 {
+		t.Errorf("enrolled %v, errors %v; want nothing enrolled, one error", k.Enrolled, d.Snapshot().EnrollErrors)
 	}
 }

@@ -210,23 +210,21 @@ func copyMap(from, to *ebpf.Map) (int, error) {
 	if from.KeySize() != to.KeySize() || from.ValueSize() != to.ValueSize() || from.Type() != to.Type() {
 		return 0, errors.New("the maps' layouts differ")
 	}
-	var k []byte
-	n := 0
 	if from.Type() == ebpf.PerCPUHash || from.Type() == ebpf.PerCPUArray {
 		if from.ValueSize() != 8 {
 			return 0, errors.New("per-CPU values other than counters are not copied")
 		}
-		var v []uint64
-		it := from.Iterate()
-		for it.Next(&k, &v) {
-			if err := to.Put(k, v); err != nil {
-				return n, err
-			}
-			n++
-		}
-		return n, it.Err()
+		return copyEntries[[]uint64](from, to)
 	}
-	var v []byte
+	return copyEntries[[]byte](from, to)
+}
+
+// copyEntries puts every entry of from into to, reading values as V: one
+// []uint64 element per CPU for per-CPU counters, the raw bytes otherwise.
+func copyEntries[V any](from, to *ebpf.Map) (int, error) {
+	var k []byte
+	var v V
+	n := 0
 	it := from.Iterate()
 	for it.Next(&k, &v) {
 		if err := to.Put(k, v); err != nil {

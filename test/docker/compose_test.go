@@ -1,7 +1,6 @@
 package docker_test
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/nsredirect/nsredirect/internal/docker"
 	"github.com/nsredirect/nsredirect/internal/testenv"
+	"github.com/nsredirect/nsredirect/internal/testenv/enginetest"
 )
 
 // composeProject drives the repository's docker-compose.yml under a project
@@ -44,7 +44,7 @@ func newCompose(t *testing.T, env ...string) *composeProject {
 
 func (c *composeProject) run(args ...string) string {
 	c.t.Helper()
-	return mustSh(c.t, 3*time.Minute, c.env, c.cmd[0], append(c.cmd[1:], args...)...)
+	return testenv.MustSh(c.t, 3*time.Minute, c.env, c.cmd[0], append(c.cmd[1:], args...)...)
 }
 
 // id returns the ID of the running container of a service.
@@ -57,36 +57,15 @@ func (c *composeProject) id(service string) string {
 	return id
 }
 
-// find asks the Engine by compose's labels rather than `compose ps` (over
-// half a second for docker-compose 1.29), which would blur the timings.
+// find asks the Engine by compose's labels rather than `compose ps`, which
+// would blur the timings.
 func (c *composeProject) find(service string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	list, err := suite.client.Running(ctx, "com.docker.compose.project="+c.name)
-	if err != nil {
-		return "", err
-	}
-	var ids []string
-	for _, ct := range list {
-		if ct.Labels["com.docker.compose.service"] == service {
-			ids = append(ids, ct.ID)
-		}
-	}
-	if len(ids) != 1 {
-		return "", fmt.Errorf("running containers of service %s: %v; want one", service, ids)
-	}
-	return ids[0], nil
+	return enginetest.ComposeService(suite.client, c.name, service)
 }
 
 // service finds a service's running container, for restartLatency.
 func (c *composeProject) service(name string) func() (docker.Inspected, bool) {
-	return func() (docker.Inspected, bool) {
-		id, err := c.find(name)
-		if err != nil {
-			return docker.Inspected{}, false
-		}
-		return byName(id)()
-	}
+	return enginetest.ComposeFinder(suite.client, c.name, name)
 }
 
 // TestCompose is the compose sidecar end to end: the backend's Node-style
@@ -113,7 +92,7 @@ func TestCompose(t *testing.T) {
 	)
 	// Runs before the bpffs is unmounted (cleanups run last first).
 	t.Cleanup(func() {
-		if out, err := sh(2*time.Minute, cp.env, cp.cmd[0], append(cp.cmd[1:], "down", "-t", "5", "-v", "--remove-orphans")...); err != nil {
+		if out, err := testenv.Sh(2*time.Minute, cp.env, cp.cmd[0], append(cp.cmd[1:], "down", "-t", "5", "-v", "--remove-orphans")...); err != nil {
 			t.Errorf("compose down: %v\n%s", err, out)
 		}
 	})
@@ -141,7 +120,7 @@ func TestCompose(t *testing.T) {
 
 	backend := cp.id("backend")
 	pid := pidOf(t, backend)
-	waitRedirect(t, pid, "127.0.0.1:80", 5*time.Second)
+	testenv.WaitConnect(t, pid, "127.0.0.1:80", 5*time.Second)
 	if out := curl(t, pid, "http://127.0.0.1:80/"); !strings.Contains(out, "hello from demo-backend") {
 		t.Errorf("curl 127.0.0.1:80 in backend: %q", out)
 	}
@@ -163,14 +142,14 @@ func TestCompose(t *testing.T) {
 	// Another container on the host, unlabelled: untouched.
 	plain := runContainer(t, img.backend, cp.name+"-plain")
 	plainPID := pidOf(t, plain)
-	waitRedirect(t, plainPID, "127.0.0.1:3210", 5*time.Second)
-	mustRefuse(t, plainPID, "127.0.0.1:80", "an unlabelled container gets no rule")
+	testenv.WaitConnect(t, plainPID, "127.0.0.1:3210", 5*time.Second)
+	testenv.AssertRefused(t, plainPID, "127.0.0.1:80", "an unlabelled container gets no rule")
 
 	// A container with a bad label: an error for it alone.
 	bad := runContainer(t, img.backend, cp.name+"-bad", "nsredirect.redirect=80=99999")
 	badPID := pidOf(t, bad)
 	waitLogs(t, nsr, cp.name+"-bad", "99999")
-	mustRefuse(t, badPID, "127.0.0.1:80", "a bad label enrolls nothing")
+	testenv.AssertRefused(t, badPID, "127.0.0.1:80", "a bad label enrolls nothing")
 	metrics := curl(t, daemonPID, "http://127.0.0.1:9590/metrics")
 	if v := testenv.MetricValue(metrics, fmt.Sprintf(`nsredirect_enroll_errors_total{netns="%s-bad"}`, cp.name)); v < 1 {
 		t.Errorf("enroll errors of the bad-label container = %v; want >= 1 in:\n%s", v, metrics)
@@ -191,7 +170,7 @@ func TestCompose(t *testing.T) {
 	if out := nodeFetch(t, pid, "http://127.0.0.1/"); !strings.Contains(out, "hello from demo-backend") {
 		t.Errorf("node fetch after recreate: %q", out)
 	}
-	mustRefuse(t, plainPID, "127.0.0.1:80", "still untouched")
+	testenv.AssertRefused(t, plainPID, "127.0.0.1:80", "still untouched")
 	backendName := strings.TrimPrefix(inspect(t, backend).Name, "/")
 	testenv.WaitStatus(t, pin, "the backend owned by a live daemon", func(rows []testenv.StatusRow) bool {
 		r := testenv.RowsOf(rows, backendName)
@@ -202,7 +181,7 @@ func TestCompose(t *testing.T) {
 	nsr = cp.id("nsredirect")
 	oldDaemon := pidOf(t, nsr)
 	stop := make(chan struct{})
-	loop := connectLoop(pid, "127.0.0.1:80", 90*time.Second, stop)
+	loop := testenv.PacedConnects(pid, "127.0.0.1:80", 90*time.Second, time.Second, stop)
 	time.Sleep(300 * time.Millisecond)
 	cp.run("up", "-d", "--force-recreate", "--no-deps", "nsredirect")
 	nsr = cp.id("nsredirect")
@@ -217,9 +196,9 @@ func TestCompose(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	close(stop)
 	res := <-loop
-	t.Logf("connects across the nsredirect recreate: %d ok, %d failed", res.ok, res.failed)
-	if res.failed != 0 || res.ok < 50 {
-		t.Errorf("recreating nsredirect: %d ok, %d failed (first: %v); want zero failures", res.ok, res.failed, res.firstErr)
+	t.Logf("connects across the nsredirect recreate: %d ok, %d failed", res.OK, res.Failed)
+	if res.Failed != 0 || res.OK < 50 {
+		t.Errorf("recreating nsredirect: %d ok, %d failed (first: %v); want zero failures", res.OK, res.Failed, res.FirstErr)
 	}
 	if got := testenv.ProgIDs(t, pin); len(got) != 4 {
 		t.Errorf("after the upgrade: links %v", got)
@@ -231,7 +210,7 @@ func TestCompose(t *testing.T) {
 	// hand over and removes everything.
 	cp.run("down", "-t", "5")
 	testenv.AssertGone(t, pin, progs)
-	mustRefuse(t, plainPID, "127.0.0.1:80", "after down")
+	testenv.AssertRefused(t, plainPID, "127.0.0.1:80", "after down")
 }
 
 func inspectHealth(t *testing.T, id string) string {

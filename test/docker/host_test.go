@@ -22,13 +22,7 @@ import (
 // successor adopts them and drops those of containers that went meanwhile,
 // and the last one out leaves nothing.
 func TestHostDaemon(t *testing.T) {
-	testenv.Privileged(t)
-	needDocker(t)
-	img := buildImages(t)
-	pin := testenv.BPFFS(t)
-	run := testenv.Name("nsrt")
-	// A label of this run only: other containers on the host are not ours.
-	label := run + ".redirect"
+	img, pin, run, label := hostRun(t)
 
 	a := runContainer(t, img.backend, run+"-a", label+"=80=3210")
 	b := runContainer(t, img.backend, run+"-b", label+"=8080=3210, 127.0.0.2:81=127.0.0.1:3210")
@@ -41,8 +35,8 @@ func TestHostDaemon(t *testing.T) {
 	progs := testenv.ProgIDs(t, pin)
 
 	pa, pb := pidOf(t, a), pidOf(t, b)
-	waitRedirect(t, pa, "127.0.0.1:80", 5*time.Second)
-	waitRedirect(t, pb, "127.0.0.1:8080", 5*time.Second)
+	testenv.WaitConnect(t, pa, "127.0.0.1:80", 5*time.Second)
+	testenv.WaitConnect(t, pb, "127.0.0.1:8080", 5*time.Second)
 	if out := curl(t, pa, "http://127.0.0.1/"); !strings.Contains(out, "hello from demo-backend") {
 		t.Errorf("curl 127.0.0.1:80 in a: %q", out)
 	}
@@ -53,10 +47,10 @@ func TestHostDaemon(t *testing.T) {
 		t.Errorf("b: 127.0.0.2:81 peer %s; want the address dialled", peer)
 	}
 	// Each container has its own specs only.
-	mustRefuse(t, pa, "127.0.0.1:8080", "8080 is b's rule, not a's")
-	mustRefuse(t, pb, "127.0.0.1:80", "80 is a's rule, not b's")
-	mustRefuse(t, pidOf(t, plain), "127.0.0.1:80", "unlabelled")
-	mustRefuse(t, pidOf(t, bad), "127.0.0.1:80", "its label does not parse")
+	testenv.AssertRefused(t, pa, "127.0.0.1:8080", "8080 is b's rule, not a's")
+	testenv.AssertRefused(t, pb, "127.0.0.1:80", "80 is a's rule, not b's")
+	testenv.AssertRefused(t, pidOf(t, plain), "127.0.0.1:80", "unlabelled")
+	testenv.AssertRefused(t, pidOf(t, bad), "127.0.0.1:80", "its label does not parse")
 	d.WaitOutput(t, run+"-bad", 5*time.Second)
 	_, body := testenv.HTTPGet(t, metrics+"/metrics")
 	if v := testenv.MetricValue(body, fmt.Sprintf(`nsredirect_enroll_errors_total{netns="%s-bad"}`, run)); v < 1 {
@@ -67,7 +61,7 @@ func TestHostDaemon(t *testing.T) {
 	}
 	// A labelled container in the host's netns: refused, the host untouched.
 	dockerCLI(t, "run", "-d", "--name", run+"-hostnet", "--network", "host", "--label", label+"=80=3210", img.backend, "--listen", "127.0.0.1:0")
-	t.Cleanup(func() { _, _ = sh(time.Minute, nil, "docker", "rm", "-f", run+"-hostnet") })
+	t.Cleanup(func() { _, _ = testenv.Sh(time.Minute, nil, "docker", "rm", "-f", run+"-hostnet") })
 	d.WaitOutput(t, "container "+run+"-hostnet uses the host network namespace", 5*time.Second)
 	if r := testenv.RowsOf(testenv.Status(t, pin), run+"-hostnet"); len(r) != 0 {
 		t.Errorf("host-network container enrolled: %+v", r)
@@ -85,7 +79,7 @@ func TestHostDaemon(t *testing.T) {
 	pa, pb = pidOf(t, run+"-a"), pidOf(t, run+"-b")
 	// The recreated b came with other specs: only those apply.
 	mustDial(t, pb, "127.0.0.1:80")
-	mustRefuse(t, pb, "127.0.0.1:8080", "the recreated b's label has only 80=3210")
+	testenv.AssertRefused(t, pb, "127.0.0.1:8080", "the recreated b's label has only 80=3210")
 	if d.Exited() {
 		t.Fatalf("daemon exited:\n%s", d.Output())
 	}
@@ -179,19 +173,14 @@ func TestDockerBadInput(t *testing.T) {
 // meanwhile, and checks that on reconnection the daemon relists and misses
 // nothing.
 func TestDockerReconnect(t *testing.T) {
-	testenv.Privileged(t)
-	needDocker(t)
-	img := buildImages(t)
-	pin := testenv.BPFFS(t)
-	run := testenv.Name("nsrt")
-	label := run + ".redirect"
+	img, pin, run, label := hostRun(t)
 	proxy := newSocketProxy(t, suite.client.Socket())
 	proxy.start(t)
 
 	a := runContainer(t, img.backend, run+"-a", label+"=80=3210")
 	d := testenv.Daemon(t, pin, "docker", "--docker-host", "unix://"+proxy.path, "--label", label, "--cgroup", testenv.RootCgroup(t))
 	progs := testenv.ProgIDs(t, pin)
-	waitRedirect(t, pidOf(t, a), "127.0.0.1:80", 5*time.Second)
+	testenv.WaitConnect(t, pidOf(t, a), "127.0.0.1:80", 5*time.Second)
 
 	proxy.stop()
 	d.WaitOutput(t, "lost the Docker event stream", 5*time.Second)
@@ -202,7 +191,7 @@ func TestDockerReconnect(t *testing.T) {
 		t.Fatalf("c enrolled while Docker was unreachable? %+v", r)
 	}
 	proxy.start(t)
-	waitRedirect(t, pidOf(t, c), "127.0.0.1:80", 10*time.Second)
+	testenv.WaitConnect(t, pidOf(t, c), "127.0.0.1:80", 10*time.Second)
 	testenv.WaitStatus(t, pin, "a's rules gone after the relisting", func(rows []testenv.StatusRow) bool { return len(testenv.RowsOf(rows, run+"-a")) == 0 })
 
 	dockerCLI(t, "stop", "-t", "1", run+"-c")

@@ -15,19 +15,14 @@ import (
 // daemon refuses it by netns identity, names it and the host network
 // namespace, counts it and enrolls nothing.
 func TestChainedHostNetnsRefused(t *testing.T) {
-	testenv.Privileged(t)
-	needDocker(t)
-	img := buildImages(t)
-	pin := testenv.BPFFS(t)
-	run := testenv.Name("nsrt")
-	label := run + ".redirect"
+	img, pin, run, label := hostRun(t)
 
 	d := testenv.Daemon(t, pin, "docker", "--label", label, "--metrics-addr", "127.0.0.1:0", "--cgroup", testenv.RootCgroup(t))
 	metrics := testenv.MetricsURL(t, d)
 	dockerCLI(t, "run", "-d", "--name", run+"-host", "--network", "host", img.backend, "--listen", "127.0.0.1:0")
-	t.Cleanup(func() { _, _ = sh(time.Minute, nil, "docker", "rm", "-f", run+"-host") })
+	t.Cleanup(func() { _, _ = testenv.Sh(time.Minute, nil, "docker", "rm", "-f", run+"-host") })
 	dockerCLI(t, "run", "-d", "--name", run+"-chain", "--network", "container:"+run+"-host", "--label", label+"=80=3210", img.backend, "--listen", "127.0.0.1:0")
-	t.Cleanup(func() { _, _ = sh(time.Minute, nil, "docker", "rm", "-f", run+"-chain") })
+	t.Cleanup(func() { _, _ = testenv.Sh(time.Minute, nil, "docker", "rm", "-f", run+"-chain") })
 
 	d.WaitOutput(t, "container "+run+"-chain: its network namespace is the host network namespace", 5*time.Second)
 	if rows := testenv.Status(t, pin); len(rows) != 0 {

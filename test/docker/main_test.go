@@ -15,7 +15,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -23,6 +22,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/nsredirect/nsredirect/internal/docker"
+	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
 // suite is what TestMain set up for every test.
@@ -116,7 +116,7 @@ func setUp() (stop func()) {
 		}
 		if time.Now().After(deadline) {
 			b, _ := os.ReadFile(logf.Name())
-			suite.unavailable = fmt.Sprintf("no Docker Engine answered within 60s (%v); dockerd log: %s", err, lastLines(string(b), 5))
+			suite.unavailable = fmt.Sprintf("no Docker Engine answered within 60s (%v); dockerd log: %s", err, testenv.LastLines(string(b), 5))
 			return stop
 		}
 		time.Sleep(200 * time.Millisecond)
@@ -127,14 +127,6 @@ func negotiate(c *docker.Client) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	return c.Negotiate(ctx)
-}
-
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimSpace(s), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, " | ")
 }
 
 // needDocker skips, or under CI=true fails, when Docker cannot be used.

@@ -68,14 +68,7 @@ func hostPeer(ns testenv.Netns, addr string) string {
 
 func waitFor(t *testing.T, what string, timeout time.Duration, ok func() bool) time.Duration {
 	t.Helper()
-	start := time.Now()
-	for !ok() {
-		if time.Since(start) > timeout {
-			t.Fatalf("%s: not within %s", what, timeout)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return time.Since(start)
+	return testenv.WaitFor(t, what, timeout, ok)
 }
 
 func fmtIDs(ids []int) string { return fmt.Sprint(ids) }

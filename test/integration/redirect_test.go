@@ -10,7 +10,6 @@ import (
 	"net"
 	"os"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -190,32 +189,9 @@ func TestStopRemovesEverything(t *testing.T) {
 }
 
 // connectLoop dials addr from inside ns until stop is closed or limit
-// connects are made, counting failures.
+// connects are made, counting outcomes as it goes.
 func connectLoop(t *testing.T, ns testenv.Netns, addr string, stop <-chan struct{}, limit int) (ok, failed *atomic.Int64, done <-chan error) {
-	ok, failed = &atomic.Int64{}, &atomic.Int64{}
-	errc := make(chan error, 1)
-	var once sync.Once
-	go func() {
-		errc <- ns.Target().Do(func() error {
-			for i := 0; i < limit; i++ {
-				select {
-				case <-stop:
-					return nil
-				default:
-				}
-				c, err := net.DialTimeout("tcp", addr, time.Second)
-				if err != nil {
-					failed.Add(1)
-					once.Do(func() { t.Logf("connect failed: %v", err) })
-					continue
-				}
-				c.Close()
-				ok.Add(1)
-			}
-			return nil
-		})
-	}()
-	return ok, failed, errc
+	return testenv.CountConnects(t, ns.Target(), addr, stop, limit)
 }
 
 func TestKillRestartAdoptsWithZeroFailures(t *testing.T) {

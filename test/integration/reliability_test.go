@@ -317,14 +317,7 @@ func TestLeastPrivilege(t *testing.T) {
 func TestFullMapRefusedCleanly(t *testing.T) {
 	pin := testenv.BPFFS(t)
 	ns := testenv.NewNetns(t)
-	l, err := loader.Attach(pin, testenv.RootCgroup(t), quietLogger())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_, _ = l.Cleanup(true)
-		l.Close()
-	})
+	l := attachLoader(t, pin)
 	enroll, err := ebpf.LoadPinnedMap(loader.MapPin(pin, "nsr_records"), nil)
 	if err != nil {
 		t.Fatal(err)

@@ -4,8 +4,6 @@ package runtimes_test
 
 import (
 	"bufio"
-	"context"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +14,7 @@ import (
 
 	"github.com/nsredirect/nsredirect/internal/docker"
 	"github.com/nsredirect/nsredirect/internal/testenv"
+	"github.com/nsredirect/nsredirect/internal/testenv/enginetest"
 )
 
 // compose drives one project with one compose command (`docker compose`
@@ -55,22 +54,7 @@ func (c *compose) run(args ...string) string {
 // find asks the engine by compose's labels rather than `compose ps`, which
 // would blur the timings.
 func (c *compose) find(service string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	list, err := c.e.client.Running(ctx, "com.docker.compose.project="+c.name)
-	if err != nil {
-		return "", err
-	}
-	var ids []string
-	for _, ct := range list {
-		if ct.Labels["com.docker.compose.service"] == service {
-			ids = append(ids, ct.ID)
-		}
-	}
-	if len(ids) != 1 {
-		return "", fmt.Errorf("running containers of service %s: %v; want one", service, ids)
-	}
-	return ids[0], nil
+	return enginetest.ComposeService(c.e.client, c.name, service)
 }
 
 func (c *compose) id(service string) string {
@@ -83,13 +67,7 @@ func (c *compose) id(service string) string {
 }
 
 func (c *compose) service(name string) func() (docker.Inspected, bool) {
-	return func() (docker.Inspected, bool) {
-		id, err := c.find(name)
-		if err != nil {
-			return docker.Inspected{}, false
-		}
-		return c.e.byName(id)()
-	}
+	return enginetest.ComposeFinder(c.e.client, c.name, name)
 }
 
 // composeCommands are the two ways compose v5 is typed: the `docker

@@ -4,9 +4,7 @@ package runtimes_test
 
 import (
 	"bufio"
-	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -24,6 +22,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/docker"
+	"github.com/nsredirect/nsredirect/internal/testenv"
+	"github.com/nsredirect/nsredirect/internal/testenv/enginetest"
 )
 
 // engine is one running container engine that speaks the Docker API on its
@@ -43,25 +43,12 @@ func (e *engine) host() string { return "unix://" + e.sock }
 // sh runs a command with a deadline and returns its standard output, or on
 // failure everything it printed.
 func sh(timeout time.Duration, env []string, name string, args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Env = env
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		return strings.TrimSpace(stdout.String() + stderr.String()), err
-	}
-	return strings.TrimSpace(stdout.String()), nil
+	return testenv.Sh(timeout, env, name, args...)
 }
 
 func mustSh(t *testing.T, timeout time.Duration, env []string, name string, args ...string) string {
 	t.Helper()
-	out, err := sh(timeout, env, name, args...)
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
-	return out
+	return testenv.MustSh(t, timeout, env, name, args...)
 }
 
 // docker runs the docker CLI against e.
@@ -212,27 +199,9 @@ func startDockerd(bin, cli string) (*engine, error) {
 		return nil, err
 	}
 	e.client = c
-	deadline := time.Now().Add(90 * time.Second)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err := c.Negotiate(ctx)
-		cancel()
-		if err == nil {
-			break
-		}
-		select {
-		case <-done:
-			b, _ := os.ReadFile(logf.Name())
-			stop()
-			return nil, fmt.Errorf("dockerd exited: %s", lastLines(string(b), 8))
-		default:
-		}
-		if time.Now().After(deadline) {
-			b, _ := os.ReadFile(logf.Name())
-			stop()
-			return nil, fmt.Errorf("dockerd did not answer within 90s (%v): %s", err, lastLines(string(b), 8))
-		}
-		time.Sleep(100 * time.Millisecond)
+	if err := waitAPI(c, "dockerd", done, logf.Name(), 90*time.Second); err != nil {
+		stop()
+		return nil, err
 	}
 	v, err := sh(30*time.Second, e.env, cli, "version", "-f", "{{.Server.Version}} (API {{.Server.APIVersion}}); client {{.Client.Version}}")
 	if err != nil {
@@ -243,6 +212,32 @@ func startDockerd(bin, cli string) (*engine, error) {
 	fmt.Fprintf(os.Stderr, "started dockerd %s, pid %d, %s\n", v, cmd.Process.Pid, e.host())
 	atExit(stop)
 	return e, nil
+}
+
+// waitAPI waits until the engine answers on c. An engine that exits first
+// (done closed) or does not answer within the bound fails, with the last
+// lines of its log.
+func waitAPI(c *docker.Client, what string, done <-chan struct{}, logPath string, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err := c.Negotiate(ctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-done:
+			b, _ := os.ReadFile(logPath)
+			return fmt.Errorf("%s exited: %s", what, lastLines(string(b), 8))
+		default:
+		}
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(logPath)
+			return fmt.Errorf("%s did not answer within %s (%v): %s", what, within, err, lastLines(string(b), 8))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // bridges are the Linux bridges of the engine's networks (br-<id>), which
@@ -343,44 +338,23 @@ func removeTree(dir string) {
 	}
 }
 
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimSpace(s), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, " | ")
-}
+func lastLines(s string, n int) string { return testenv.LastLines(s, n) }
 
 // inspect asks the engine directly (faster than the CLI, which matters when
 // timing a restart).
 func (e *engine) inspect(t *testing.T, id string) docker.Inspected {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	in, err := e.client.Inspect(ctx, id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return in
+	return enginetest.Inspect(t, e.client, id)
 }
 
 func (e *engine) pidOf(t *testing.T, id string) int {
 	t.Helper()
-	in := e.inspect(t, id)
-	if !in.State.Running || in.State.Pid <= 0 {
-		t.Fatalf("container %s is not running", id)
-	}
-	return in.State.Pid
+	return enginetest.PidOf(t, e.client, id)
 }
 
 // byName finds a container by name or ID, for restartLatency.
 func (e *engine) byName(name string) func() (docker.Inspected, bool) {
-	return func() (docker.Inspected, bool) {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		in, err := e.client.Inspect(ctx, name)
-		return in, err == nil
-	}
+	return enginetest.ByName(e.client, name)
 }
 
 // images are the two images built for a test run.
@@ -433,5 +407,3 @@ func repoDir(t *testing.T) string {
 	}
 	return p
 }
-
-var errNoContainer = errors.New("no new container with a working redirect within 30s")

@@ -259,25 +259,8 @@ runroot = "%[1]s/run/storage"
 		t.Fatal(err)
 	}
 	p.client = c
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err := c.Negotiate(ctx)
-		cancel()
-		if err == nil {
-			break
-		}
-		select {
-		case <-done:
-			b, _ := os.ReadFile(logf.Name())
-			t.Fatalf("podman system service exited: %s", lastLines(string(b), 8))
-		default:
-		}
-		if time.Now().After(deadline) {
-			b, _ := os.ReadFile(logf.Name())
-			t.Fatalf("podman did not answer within 60s (%v): %s", err, lastLines(string(b), 8))
-		}
-		time.Sleep(100 * time.Millisecond)
+	if err := waitAPI(c, "podman system service", done, logf.Name(), 60*time.Second); err != nil {
+		t.Fatal(err)
 	}
 	v, _ := p.cli(time.Minute, "version", "-f", "{{.Server.Version}}")
 	p.name = "Podman " + v

@@ -3,60 +3,37 @@
 package runtimes_test
 
 import (
-	"errors"
 	"fmt"
-	"net"
-	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/nsredirect/nsredirect/internal/docker"
-	"github.com/nsredirect/nsredirect/internal/netnsx"
 	"github.com/nsredirect/nsredirect/internal/testenv"
+	"github.com/nsredirect/nsredirect/internal/testenv/enginetest"
 )
 
 // dial connects to addr from inside the netns of pid and returns the peer
 // address getpeername() reports there.
 func dial(pid int, addr string, timeout time.Duration) (string, error) {
-	target, err := netnsx.ParseTarget(fmt.Sprintf("pid:%d", pid))
-	if err != nil {
-		return "", err
-	}
-	return testenv.DialIn(target, "tcp", addr, timeout)
+	return testenv.DialPid(pid, addr, timeout)
 }
 
 func mustRefuse(t *testing.T, pid int, addr, why string) {
 	t.Helper()
-	_, err := dial(pid, addr, 2*time.Second)
-	if !errors.Is(err, syscall.ECONNREFUSED) {
-		t.Errorf("connect %s from netns of pid %d: %v; want connection refused (%s)", addr, pid, err, why)
-	}
+	testenv.AssertRefused(t, pid, addr, why)
 }
 
 // waitRedirect waits until a connect to addr from pid's netns succeeds.
 func waitRedirect(t *testing.T, pid int, addr string, within time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	for {
-		_, err := dial(pid, addr, 200*time.Millisecond)
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("connect %s from netns of pid %d still fails after %s: %v", addr, pid, within, err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testenv.WaitConnect(t, pid, addr, within)
 }
 
 // inNetns runs a foreign client (curl, node) in pid's netns through nsenter.
 func inNetns(t *testing.T, pid int, name string, args ...string) string {
 	t.Helper()
-	nsenter := testenv.Tool(t, "nsenter")
-	bin := testenv.Tool(t, name)
-	return mustSh(t, 60*time.Second, nil, nsenter, append([]string{"-t", strconv.Itoa(pid), "-n", bin}, args...)...)
+	return testenv.InNetns(t, pid, 60*time.Second, name, args...)
 }
 
 // clients checks that curl and Node's fetch (what a Convex Node action
@@ -90,41 +67,7 @@ func clients(t *testing.T, pid int, what string) {
 // first redirected connect.
 func restartLatency(t *testing.T, what string, action func(), find func() (docker.Inspected, bool)) time.Duration {
 	t.Helper()
-	before, _ := find()
-	type result struct {
-		in  docker.Inspected
-		at  time.Time
-		err error
-	}
-	res := make(chan result, 1)
-	go func() {
-		deadline := time.Now().Add(30 * time.Second)
-		for time.Now().Before(deadline) {
-			in, ok := find()
-			if ok && in.State.Running && in.State.Pid > 0 && (in.ID != before.ID || in.State.StartedAt != before.State.StartedAt) {
-				if _, err := dial(in.State.Pid, "127.0.0.1:80", 200*time.Millisecond); err == nil {
-					res <- result{in: in, at: time.Now()}
-					return
-				}
-			}
-			time.Sleep(2 * time.Millisecond)
-		}
-		res <- result{err: errNoContainer}
-	}()
-	action()
-	r := <-res
-	if r.err != nil {
-		t.Fatalf("%s: %v", what, r.err)
-	}
-	started, err := time.Parse(time.RFC3339Nano, r.in.State.StartedAt)
-	if err != nil {
-		t.Fatalf("StartedAt %q: %v", r.in.State.StartedAt, err)
-	}
-	latency := r.at.Sub(started)
-	if latency > time.Second {
-		t.Errorf("%s: redirect took %s after the container started; want < 1s", what, latency)
-	}
-	return latency
+	return enginetest.RestartLatency(t, what, time.Second, action, find)
 }
 
 // loopResult counts the outcomes of a connect loop.
@@ -138,36 +81,8 @@ type loopResult struct {
 func connectLoop(pid int, addr string, limit time.Duration, stop <-chan struct{}) <-chan loopResult {
 	res := make(chan loopResult, 1)
 	go func() {
-		var r loopResult
-		target, err := netnsx.ParseTarget(fmt.Sprintf("pid:%d", pid))
-		if err == nil {
-			err = target.Do(func() error {
-				end := time.Now().Add(limit)
-				for i := 0; i < 100000 && time.Now().Before(end); i++ {
-					select {
-					case <-stop:
-						return nil
-					default:
-					}
-					c, err := net.DialTimeout("tcp", addr, time.Second)
-					if err != nil {
-						r.failed++
-						if r.firstErr == nil {
-							r.firstErr = err
-						}
-					} else {
-						r.ok++
-						c.Close()
-					}
-					time.Sleep(2 * time.Millisecond)
-				}
-				return nil
-			})
-		}
-		if err != nil && r.firstErr == nil {
-			r.firstErr, r.failed = err, r.failed+1
-		}
-		res <- r
+		r := <-testenv.PacedConnects(pid, addr, limit, time.Second, stop)
+		res <- loopResult{ok: r.OK, failed: r.Failed, firstErr: r.FirstErr}
 	}()
 	return res
 }
