@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"syscall"
@@ -98,7 +99,7 @@ func restartLatency(t *testing.T, what string, action func(), find func() (docke
 	}
 	res := make(chan result, 1)
 	go func() {
-		deadline := time.Now().Add(30 * time.Second)
+		deadline := time.Now().Add(30*time.Second + followBound)
 		for time.Now().Before(deadline) {
 			in, ok := find()
 			if ok && in.State.Running && in.State.Pid > 0 && (in.ID != before.ID || in.State.StartedAt != before.State.StartedAt) {
@@ -121,11 +122,26 @@ func restartLatency(t *testing.T, what string, action func(), find func() (docke
 		t.Fatalf("StartedAt %q: %v", r.in.State.StartedAt, err)
 	}
 	latency := r.at.Sub(started)
-	if latency > time.Second {
-		t.Errorf("%s: redirect took %s after the container started; want < 1s", what, latency)
+	if latency > followBound {
+		t.Errorf("%s: redirect took %s after the container started; want < %s", what, latency, followBound)
 	}
 	return latency
 }
+
+// followBound is how soon a restart must be followed: the issue's 1 s.
+// NSREDIRECT_RUNTIMES_FOLLOW_BOUND (a Go duration) raises it where only a
+// hang cap makes sense, as in the qemu TCG guest of `make
+// test-runtimes-guest`; the measured figure is in the table either way.
+var followBound = func() time.Duration {
+	if d, err := time.ParseDuration(os.Getenv("NSREDIRECT_RUNTIMES_FOLLOW_BOUND")); err == nil && d > 0 {
+		return d
+	}
+	return time.Second
+}()
+
+// followCap caps a wait for a first redirect: 5 s, or followBound if that
+// is longer.
+var followCap = max(5*time.Second, followBound)
 
 // loopResult counts the outcomes of a connect loop.
 type loopResult struct {
