@@ -143,6 +143,18 @@ var followBound = func() time.Duration {
 // is longer.
 var followCap = max(5*time.Second, followBound)
 
+// loopDialTimeout bounds each connect of a connect loop: 1 s, or
+// NSREDIRECT_RUNTIMES_DIAL_TIMEOUT where the machine itself stalls for
+// longer (a qemu TCG guest on a loaded host: there a SYN the backend's
+// starved accept queue dropped is only retransmitted after 1 s, which a 1 s
+// bound counts as a failure although nothing was refused).
+var loopDialTimeout = func() time.Duration {
+	if d, err := time.ParseDuration(os.Getenv("NSREDIRECT_RUNTIMES_DIAL_TIMEOUT")); err == nil && d > 0 {
+		return d
+	}
+	return time.Second
+}()
+
 // loopResult counts the outcomes of a connect loop.
 type loopResult struct {
 	ok, failed int
@@ -165,7 +177,7 @@ func connectLoop(pid int, addr string, limit time.Duration, stop <-chan struct{}
 						return nil
 					default:
 					}
-					c, err := net.DialTimeout("tcp", addr, time.Second)
+					c, err := net.DialTimeout("tcp", addr, loopDialTimeout)
 					if err != nil {
 						r.failed++
 						if r.firstErr == nil {
