@@ -146,7 +146,7 @@ func TestSystemdUnit(t *testing.T) {
 
 	// What the unit asks for, as systemd reports it and as the kernel
 	// enforces it on the running daemon.
-	show := systemctl(t, "show", "nsredirect", "-p", "LimitMEMLOCK,CapabilityBoundingSet,AmbientCapabilities,NoNewPrivileges,ProtectSystem,ProtectHome,PrivateTmp,ReadWritePaths")
+	show := systemctl(t, "show", "nsredirect", "-p", "LimitMEMLOCK,CapabilityBoundingSet,AmbientCapabilities,NoNewPrivileges,ProtectSystem,ProtectHome,PrivateTmp,ReadWritePaths") + "\n"
 	for _, want := range []string{"LimitMEMLOCK=infinity", "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "ReadWritePaths=/sys/fs/bpf"} {
 		if !strings.Contains(show, want+"\n") {
 			t.Errorf("systemctl show: no %s in\n%s", want, show)
