@@ -53,7 +53,7 @@ tags=""
 cache=$(realpath -m "${NSR_KERNELS_CACHE:-$harness/.cache/kernels}")
 
 usage() {
-	sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+	sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
 	exit 2
 }
 
