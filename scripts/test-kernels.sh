@@ -353,6 +353,8 @@ mkdir -p /run/nsr-tmp && export TMPDIR=/run/nsr-tmp
 export NSREDIRECT_RUNTIMES_BIN=$repo/.cache/runtimes/bin NSREDIRECT_RUNTIMES_RESULTS=$res/runtimes.md
 export NSREDIRECT_RUNTIMES_FOLLOW_BOUND=60s NSREDIRECT_RUNTIMES_DIAL_TIMEOUT=10s
 echo "guest: PID 1 is \$(cat /proc/1/comm), \$(systemctl --version | head -1)"
+# What a systemd host runs, and Podman talks to (systemd is its cgroup manager there).
+systemctl start dbus.socket dbus.service || true
 EOF
 	fi
 	if [ -n "$exec_script" ]; then

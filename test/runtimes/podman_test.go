@@ -259,9 +259,10 @@ runroot = "%[1]s/run/storage"
 		t.Fatal(err)
 	}
 	p.client = c
-	deadline := time.Now().Add(60 * time.Second)
+	// Hang caps, longer where followBound is (the TCG guest).
+	deadline := time.Now().Add(60*time.Second + followBound)
 	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), max(5*time.Second, followBound/4))
 		err := c.Negotiate(ctx)
 		cancel()
 		if err == nil {
@@ -275,7 +276,7 @@ runroot = "%[1]s/run/storage"
 		}
 		if time.Now().After(deadline) {
 			b, _ := os.ReadFile(logf.Name())
-			t.Fatalf("podman did not answer within 60s (%v): %s", err, lastLines(string(b), 8))
+			t.Fatalf("podman did not answer within %s (%v): %s", 60*time.Second+followBound, err, lastLines(string(b), 8))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
