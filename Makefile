@@ -150,6 +150,16 @@ test-runtimes: deps build $(RUNTIMES_STAMP) $(RUNTIMES_BIN)/dockerd $(RUNTIMES_B
 		$(GO) test -tags runtimes -count=1 -p 1 -v -timeout 30m $(if $(RUN),-run '$(RUN)') ./test/runtimes/
 	@cat .cache/runtimes/results.md
 
+# The pure-cgroup2 column of the same matrix: a qemu guest (Debian's 6.12,
+# TCG, as `make test-kernels` boots it) that runs systemd as PID 1 on a pure
+# cgroup2 hierarchy, with Docker Engine 29 + compose v5 and the shipped
+# systemd unit installed as the README says; one table, also in
+# .cache/kernels/results-runtimes.md. RUN=REGEX narrows the tests.
+.PHONY: test-runtimes-guest
+test-runtimes-guest: deps build $(KERNELS_STAMP) $(RUNTIMES_STAMP) $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-compose
+	$(GO) vet -tags 'runtimes guest' ./test/runtimes/
+	./scripts/test-kernels.sh --runtimes --repo $(CURDIR) --kernels 6.12 $(if $(RUN),--run '$(RUN)')
+
 $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-proxy &: $(RUNTIMES_TOOLS)/dockerd/go.mod $(RUNTIMES_TOOLS)/dockerd/go.sum
 	@mkdir -p $(RUNTIMES_BIN)
 	cd $(RUNTIMES_TOOLS)/dockerd && CGO_ENABLED=0 $(GO) build -trimpath -tags 'netgo osusergo static_build nri_no_wasm' \

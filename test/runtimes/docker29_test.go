@@ -118,7 +118,7 @@ func composeCell(t *testing.T, c *cell, e *engine, cmd []string, img images) {
 	}
 	backend := cp.id("backend")
 	pid := e.pidOf(t, backend)
-	waitRedirect(t, pid, "127.0.0.1:80", 5*time.Second)
+	waitRedirect(t, pid, "127.0.0.1:80", followCap)
 	clients(t, pid, "backend")
 	if out := inNetns(t, pid, "curl", "-sS", "--max-time", "5", "http://127.0.0.1:3210/action"); !strings.Contains(out, "-> 200 hello from demo-backend") {
 		t.Errorf("backend /action: %q", out)
@@ -127,9 +127,9 @@ func composeCell(t *testing.T, c *cell, e *engine, cmd []string, img images) {
 	testenv.AssertAttached(t, progs)
 
 	d := restartLatency(t, "compose restart backend", func() { cp.run("restart", "-t", "2", "backend") }, cp.service("backend"))
-	c.measure("restart followed in %s", ms(d))
+	c.measure("restart followed in %s%s", ms(d), e.eventLag(cp.service("backend")))
 	d = restartLatency(t, "compose up -d --force-recreate backend", func() { cp.run("up", "-d", "--force-recreate", "backend") }, cp.service("backend"))
-	c.measure("force-recreate followed in %s", ms(d))
+	c.measure("force-recreate followed in %s%s", ms(d), e.eventLag(cp.service("backend")))
 	if nb := cp.id("backend"); nb == backend {
 		t.Errorf("--force-recreate kept container %s", nb)
 	}
@@ -242,17 +242,17 @@ func TestDocker29HostDaemon(t *testing.T) {
 	d := hostDaemon(t, pin, e.sock, label)
 	progs := testenv.ProgIDs(t, pin)
 	pa := e.pidOf(t, run+"-a")
-	waitRedirect(t, pa, "127.0.0.1:80", 5*time.Second)
+	waitRedirect(t, pa, "127.0.0.1:80", followCap)
 	clients(t, pa, "labelled container")
 	mustRefuse(t, e.pidOf(t, run+"-plain"), "127.0.0.1:80", "an unlabelled container gets no rule")
 
 	l := restartLatency(t, "docker restart", func() { e.docker(t, "restart", "-t", "1", run+"-a") }, e.byName(run+"-a"))
-	c.measure("`docker restart` followed in %s", ms(l))
+	c.measure("`docker restart` followed in %s%s", ms(l), e.eventLag(e.byName(run+"-a")))
 	l = restartLatency(t, "docker rm -f && docker run", func() {
 		e.docker(t, "rm", "-f", run+"-a")
 		runCtr(run+"-a", label+"=80=3210")
 	}, e.byName(run+"-a"))
-	c.measure("recreate followed in %s", ms(l))
+	c.measure("recreate followed in %s%s", ms(l), e.eventLag(e.byName(run+"-a")))
 	pa = e.pidOf(t, run+"-a")
 	clients(t, pa, "recreated container")
 

@@ -259,7 +259,7 @@ runroot = "%[1]s/run/storage"
 		t.Fatal(err)
 	}
 	p.client = c
-	if err := waitAPI(c, "podman system service", done, logf.Name(), 60*time.Second); err != nil {
+	if err := waitAPI(c, "podman system service", done, logf.Name(), 60*time.Second+followBound); err != nil {
 		t.Fatal(err)
 	}
 	v, _ := p.cli(time.Minute, "version", "-f", "{{.Server.Version}}")
