@@ -71,9 +71,9 @@ func restartLatency(t *testing.T, what string, action func(), find func() (docke
 	return enginetest.RestartLatency(t, what, followBound, action, find)
 }
 
-// followBound is how soon a restart must be followed: the issue's 1 s.
-// NSREDIRECT_RUNTIMES_FOLLOW_BOUND (a Go duration) raises it where only a
-// hang cap makes sense, as in the qemu TCG guest of `make
+// followBound is the target a restart's follow time is reported against:
+// the issue's 1 s. NSREDIRECT_RUNTIMES_FOLLOW_BOUND (a Go duration) raises
+// it, and with it the hang caps, in the qemu TCG guest of `make
 // test-runtimes-guest`; the measured figure is in the table either way.
 var followBound = func() time.Duration {
 	if d, err := time.ParseDuration(os.Getenv("NSREDIRECT_RUNTIMES_FOLLOW_BOUND")); err == nil && d > 0 {
