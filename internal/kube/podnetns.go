@@ -77,13 +77,8 @@ type Pods struct {
 	walked *bool
 }
 
-type podProc struct {
-	pid int
-	// start is the start time in clock ticks after boot; unknown (the
-	// process exited meanwhile, or a proc tree without stat) sorts last.
-	start uint64
-}
-
+// unknownStart is the start time of a process whose stat cannot be read
+// (it exited meanwhile, or a proc tree without stat): it sorts last.
 const unknownStart = ^uint64(0)
 
 // The process cache of a proc root. A resync used to read /proc/PID/cgroup
@@ -117,7 +112,7 @@ type scanner struct {
 type procEntry struct {
 	pid   int
 	ino   uint64 // of /proc/PID: a new process has a new one
-	start uint64
+	start uint64 // clock ticks after boot, or unknownStart
 	uid   string // "" when in no pod
 	seen  time.Time
 }
@@ -237,7 +232,7 @@ func (p Pods) Netns(uid string) (netnsx.Target, int, error) {
 		if err := s.walk(); err != nil {
 			return netnsx.Target{}, 0, err
 		}
-		pick, ok = s.pick(uid)
+		pick, _ = s.pick(uid)
 	}
 	if pick == nil {
 		return netnsx.Target{}, 0, fmt.Errorf("%w: pod %s has no process under %s", ErrNoPodProcess, uid, p.procRoot)

@@ -98,7 +98,3 @@ func errString(err error) string {
 	}
 	return err.Error()
 }
-
-func itoa(n int) string {
-	return netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(n)).String()[len("0.0.0.0:"):]
-}
