@@ -193,15 +193,17 @@ func redirectCount(bin, pinDir, netns string) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("nsredirect status: %w", err)
 	}
-	var rows []struct {
-		Netns     string `json:"netns"`
-		Redirects uint64 `json:"redirects"`
+	var st struct {
+		Rules []struct {
+			Netns     string `json:"netns"`
+			Redirects uint64 `json:"redirects"`
+		} `json:"rules"`
 	}
-	if err := json.Unmarshal(out, &rows); err != nil {
+	if err := json.Unmarshal(out, &st); err != nil {
 		return 0, fmt.Errorf("nsredirect status --json: %w", err)
 	}
 	var n uint64
-	for _, r := range rows {
+	for _, r := range st.Rules {
 		if r.Netns == netns {
 			n += r.Redirects
 		}

@@ -106,7 +106,9 @@ func firstOf(s []string) string {
 func (f *fakeEngine) event(id, name, action string) {
 	var ev docker.Event
 	ev.Type, ev.Action, ev.Actor.ID, ev.TimeNano = "container", action, id, time.Now().UnixNano()
-	ev.Actor.Attributes = map[string]string{"name": name}
+	// As the Engine does: an event carries the container's labels as
+	// attributes (the client keeps only events of labelled containers).
+	ev.Actor.Attributes = map[string]string{"name": name, docker.DefaultLabel: "80=3210"}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for ch := range f.subs {

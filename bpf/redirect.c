@@ -11,7 +11,8 @@
  *
  * The original destination is kept in per-socket storage so getpeername()
  * reports what the application dialled; a socket that was not redirected has
- * no storage and is reported as the kernel sees it.
+ * no storage, and one whose record no longer matches its peer (it connected
+ * again, elsewhere), is reported as the kernel sees it.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -58,6 +59,24 @@ struct counter_key {
 	__u32 index;
 	__u32 _pad0;
 };
+
+/* The record a redirected socket keeps: what it dialled, and where the
+ * redirect sent it, so getpeername can tell a live record from one a socket
+ * keeps after connecting again (a failed connect, or AF_UNSPEC, lets a TCP
+ * socket connect a second time). Same size as before (the pinned map's value
+ * did not change): the words an address of a rule never uses hold where it
+ * went, and the family carries NSR_REC_CHECKED, which the programs of older
+ * builds do not know, so they leave such a record alone.
+ *
+ *	family 4|CHECKED: addr[0] dialled IPv4, addr[1] new port, addr[2] new IPv4
+ *	family 6|CHECKED: addr[2..3] dialled IPv6 (its first 64 bits are 0 for
+ *	                  every address a rule matches), addr[0] last word of the
+ *	                  new address, addr[1] new port
+ *	family 4 or 6:    written by an older build: addr as dialled, trusted
+ *
+ * A new address of 0 is an unspecified one kept as dialled: the kernel
+ * connects that to loopback, so any loopback peer matches. */
+#define NSR_REC_CHECKED 0x80
 
 struct orig_dst {
 	__u32 addr[4];
@@ -136,32 +155,34 @@ static __always_inline int maybe_ours6(const struct rule_key *key)
 }
 
 /* Look the dialled destination up; on a hit remember it on the socket and
- * return the rule. On a miss forget any earlier redirect of this socket, so a
- * re-connected socket never reports a stale peer: a socket that was
- * redirected once may connect again elsewhere, so the delete stays even on
- * the fast path (it is one pointer test when the socket holds no storage).
- * Other protocols skip it; UDP has its own programs, below. */
-static __always_inline const struct rule_val *lookup(struct bpf_sock_addr *ctx, struct rule_key *key, int candidate)
+ * return the rule. A miss calls no helper beyond the lookup: a record the
+ * socket may keep from an earlier connect is stale, and the getpeername
+ * programs see that from the peer (record_matches*), so there is nothing to
+ * delete on the path every loopback connect of the host takes. */
+static __always_inline const struct rule_val *lookup(struct bpf_sock_addr *ctx, struct rule_key *key)
 {
 	const struct rule_val *val;
 	struct orig_dst *orig;
 
-	if (!candidate) {
-		bpf_sk_storage_delete(&nsr_sockets, ctx->sk);
-		return 0;
-	}
 	key->netns_cookie = bpf_get_netns_cookie(ctx);
 	val = bpf_map_lookup_elem(&nsr_rules, key);
-	if (!val) {
-		bpf_sk_storage_delete(&nsr_sockets, ctx->sk);
+	if (!val)
 		return 0;
-	}
 
 	orig = bpf_sk_storage_get(&nsr_sockets, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (orig) {
-		__builtin_memcpy(orig->addr, key->addr, sizeof(orig->addr));
 		orig->port = key->port;
-		orig->family = key->family;
+		orig->family = key->family | NSR_REC_CHECKED;
+		orig->addr[1] = (__u32)val->port;
+		if (key->family == 4) {
+			orig->addr[0] = key->addr[0];
+			orig->addr[2] = val->keep_addr ? key->addr[0] : val->addr[0];
+			orig->addr[3] = 0;
+		} else {
+			orig->addr[0] = val->keep_addr ? key->addr[3] : val->addr[3];
+			orig->addr[2] = key->addr[2];
+			orig->addr[3] = key->addr[3];
+		}
 	} else {
 		/* Out of memory for socket storage: the connect is still
 		 * redirected, but getpeername will show the new port. */
@@ -180,8 +201,10 @@ int nsr_connect4(struct bpf_sock_addr *ctx)
 	if (ctx->protocol != NSR_IPPROTO_TCP)
 		return SYS_PROCEED;
 	key.addr[0] = ctx->user_ip4;
+	if (!maybe_ours4(key.addr[0]))
+		return SYS_PROCEED;
 	key.port = (__u16)ctx->user_port;
-	val = lookup(ctx, &key, maybe_ours4(key.addr[0]));
+	val = lookup(ctx, &key);
 	if (!val)
 		return SYS_PROCEED;
 
@@ -205,8 +228,10 @@ int nsr_connect6(struct bpf_sock_addr *ctx)
 	key.addr[1] = ctx->user_ip6[1];
 	key.addr[2] = ctx->user_ip6[2];
 	key.addr[3] = ctx->user_ip6[3];
+	if (!maybe_ours6(&key))
+		return SYS_PROCEED;
 	key.port = (__u16)ctx->user_port;
-	val = lookup(ctx, &key, maybe_ours6(&key));
+	val = lookup(ctx, &key);
 	if (!val)
 		return SYS_PROCEED;
 
@@ -220,13 +245,58 @@ int nsr_connect6(struct bpf_sock_addr *ctx)
 	return SYS_PROCEED;
 }
 
+/* Every rule redirects to loopback (internal/rule refuses any other target,
+ * and an unspecified one reaches loopback), so a socket whose peer is not
+ * loopback was not connected by our redirect. */
+static __always_inline int peer_is_loopback4(__u32 ip4)
+{
+	return (ip4 & bpf_htonl(NSR_NET8_MASK)) == bpf_htonl(NSR_LOOPBACK_NET);
+}
+
+/* ::1 or ::ffff:127.0.0.0/104; among these the last word tells them apart. */
+static __always_inline int peer_is_loopback6(const __u32 *ip6)
+{
+	if (ip6[0] != 0 || ip6[1] != 0)
+		return 0;
+	if (ip6[2] == 0)
+		return ip6[3] == bpf_htonl(1);
+	if (ip6[2] == bpf_htonl(0xffff))
+		return peer_is_loopback4(ip6[3]);
+	return 0;
+}
+
+/* Whether the socket's record describes the connection it has now: its peer
+ * is where the recorded redirect went. */
+static __always_inline int record_matches4(const struct orig_dst *orig, __u32 ip4, __u32 port)
+{
+	if (!peer_is_loopback4(ip4))
+		return 0;
+	if (orig->family == 4) /* an older build's record */
+		return 1;
+	return (__u16)orig->addr[1] == (__u16)port && (orig->addr[2] == 0 || orig->addr[2] == ip4);
+}
+
+static __always_inline int record_matches6(const struct orig_dst *orig, const __u32 *ip6, __u32 port)
+{
+	if (!peer_is_loopback6(ip6))
+		return 0;
+	if (orig->family == 6) /* an older build's record */
+		return 1;
+	return (__u16)orig->addr[1] == (__u16)port && (orig->addr[0] == 0 || orig->addr[0] == ip6[3]);
+}
+
 SEC("cgroup/getpeername4")
 int nsr_getpeername4(struct bpf_sock_addr *ctx)
 {
 	struct orig_dst *orig = bpf_sk_storage_get(&nsr_sockets, ctx->sk, 0, 0);
 
-	if (!orig || orig->family != 4)
+	if (!orig || (orig->family & ~NSR_REC_CHECKED) != 4)
 		return SYS_PROCEED;
+	if (!record_matches4(orig, ctx->user_ip4, ctx->user_port)) {
+		/* Stale: the socket connected again, elsewhere. */
+		bpf_sk_storage_delete(&nsr_sockets, ctx->sk);
+		return SYS_PROCEED;
+	}
 	ctx->user_ip4 = orig->addr[0];
 	ctx->user_port = (__u32)orig->port;
 	return SYS_PROCEED;
@@ -236,11 +306,25 @@ SEC("cgroup/getpeername6")
 int nsr_getpeername6(struct bpf_sock_addr *ctx)
 {
 	struct orig_dst *orig = bpf_sk_storage_get(&nsr_sockets, ctx->sk, 0, 0);
+	__u32 peer[4];
 
-	if (!orig || orig->family != 6)
+	if (!orig || (orig->family & ~NSR_REC_CHECKED) != 6)
 		return SYS_PROCEED;
-	ctx->user_ip6[0] = orig->addr[0];
-	ctx->user_ip6[1] = orig->addr[1];
+	peer[0] = ctx->user_ip6[0];
+	peer[1] = ctx->user_ip6[1];
+	peer[2] = ctx->user_ip6[2];
+	peer[3] = ctx->user_ip6[3];
+	if (!record_matches6(orig, peer, ctx->user_port)) {
+		bpf_sk_storage_delete(&nsr_sockets, ctx->sk);
+		return SYS_PROCEED;
+	}
+	if (orig->family == 6) { /* an older build's record: addr as dialled */
+		ctx->user_ip6[0] = orig->addr[0];
+		ctx->user_ip6[1] = orig->addr[1];
+	} else {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+	}
 	ctx->user_ip6[2] = orig->addr[2];
 	ctx->user_ip6[3] = orig->addr[3];
 	ctx->user_port = (__u32)orig->port;

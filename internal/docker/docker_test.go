@@ -356,3 +356,50 @@ func TestSharedNetnsEnrolledOnce(t *testing.T) {
 		t.Fatalf("targets %+v; want app enrolled and sidecar refused for sharing its netns", got)
 	}
 }
+
+// TestDesiredInspectsOnlyWhatChanged: a listing inspects the containers it
+// has not seen and the ones an event named, not every container each time
+// (issue 14: 200 inspects per event at 200 containers).
+func TestDesiredInspectsOnlyWhatChanged(t *testing.T) {
+	e := newFakeEngine(t, "1.41")
+	pid := os.Getpid() // a pid that exists, as a running container's does
+	e.add("aaa", "a", pid, map[string]string{DefaultLabel: "80=3210"})
+	e.add("bbb", "b", pid, map[string]string{DefaultLabel: "80=3210"})
+	c, _ := New("unix://" + e.socket)
+	if err := c.Negotiate(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	w := NewWatcher(c, DefaultLabel, quiet())
+	inspects := func() int {
+		paths, _ := e.seen()
+		n := 0
+		for _, p := range paths {
+			if strings.HasSuffix(p, "/json") && !strings.HasSuffix(p, "/containers/json") {
+				n++
+			}
+		}
+		return n
+	}
+	step := func(what string, want int) {
+		t.Helper()
+		before := inspects()
+		got, err := w.Desired(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := inspects() - before; n != want {
+			t.Errorf("%s: %d inspects, want %d", what, n, want)
+		}
+		if len(got) != len(e.containers) {
+			t.Errorf("%s: %d targets, want %d", what, len(got), len(e.containers))
+		}
+	}
+	step("first listing", 2)
+	step("nothing changed", 0)
+	w.invalidate("aaa")
+	step("an event named aaa", 1)
+	e.add("ccc", "c", pid, map[string]string{DefaultLabel: "80=3210"})
+	step("a new container", 1)
+	w.invalidate("")
+	step("the stream reconnected", 3)
+}

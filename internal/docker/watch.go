@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -38,13 +40,53 @@ type Watcher struct {
 	log    logrus.FieldLogger
 	// Backoff bounds the wait between reconnects to the Engine.
 	BackoffMin, BackoffMax time.Duration
-	// Relist is how often a full listing runs with no event.
+	// Relist is how often a full listing runs with no event: every
+	// container is inspected again then, the safety net of the cache.
 	Relist time.Duration
+
+	mu sync.Mutex // guards the fields below
+	// inspected caches what Inspect said of each labelled running
+	// container: labels, network mode and pid do not change while it runs,
+	// and every start or restart comes with an event naming it. Desired
+	// inspects only the containers not in it, the ones an event named
+	// (dirty), one whose cached pid is gone, and all of them after a
+	// reconnection of the event stream and every tenth relist (dirtyAll).
+	inspected map[string]Inspected
+	dirty     map[string]bool
+	dirtyAll  bool
 }
 
 // NewWatcher watches containers carrying label through c.
 func NewWatcher(c *Client, label string, log logrus.FieldLogger) *Watcher {
-	return &Watcher{client: c, label: label, log: log, BackoffMin: backoffMin, BackoffMax: backoffMax, Relist: relistEvery}
+	return &Watcher{client: c, label: label, log: log, BackoffMin: backoffMin, BackoffMax: backoffMax, Relist: relistEvery,
+		inspected: map[string]Inspected{}, dirty: map[string]bool{}}
+}
+
+// invalidate makes the next Desired inspect container id again, or every
+// container when id is "".
+func (w *Watcher) invalidate(id string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if id == "" {
+		w.dirtyAll = true
+	} else {
+		w.dirty[id] = true
+	}
+}
+
+// cachedInspect returns what the cache holds for c, when it can be trusted.
+func (w *Watcher) cachedInspect(id string) (Inspected, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	in, ok := w.inspected[id]
+	if !ok || w.dirtyAll || w.dirty[id] {
+		return Inspected{}, false
+	}
+	// A container restarted with no event seen: its old pid is gone.
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d", in.State.Pid)); err != nil {
+		return Inspected{}, false
+	}
+	return in, true
 }
 
 // Desired lists the running containers carrying the label and returns one
@@ -53,24 +95,51 @@ func NewWatcher(c *Client, label string, log logrus.FieldLogger) *Watcher {
 // parse gives a target with Err set, so the daemon logs and counts it for
 // that container alone.
 func (w *Watcher) Desired(ctx context.Context) ([]daemon.Target, error) {
+	// Dirty marks taken now: an event arriving during the listing marks
+	// again, for the next Desired.
+	w.mu.Lock()
+	all, dirty := w.dirtyAll, w.dirty
+	w.dirtyAll, w.dirty = false, map[string]bool{}
+	w.mu.Unlock()
+	restore := func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		w.dirtyAll = w.dirtyAll || all
+		for id := range dirty {
+			w.dirty[id] = true
+		}
+	}
 	list, err := w.client.Running(ctx, w.label)
 	if err != nil {
+		restore()
 		return nil, err
 	}
 	out := make([]daemon.Target, 0, len(list))
+	fresh := make(map[string]Inspected, len(list))
 	for _, c := range list {
-		in, err := w.client.Inspect(ctx, c.ID)
-		if errors.Is(err, ErrNotFound) {
-			continue // removed since the listing; its events follow
+		in, ok := Inspected{}, false
+		if !all && !dirty[c.ID] {
+			in, ok = w.cachedInspect(c.ID)
 		}
-		if err != nil {
-			return nil, err
+		if !ok {
+			in, err = w.client.Inspect(ctx, c.ID)
+			if errors.Is(err, ErrNotFound) {
+				continue // removed since the listing; its events follow
+			}
+			if err != nil {
+				restore()
+				return nil, err
+			}
 		}
 		if !in.State.Running || in.State.Pid <= 0 {
 			continue
 		}
+		fresh[c.ID] = in
 		out = append(out, w.target(in))
 	}
+	w.mu.Lock()
+	w.inspected = fresh // what is no longer listed leaves the cache
+	w.mu.Unlock()
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	sharedNetns(out)
 	return out, nil
@@ -182,13 +251,18 @@ func (w *Watcher) follow(ctx context.Context, wake func()) error {
 	defer cancel()
 	streamErr := make(chan error, 1)
 	go func() {
-		streamErr <- w.client.Events(ctx, w.label, wake, func(ev Event) {
+		streamErr <- w.client.Events(ctx, w.label, func() {
+			w.invalidate("") // events may have been missed while disconnected
+			wake()
+		}, func(ev Event) {
 			w.log.WithFields(logrus.Fields{"container": ev.Actor.Attributes["name"], "event": ev.Action}).Debug("docker event")
+			w.invalidate(ev.Actor.ID)
 			wake()
 		})
 	}()
 	relist := time.NewTicker(w.Relist)
 	defer relist.Stop()
+	ticks := 0
 	for {
 		select {
 		case <-ctx.Done():
@@ -199,6 +273,11 @@ func (w *Watcher) follow(ctx context.Context, wake func()) error {
 			}
 			return err
 		case <-relist.C:
+			// The listing finds what events missed; every tenth also
+			// inspects every container again.
+			if ticks++; ticks%10 == 0 {
+				w.invalidate("")
+			}
 			wake()
 		}
 	}

@@ -8,6 +8,7 @@ package kube
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -16,6 +17,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -64,41 +67,140 @@ func PodNetns(procRoot, uid string) (netnsx.Target, int, error) {
 	return pods.Netns(uid)
 }
 
-// Pods maps the pods seen in one scan of a proc root to their processes,
-// oldest first.
+// Pods is the pods of a proc root at one resync: Netns finds a pod's
+// processes in the root's process cache (see scanner).
 type Pods struct {
 	procRoot string
-	procs    map[string][]podProc
+	s        *scanner
+	// walked is shared by the copies of one ScanPods result: a resync
+	// walks the proc root at most once, however many pods it misses.
+	walked *bool
 }
 
-type podProc struct {
-	pid int
-	// start is the start time in clock ticks after boot; unknown (the
-	// process exited meanwhile, or a proc tree without stat) sorts last.
-	start uint64
-}
-
+// unknownStart is the start time of a process whose stat cannot be read
+// (it exited meanwhile, or a proc tree without stat): it sorts last.
 const unknownStart = ^uint64(0)
 
-// ScanPods reads every process's cgroup under procRoot once, so a resync of
-// many pods costs one walk of /proc, not one per pod.
-func ScanPods(procRoot string) (Pods, error) {
-	entries, err := os.ReadDir(procRoot)
-	if err != nil {
-		return Pods{}, fmt.Errorf("read %s: %w; mount the host /proc (hostPath) and pass it with --proc", procRoot, err)
+// The process cache of a proc root. A resync used to read /proc/PID/cgroup
+// of every process on the node once a second (~15-25 µs each: 5,000
+// processes took a tenth of a core). A process's pod does not change, so it
+// is read once per process: a process is known by its pid and the inode
+// number of its /proc/PID directory, which the kernel gives a new process
+// even when it reuses a pid. A resync then costs one stat of each annotated
+// pod's chosen process (still this process? its netns still there?); the
+// proc root is listed again only when a pod has no such process left (a
+// new pod, a re-created sandbox), at most once per resync, and every
+// walkEvery to forget the processes that exited.
+const (
+	walkEvery = 30 * time.Second
+	// youngFor: a process seen outside any pod is read again while it is
+	// this young: runtimes move a container's first process into its
+	// cgroup just after creating it.
+	youngFor = 10 * time.Second
+)
+
+type scanner struct {
+	root string
+
+	mu       sync.Mutex // guards the fields below
+	procs    map[int]*procEntry
+	byUID    map[string][]*procEntry // oldest first
+	lastWalk time.Time
+	walkErr  error
+}
+
+type procEntry struct {
+	pid   int
+	ino   uint64 // of /proc/PID: a new process has a new one
+	start uint64 // clock ticks after boot, or unknownStart
+	uid   string // "" when in no pod
+	seen  time.Time
+}
+
+var (
+	scannersMu sync.Mutex
+	scanners   = map[string]*scanner{}
+)
+
+func scannerOf(procRoot string) *scanner {
+	scannersMu.Lock()
+	defer scannersMu.Unlock()
+	s := scanners[procRoot]
+	if s == nil {
+		s = &scanner{root: procRoot, procs: map[int]*procEntry{}, byUID: map[string][]*procEntry{}}
+		scanners[procRoot] = s
 	}
-	p := Pods{procRoot: procRoot, procs: map[string][]podProc{}}
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
+	return s
+}
+
+// ScanPods returns the pods of procRoot for one resync. The proc root is
+// walked when it has not been for walkEvery (the first call walks it);
+// otherwise Netns looks at the cached processes and walks only for a pod
+// it cannot find.
+func ScanPods(procRoot string) (Pods, error) {
+	s := scannerOf(procRoot)
+	walked := false
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lastWalk.IsZero() || time.Since(s.lastWalk) >= walkEvery {
+		walked = true
+		if err := s.walk(); err != nil {
+			return Pods{}, err
+		}
+	}
+	return Pods{procRoot: procRoot, s: s, walked: &walked}, nil
+}
+
+// walk lists the proc root and reads the cgroup and start time of the
+// processes it has not seen (and of young ones seen in no pod).
+func (s *scanner) walk() error {
+	s.lastWalk = time.Now()
+	ents, err := readDirInos(s.root)
+	if err != nil {
+		s.walkErr = fmt.Errorf("read %s: %w; mount the host /proc (hostPath) and pass it with --proc", s.root, err)
+		return s.walkErr
+	}
+	s.walkErr = nil
+	now := time.Now()
+	procs := make(map[int]*procEntry, len(ents))
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.name)
 		if err != nil || pid <= 0 {
 			continue
 		}
-		dir := filepath.Join(procRoot, e.Name())
-		if uid := podOf(filepath.Join(dir, "cgroup")); uid != "" {
-			p.procs[uid] = append(p.procs[uid], podProc{pid: pid, start: startTime(dir)})
+		old := s.procs[pid]
+		if old != nil && old.ino == e.ino && (old.uid != "" || now.Sub(old.seen) >= youngFor) {
+			procs[pid] = old
+			continue
+		}
+		seen := now
+		if old != nil && old.ino == e.ino {
+			seen = old.seen
+		}
+		procs[pid] = s.read(pid, e.ino, seen)
+	}
+	s.procs = procs
+	s.index()
+	return nil
+}
+
+func (s *scanner) read(pid int, ino uint64, seen time.Time) *procEntry {
+	dir := filepath.Join(s.root, strconv.Itoa(pid))
+	e := &procEntry{pid: pid, ino: ino, seen: seen}
+	if e.uid = podOf(filepath.Join(dir, "cgroup")); e.uid != "" {
+		e.start = startTime(dir)
+	}
+	return e
+}
+
+func (s *scanner) index() {
+	s.byUID = map[string][]*procEntry{}
+	for _, e := range s.procs {
+		if e.uid != "" {
+			s.byUID[e.uid] = append(s.byUID[e.uid], e)
 		}
 	}
-	for _, ps := range p.procs {
+	for _, ps := range s.byUID {
 		sort.Slice(ps, func(i, j int) bool {
 			if ps[i].start != ps[j].start {
 				return ps[i].start < ps[j].start
@@ -106,7 +208,13 @@ func ScanPods(procRoot string) (Pods, error) {
 			return ps[i].pid < ps[j].pid
 		})
 	}
-	return p, nil
+}
+
+// current reports whether e is still the process it was read as: its
+// /proc/PID is there with the same inode number.
+func (s *scanner) current(e *procEntry) bool {
+	var st unix.Stat_t
+	return unix.Stat(filepath.Join(s.root, strconv.Itoa(e.pid)), &st) == nil && st.Ino == e.ino
 }
 
 // Netns returns the netns of pod uid through its oldest process by start
@@ -115,20 +223,104 @@ func ScanPods(procRoot string) (Pods, error) {
 // CRI-O's drop_infra_ctr the oldest is an ordinary process), through the
 // next oldest; and that pid.
 func (p Pods) Netns(uid string) (netnsx.Target, int, error) {
-	ps := p.procs[uid]
-	if len(ps) == 0 {
-		return netnsx.Target{}, 0, fmt.Errorf("%w: pod %s has no process under %s", ErrNoPodProcess, uid, p.procRoot)
-	}
-	pick := ps[0]
-	for _, c := range ps {
-		var st unix.Stat_t
-		if unix.Stat(filepath.Join(p.procRoot, strconv.Itoa(c.pid), "ns", "net"), &st) == nil {
-			pick = c
-			break
+	s := p.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	pick, ok := s.pick(uid)
+	if !ok && !*p.walked {
+		*p.walked = true
+		if err := s.walk(); err != nil {
+			return netnsx.Target{}, 0, err
 		}
+		pick, _ = s.pick(uid)
+	}
+	if pick == nil {
+		return netnsx.Target{}, 0, fmt.Errorf("%w: pod %s has no process under %s", ErrNoPodProcess, uid, p.procRoot)
 	}
 	t, err := netnsx.ParseTarget(filepath.Join(p.procRoot, strconv.Itoa(pick.pid), "ns", "net"))
 	return t, pick.pid, err
+}
+
+// pick returns the oldest cached process of uid that is still current and
+// whose netns can be looked at (ok); else the oldest current one, whose
+// netns is then reported as it is (as before the cache). Processes found
+// gone leave the cache.
+func (s *scanner) pick(uid string) (*procEntry, bool) {
+	ps := s.byUID[uid]
+	var first *procEntry
+	gone := false
+	defer func() {
+		if gone {
+			live := ps[:0]
+			for _, e := range ps {
+				if e != nil {
+					live = append(live, e)
+				}
+			}
+			if len(live) == 0 {
+				delete(s.byUID, uid)
+			} else {
+				s.byUID[uid] = live
+			}
+		}
+	}()
+	for i, e := range ps {
+		if !s.current(e) {
+			delete(s.procs, e.pid)
+			ps[i], gone = nil, true
+			continue
+		}
+		if first == nil {
+			first = e
+		}
+		var st unix.Stat_t
+		if unix.Stat(filepath.Join(s.root, strconv.Itoa(e.pid), "ns", "net"), &st) == nil {
+			return e, true
+		}
+	}
+	return first, false
+}
+
+// readDirInos lists dir with each entry's inode number (getdents64).
+func readDirInos(dir string) ([]dirEnt, error) {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(fd)
+	var out []dirEnt
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := unix.Getdents(fd, buf)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if n <= 0 {
+			return out, nil
+		}
+		for b := buf[:n]; len(b) >= 19; {
+			reclen := int(binary.NativeEndian.Uint16(b[16:18]))
+			if reclen < 19 || reclen > len(b) {
+				break
+			}
+			name := b[19:reclen]
+			if i := bytes.IndexByte(name, 0); i >= 0 {
+				name = name[:i]
+			}
+			if len(name) > 0 && name[0] >= '0' && name[0] <= '9' {
+				out = append(out, dirEnt{name: string(name), ino: binary.NativeEndian.Uint64(b[0:8])})
+			}
+			b = b[reclen:]
+		}
+	}
+}
+
+type dirEnt struct {
+	name string
+	ino  uint64
 }
 
 // startTime reads field 22 (starttime) of DIR/stat. The command name,

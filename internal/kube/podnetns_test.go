@@ -125,3 +125,62 @@ func TestPodNetnsRealCgroup(t *testing.T) {
 		t.Errorf("pod netns cookie %d, want the test netns's %d", cookie, want)
 	}
 }
+
+// TestScanReadsEachProcessOnce: a resync does not read the cgroup of a
+// process it has read before (issue 14: reading every /proc/PID/cgroup once
+// a second was a tenth of a core at 5,000 processes), but a pid reused by a
+// new process (a new /proc/PID inode) is read again.
+func TestScanReadsEachProcessOnce(t *testing.T) {
+	const other = "99999999-2222-3333-4444-555555555555"
+	cgOf := func(u string) string { return "0::/kubepods/burstable/pod" + u + "/c\n" }
+	root := fakeProc(t, map[int]string{1: "0::/init.scope\n", 100: cgOf(uid)})
+	dir := filepath.Join(root, "100")
+	withNetns := func(dir string) {
+		if err := os.MkdirAll(filepath.Join(dir, "ns"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink("/proc/self/ns/net", filepath.Join(dir, "ns", "net")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	withNetns(dir)
+	netnsOf := func(u string) (int, error) {
+		pods, err := ScanPods(root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, pid, err := pods.Netns(u)
+		return pid, err
+	}
+	if pid, err := netnsOf(uid); err != nil || pid != 100 {
+		t.Fatalf("first scan: pid %d, %v; want 100", pid, err)
+	}
+	// The same process (same directory): its cgroup is not read again.
+	if err := os.WriteFile(filepath.Join(dir, "cgroup"), []byte(cgOf(other)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if pid, err := netnsOf(uid); err != nil || pid != 100 {
+		t.Errorf("second scan: pid %d, %v; want 100 from the cache, with no new read of its cgroup", pid, err)
+	}
+	// A new process with the same pid: a new directory, read again.
+	fresh := filepath.Join(root, "100.new")
+	if err := os.MkdirAll(fresh, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(fresh, "cgroup"), []byte(cgOf(other)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	withNetns(fresh)
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(fresh, dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := netnsOf(uid); !errors.Is(err, ErrNoPodProcess) {
+		t.Errorf("after pid 100 was reused outside the pod: %v; want ErrNoPodProcess", err)
+	}
+	if pid, err := netnsOf(other); err != nil || pid != 100 {
+		t.Errorf("the new pid 100: pid %d, %v; want it found in pod %s", pid, err, other)
+	}
+}
