@@ -233,9 +233,9 @@ fetch_kernel() {
 }
 
 # What a foreign root holds: the guest script's bash and coreutils, and what
-# the suite runs (ip, curl, node, python3, bpftool, setpriv/nsenter/prlimit/
-# unshare), with busybox-static for the initramfs.
-rootfs_pkgs="bash coreutils grep sed iproute2 curl nodejs python3 bpftool util-linux mount procps busybox-static base-passwd"
+# the suite runs (ip, curl, node, python3, dig, bpftool, setpriv/nsenter/
+# prlimit/unshare), with busybox-static for the initramfs.
+rootfs_pkgs="bash coreutils grep sed iproute2 curl nodejs python3 dnsutils bpftool util-linux mount procps busybox-static base-passwd"
 
 # build_rootfs ARCH: prints the path of a root unpacked from bookworm's
 # ARCH .debs: the packages above and everything they depend on, resolved
