@@ -232,10 +232,11 @@ fetch_kernel() {
 	echo "$pkg $ver $dir"
 }
 
-# What a foreign root holds: the guest script's bash and coreutils, and what
+# What a foreign root holds: the guest script's bash, /bin/sh (dash: an exec
+# credential plugin in the kube tests is a shell script) and coreutils, and what
 # the suite runs (ip, curl, node, python3, dig, bpftool, setpriv/nsenter/
 # prlimit/unshare), with busybox-static for the initramfs.
-rootfs_pkgs="bash coreutils grep sed iproute2 curl nodejs python3 dnsutils bpftool util-linux mount procps busybox-static base-passwd"
+rootfs_pkgs="bash dash coreutils grep sed iproute2 curl nodejs python3 dnsutils bpftool util-linux mount procps busybox-static base-passwd"
 
 # build_rootfs ARCH: prints the path of a root unpacked from bookworm's
 # ARCH .debs: the packages above and everything they depend on, resolved
