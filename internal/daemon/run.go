@@ -287,21 +287,36 @@ func (r *runner) repaired(hooks []string) {
 // removeOrphans removes the ownerless records of this mode that nothing
 // claims, after the first reconcile (what a predecessor handed over is ours
 // by then, or held by a live owner and never touched). A source that lists
-// every target of its mode (docker, kube) claims by name; a fixed one (run)
+// every target of its mode (docker, kube) claims by stable ID (by name for a
+// record without one); a fixed one (run)
 // cannot tell, so its records go only once their netns is proven gone.
 func (r *runner) removeOrphans(desired []Target) error {
-	want := map[string]bool{}
+	// Claimed by stable ID where the record has one (a container
+	// recreated under the same name has a new ID: its old record is an
+	// orphan even while the new one fails to enroll), by name otherwise
+	// (records of layout 1 have no ID).
+	wantName, wantID := map[string]bool{}, map[string]bool{}
+	idOf := map[string]string{}
 	for _, t := range desired {
-		want[t.Name] = true
+		wantName[t.Name] = true
+		if t.ID != "" {
+			wantID[t.ID] = true
+			idOf[t.Name] = t.ID
+		}
 	}
 	for _, n := range r.d.Serving() {
-		delete(want, n) // served: ours now, not an orphan
+		// served: ours now, not an orphan
+		delete(wantName, n)
+		delete(wantID, idOf[n])
 	}
 	removed, err := r.cfg.Kernel.RemoveOrphans(r.cfg.Owner, func(rec loader.Record) bool {
 		if r.cfg.Fixed {
 			return rec.NetnsIno == 0 || netnsInoAlive(r.cfg.Proc, rec.NetnsIno)
 		}
-		return want[rec.Name]
+		if rec.ID != "" {
+			return wantID[rec.ID]
+		}
+		return wantName[rec.Name]
 	})
 	for _, rec := range removed {
 		r.cfg.Log.WithFields(logrus.Fields{"netns": rec.Name, "cookie": rec.Cookie, "id": rec.ID}).Info("removed rules handed over for a target that is gone")

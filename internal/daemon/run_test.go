@@ -126,6 +126,11 @@ type attachedFake struct {
 	mu     sync.Mutex
 	heal   [][]string // what each Heal call returns, in turn
 	closed bool
+	// orphans are the ownerless records RemoveOrphans is offered; what
+	// keep does not claim goes to removed, and orphaned is closed.
+	orphans  []loader.Record
+	removed  []loader.Record
+	orphaned chan struct{}
 }
 
 func (a *attachedFake) Intact() error { return nil }
@@ -146,8 +151,69 @@ func (a *attachedFake) PeerStorageFailures() (uint64, error) { return 7, nil }
 func (a *attachedFake) Records() ([]loader.Record, error)    { return nil, nil }
 func (a *attachedFake) RemoveAllIfUnused() (bool, error)     { return true, nil }
 func (a *attachedFake) Close() error                         { a.closed = true; return nil }
-func (a *attachedFake) RemoveOrphans(string, func(loader.Record) bool) ([]loader.Record, error) {
-	return nil, nil
+func (a *attachedFake) RemoveOrphans(_ string, keep func(loader.Record) bool) ([]loader.Record, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var removed []loader.Record
+	for _, r := range a.orphans {
+		if !keep(r) {
+			removed = append(removed, r)
+		}
+	}
+	a.removed = removed
+	if a.orphaned != nil {
+		close(a.orphaned)
+	}
+	return removed, nil
+}
+
+// listed is a discovery source whose listing never changes.
+type listed []Target
+
+func (l listed) Desired(context.Context) ([]Target, error) { return l, nil }
+func (listed) Watch(ctx context.Context, _ func()) error {
+	<-ctx.Done()
+	return nil
+}
+func (listed) Handover(context.Context, []string) bool { return false }
+
+// TestOrphansClaimedByID: a record a predecessor handed over is claimed by
+// the target with its stable ID, not by a name: a container recreated under
+// the same name (new ID) whose enrollment fails this time must not keep the
+// old container's rules, and a record of the same container is kept.
+func TestOrphansClaimedByID(t *testing.T) {
+	ns := testenv.NewNetns(t)
+	k := &attachedFake{fakeKernel: newFake(), orphaned: make(chan struct{}), orphans: []loader.Record{
+		{Enrollment: loader.Enrollment{Cookie: 1, Name: "web", ID: "old-container", Owner: "docker"}},
+		{Enrollment: loader.Enrollment{Cookie: 2, Name: "web", ID: "new-container", Owner: "docker"}},
+		{Enrollment: loader.Enrollment{Cookie: 3, Name: "web", Owner: "docker"}}, // layout 1: no ID
+	}}
+	k.Fail["web"] = errors.New("map full")
+	log, _ := test.NewNullLogger()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	src := listed{{Name: "web", ID: "new-container", Netns: ns.Target(), Rules: rules(t, "80=3210")}}
+	go func() {
+		done <- Run(ctx, src, Config{Kernel: k, Cookies: testenv.Cookies(t), Owner: "docker", Resync: time.Hour, Log: log})
+	}()
+	select {
+	case <-k.orphaned:
+	case <-time.After(30 * time.Second):
+		t.Fatal("RemoveOrphans was not called within 30s")
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	var got []uint64
+	for _, r := range k.removed {
+		got = append(got, r.Cookie)
+	}
+	if fmt.Sprint(got) != "[1]" {
+		t.Errorf("removed the records with cookies %v; want [1] (the old container's), keeping the same container's and the one without an ID that the name claims", got)
+	}
 }
 
 func scrape(t *testing.T, addr string) string {
