@@ -39,8 +39,8 @@ step "without nsredirect, the backend's own call to http://127.0.0.1 (port 80) i
 ip netns exec "$NS" curl -sS --max-time 3 http://127.0.0.1/ || true
 ip netns exec "$NS" curl -sS --max-time 3 http://127.0.0.1:3210/action || true
 
-step "start: nsredirect run --netns /run/netns/$NS --redirect 80=3210"
-"$NSR" run --netns "/run/netns/$NS" --redirect 80=3210 --pin-dir "$PIN_DIR" &
+step "start: nsredirect run --netns /run/netns/$NS --redirect 80=3210 --remove-on-exit"
+"$NSR" run --netns "/run/netns/$NS" --redirect 80=3210 --remove-on-exit --pin-dir "$PIN_DIR" &
 daemon_pid=$!
 for _ in $(seq 100); do "$NSR" check --netns "/run/netns/$NS" --pin-dir "$PIN_DIR" >/dev/null 2>&1 && break; sleep 0.1; done
 "$NSR" check --netns "/run/netns/$NS" --dial 127.0.0.1:80 --pin-dir "$PIN_DIR"
