@@ -153,7 +153,7 @@ var paths = []path{
 	{"direct", func(*env, netnsx.Target, string, int, int) (func(), error) { return func() {}, nil }},
 	{"nsredirect", func(e *env, ns netnsx.Target, _ string, from, to int) (func(), error) {
 		bin, _ := filepath.Abs(e.cfg.nsredirect)
-		cmd, err := e.start(bin, "run", "--netns", ns.Path, "--redirect", fmt.Sprintf("%d=%d", from, to), "--pin-dir", e.pinDir, "--log-level", "warn")
+		cmd, err := e.start(bin, "run", "--netns", ns.Path, "--redirect", fmt.Sprintf("%d=%d", from, to), "--pin-dir", e.pinDir, "--log-level", "warn", "--remove-on-exit")
 		if err != nil {
 			return nil, err
 		}

@@ -94,7 +94,7 @@ func measureKernelCost(e *env) (*kernelCost, error) {
 		return nil, err
 	}
 	bin, _ := filepath.Abs(e.cfg.nsredirect)
-	daemon, err := e.start(bin, "run", "--netns", enrolled.Path, "--redirect", fmt.Sprintf("%d=%d", hitPort, closedPort), "--pin-dir", e.pinDir, "--log-level", "warn")
+	daemon, err := e.start(bin, "run", "--netns", enrolled.Path, "--redirect", fmt.Sprintf("%d=%d", hitPort, closedPort), "--pin-dir", e.pinDir, "--log-level", "warn", "--remove-on-exit")
 	if err != nil {
 		return nil, err
 	}

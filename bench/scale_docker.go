@@ -254,7 +254,7 @@ func scaleRun(e *env, s *scaleResults, n int) error {
 			}
 		}
 		bin, _ := filepath.Abs(e.cfg.nsredirect)
-		cmd, err := e.start(bin, "run", "--netns", sb.ns.Path, "--redirect", "80=3210", "--pin-dir", e.pinDir, "--log-level", "warn")
+		cmd, err := e.start(bin, "run", "--netns", sb.ns.Path, "--redirect", "80=3210", "--pin-dir", e.pinDir, "--log-level", "warn", "--remove-on-exit")
 		if err != nil {
 			return err
 		}
