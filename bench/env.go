@@ -3,12 +3,14 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -28,6 +30,33 @@ type env struct {
 	cleanups []func()
 	// daemonPID is the nsredirect daemon of the measurement under way.
 	daemonPID int
+	// daemonLog keeps the end of the last started daemon's log, for errors.
+	daemonLog *tailBuffer
+}
+
+// tailBuffer keeps the last 4 KB written to it; safe for concurrent use.
+type tailBuffer struct {
+	mu sync.Mutex
+	b  []byte
+}
+
+func (t *tailBuffer) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.b = append(t.b, p...)
+	if n := len(t.b) - 4096; n > 0 {
+		t.b = append(t.b[:0], t.b[n:]...)
+	}
+	return len(p), nil
+}
+
+func (t *tailBuffer) String() string {
+	if t == nil {
+		return "(none)"
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return string(t.b)
 }
 
 func newEnv(ctx context.Context, c config) *env {
@@ -84,8 +113,13 @@ func (e *env) netns(name string) (netnsx.Target, error) {
 
 // start runs a process until the benchmark ends; it is stopped by pid.
 func (e *env) start(name string, args ...string) (*exec.Cmd, error) {
+	return e.startTo(nil, name, args...)
+}
+
+// startTo is start with the process's stderr written to w (nil: dropped).
+func (e *env) startTo(w io.Writer, name string, args ...string) (*exec.Cmd, error) {
 	cmd := exec.Command(name, args...)
-	cmd.Stdout, cmd.Stderr = nil, nil
+	cmd.Stdout, cmd.Stderr = nil, w
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}

@@ -36,11 +36,13 @@ type config struct {
 	outDir     string
 	nsredirect string
 	backend    string
+	daemonLog  string
 }
 
 func main() {
 	var c config
 	flag.BoolVar(&c.quick, "quick", false, "short run (< 1 minute): fewer repeats, shorter loads")
+	flag.StringVar(&c.daemonLog, "daemon-log", "", "append the node-scale daemons' logs (level info) to this file, to see what a slow row spent its time on")
 	flag.StringVar(&c.outDir, "out", "bench/results", "directory for the markdown table and PNG chart")
 	flag.StringVar(&c.nsredirect, "nsredirect", "bin/nsredirect", "nsredirect binary")
 	flag.StringVar(&c.backend, "backend", "bin/demo-backend", "HTTP server binary listening on :3210")

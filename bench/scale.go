@@ -276,9 +276,9 @@ func measureScale(e *env) (*scaleResults, error) {
 	if err != nil {
 		return nil, err
 	}
-	pods, procs, ctrs, runs, burst := 110, 5000, 200, 100, 50
+	pods, procs, ctrs, runs, perRun, burst := 110, 5000, 200, 10, 100, 50
 	if e.cfg.quick {
-		pods, procs, ctrs, runs, burst = 20, 1000, 20, 10, 10
+		pods, procs, ctrs, runs, perRun, burst = 20, 1000, 20, 2, 10, 10
 	}
 	if err := scaleKube(e, s, root, pods, procs, burst); err != nil {
 		return s, fmt.Errorf("kube: %w", err)
@@ -286,7 +286,7 @@ func measureScale(e *env) (*scaleResults, error) {
 	if err := scaleDocker(e, s, ctrs, burst); err != nil {
 		return s, fmt.Errorf("docker: %w", err)
 	}
-	if err := scaleRun(e, s, runs); err != nil {
+	if err := scaleRun(e, s, runs, perRun); err != nil {
 		return s, fmt.Errorf("run: %w", err)
 	}
 	return s, nil

@@ -172,7 +172,7 @@ func scaleDocker(e *env, s *scaleResults, n, burst int) error {
 	defer stop()
 	for _, c := range live {
 		if _, err := c.sb.waitRedirected(60 * time.Second); err != nil {
-			return fmt.Errorf("docker: %w", err)
+			return fmt.Errorf("docker: %w; the daemon's warnings:\n%s", err, e.daemonLog)
 		}
 	}
 	row := scaleRow{mode: "docker", shape: fmt.Sprintf("%d labelled containers", n), churnWhat: "a container replaced every 200 ms"}
@@ -230,10 +230,10 @@ func scaleDocker(e *env, s *scaleResults, n, burst int) error {
 	return nil
 }
 
-// scaleRun runs n `run` daemons of one target each (the CLI takes one
-// --netns per daemon); the table sums their CPU and RSS.
-func scaleRun(e *env, s *scaleResults, n int) error {
-	fmt.Printf("run: %d daemons of one target each\n", n)
+// scaleRun runs daemons `run` daemons of per targets each (--netns given
+// per times); the table sums their CPU and RSS.
+func scaleRun(e *env, s *scaleResults, daemons, per int) error {
+	fmt.Printf("run: %d daemons of %d targets each\n", daemons, per)
 	var pids []int
 	var stops []func()
 	defer func() {
@@ -241,40 +241,42 @@ func scaleRun(e *env, s *scaleResults, n int) error {
 			f()
 		}
 	}()
+	// One pin dir for all: the daemons share the programs, as on a host.
+	if err := e.bpffs(); err != nil {
+		return err
+	}
+	bin, _ := filepath.Abs(e.cfg.nsredirect)
 	var sbs []*sandbox
-	for i := 0; i < n; i++ {
-		sb, err := e.sandbox(fmt.Sprintf("nsr-br-%d-%d", time.Now().UnixNano()%100000, i), "")
-		if err != nil {
-			return err
-		}
-		// One pin dir for all: the daemons share the programs, as on a host.
-		if i == 0 {
-			if err := e.bpffs(); err != nil {
+	for i := 0; i < daemons; i++ {
+		args := []string{"run", "--redirect", "80=3210", "--pin-dir", e.pinDir, "--log-level", "warn", "--remove-on-exit"}
+		for j := 0; j < per; j++ {
+			sb, err := e.sandbox(fmt.Sprintf("nsr-br-%d-%d-%d", time.Now().UnixNano()%100000, i, j), "")
+			if err != nil {
 				return err
 			}
+			args = append(args, "--netns", sb.ns.Path)
+			sbs = append(sbs, sb)
 		}
-		bin, _ := filepath.Abs(e.cfg.nsredirect)
-		cmd, err := e.start(bin, "run", "--netns", sb.ns.Path, "--redirect", "80=3210", "--pin-dir", e.pinDir, "--log-level", "warn", "--remove-on-exit")
+		cmd, err := e.start(bin, args...)
 		if err != nil {
 			return err
 		}
 		pids = append(pids, cmd.Process.Pid)
 		stops = append(stops, func() { stopNow(cmd) })
-		sbs = append(sbs, sb)
 	}
 	for _, sb := range sbs {
 		if _, err := sb.waitRedirected(60 * time.Second); err != nil {
 			return fmt.Errorf("run: %w", err)
 		}
 	}
-	row := scaleRow{mode: "run", shape: fmt.Sprintf("%d daemons × 1 target (sum)", n)}
+	row := scaleRow{mode: "run", shape: fmt.Sprintf("%d targets: %d daemons × %d (sum)", daemons*per, daemons, per)}
 	fmt.Println("run: idle")
 	var err error
 	if row.idle, err = measureUsage(e, pids, e.scaleWindow(), nil); err != nil {
 		return err
 	}
 	s.rows = append(s.rows, row)
-	per := scaleRow{mode: "run", shape: "per daemon", idle: usage{cpuPct: row.idle.cpuPct / float64(n), rssKB: row.idle.rssKB / n}}
-	s.rows = append(s.rows, per)
+	one := scaleRow{mode: "run", shape: fmt.Sprintf("per daemon (%d targets)", per), idle: usage{cpuPct: row.idle.cpuPct / float64(daemons), rssKB: row.idle.rssKB / daemons}}
+	s.rows = append(s.rows, one)
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -88,10 +89,16 @@ func (a *fakeAPI) serve(w http.ResponseWriter, r *http.Request) {
 			l.Items = append(l.Items, *p)
 		}
 		a.mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(l)
+	case r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/events"):
+		// The daemon looks for a Warning it posted before posting it again.
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(corev1.EventList{TypeMeta: metav1.TypeMeta{Kind: "EventList", APIVersion: "v1"}})
 	case r.Method == http.MethodPost && strings.HasSuffix(r.URL.Path, "/events"):
 		var ev corev1.Event
 		_ = json.NewDecoder(r.Body).Decode(&ev)
+		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusCreated)
 		_ = json.NewEncoder(w).Encode(ev)
 	default:
@@ -103,6 +110,9 @@ func (a *fakeAPI) publish(typ string, p *corev1.Pod) {
 	a.rv++
 	c := p.DeepCopy()
 	c.ResourceVersion = strconv.FormatInt(a.rv, 10)
+	// A watch event's object names its kind, as an API server's does
+	// (client-go cannot decode it otherwise and the watch ends).
+	c.TypeMeta = metav1.TypeMeta{Kind: "Pod", APIVersion: "v1"}
 	if typ != "DELETED" {
 		a.pods[p.Name] = c
 	} else {
@@ -213,7 +223,7 @@ func scaleKube(e *env, s *scaleResults, root string, pods, procs, burst int) err
 	defer stop()
 	for _, ps := range live {
 		if _, err := ps.sb.waitRedirected(60 * time.Second); err != nil {
-			return fmt.Errorf("kube: %w", err)
+			return fmt.Errorf("kube: %w; the daemon's warnings:\n%s", err, e.daemonLog)
 		}
 	}
 	row := scaleRow{mode: "kube", shape: fmt.Sprintf("%d annotated pods, %d processes", pods, s.procs), churnWhat: "a pod replaced every 200 ms"}
@@ -293,7 +303,18 @@ func (e *env) daemon(args ...string) (*exec.Cmd, func(), error) {
 	}
 	bin, _ := filepath.Abs(e.cfg.nsredirect)
 	pin := e.pinDir
-	cmd, err := e.start(bin, append(args, "--pin-dir", pin, "--log-level", "warn")...)
+	e.daemonLog = &tailBuffer{}
+	var w io.Writer = e.daemonLog
+	level := "warn"
+	if e.cfg.daemonLog != "" {
+		f, err := os.OpenFile(e.cfg.daemonLog, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--daemon-log: %w", err)
+		}
+		e.onClose(func() { f.Close() })
+		w, level = io.MultiWriter(w, f), "info"
+	}
+	cmd, err := e.startTo(w, bin, append(args, "--pin-dir", pin, "--log-level", level)...)
 	if err != nil {
 		return nil, nil, err
 	}

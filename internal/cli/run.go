@@ -112,11 +112,10 @@ func (k *kernelFlags) attach(log logrus.FieldLogger) (*loader.Loader, error) {
 
 func runCmd(ctx context.Context, io IO, args []string) error {
 	fs := flagSet("run", io)
-	var netnsArg string
-	var redirects listFlag
+	var netnsArgs, redirects listFlag
 	var allowHost, removeOnExit bool
 	var kf kernelFlags
-	fs.StringVar(&netnsArg, "netns", "", "target netns: self, a path (/run/netns/NAME, /proc/PID/ns/net) or pid:N")
+	fs.Var(&netnsArgs, "netns", "target netns: self, a path (/run/netns/NAME, /proc/PID/ns/net) or pid:N; repeat for more (each gets every --redirect)")
 	fs.Var(&redirects, "redirect", "SPEC [FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT[/udp]; repeat for more")
 	fs.BoolVar(&allowHost, "allow-host-netns", false, "allow a target that is the host's netns (redirects the loopback of every host process)")
 	fs.BoolVar(&removeOnExit, "remove-on-exit", false, "remove the rules when stopped (default: they stay while the netns lives, for the next daemon to adopt)")
@@ -124,12 +123,14 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 	if err != nil {
 		return err
 	}
-	if netnsArg == "" {
+	if len(netnsArgs) == 0 {
 		return usagef("--netns is required: self, /run/netns/NAME, /proc/PID/ns/net or pid:N (or NSREDIRECT_NETNS)")
 	}
-	target, err := netnsx.ParseTarget(netnsArg)
-	if err != nil {
-		return err
+	targets := make([]netnsx.Target, len(netnsArgs))
+	for i, a := range netnsArgs {
+		if targets[i], err = netnsx.ParseTarget(a); err != nil {
+			return err
+		}
 	}
 	if len(redirects) == 0 {
 		return usagef("--redirect is required, e.g. --redirect 80=3210 (or NSREDIRECT_REDIRECT=80=3210)")
@@ -142,25 +143,30 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 		return err
 	}
 	defer kf.cookies.Close()
-	// The target must exist before anything is attached.
-	_, id, err := target.ResolveWith(kf.cookies.Read)
-	if err != nil {
-		return err
-	}
-	if host, _ := daemon.IsHostNetns("/proc", id.Live()); host {
-		if !allowHost {
-			return usagef("--netns %s is the host network namespace: its rules would redirect the loopback connects of every process on the host; give a container's or a named netns, or pass --allow-host-netns if that is what you mean", target)
+	src := daemon.Fixed{RemoveOnExit: removeOnExit}
+	seen := map[netnsx.LiveID]string{}
+	for _, target := range targets {
+		// Each target must exist before anything is attached.
+		_, id, err := target.ResolveWith(kf.cookies.Read)
+		if err != nil {
+			return err
 		}
-		log.WithField("netns", target.String()).Warn("--allow-host-netns: redirecting in the host network namespace, for every process on the host")
-	}
-	name := target.Spec
-	if name == "self" {
-		host, _ := os.Hostname()
-		name = "self@" + host
-	}
-	src := daemon.Fixed{
-		Targets:      []daemon.Target{{Name: name, Kind: "netns", ID: target.Path, Netns: target, Rules: rules}},
-		RemoveOnExit: removeOnExit,
+		if other, dup := seen[id.Live()]; dup {
+			return usagef("--netns %s and --netns %s are one network namespace; give each namespace once", other, target)
+		}
+		seen[id.Live()] = target.String()
+		if host, _ := daemon.IsHostNetns("/proc", id.Live()); host {
+			if !allowHost {
+				return usagef("--netns %s is the host network namespace: its rules would redirect the loopback connects of every process on the host; give a container's or a named netns, or pass --allow-host-netns if that is what you mean", target)
+			}
+			log.WithField("netns", target.String()).Warn("--allow-host-netns: redirecting in the host network namespace, for every process on the host")
+		}
+		name := target.Spec
+		if name == "self" {
+			host, _ := os.Hostname()
+			name = "self@" + host
+		}
+		src.Targets = append(src.Targets, daemon.Target{Name: name, Kind: "netns", ID: target.Path, Netns: target, Rules: rules})
 	}
 	return serve(ctx, &kf, log, src, daemon.Config{Owner: "run", Fixed: true, AllowHostNetns: allowHost})
 }

@@ -81,7 +81,38 @@ type live struct {
 	cookie uint64
 	id     netnsx.ID
 	specs  string
+	// exit watches the process of a /proc/PID/ns/net target (nil: none,
+	// the probe looks at this target); watched is the id it was made for.
+	exit    *netnsx.ExitWatch
+	watched netnsx.ID
 }
+
+// watch makes sure l's process is watched for exit when it can be; a
+// target that cannot be watched is left to the probe (Moved).
+func (d *Daemon) watch(l *live) {
+	if l.exit != nil && !l.exit.Done() && l.watched == l.id {
+		return
+	}
+	l.exit.Close()
+	l.exit = nil
+	w, err := l.target.Netns.WatchExit(l.id, d.notifyExit)
+	if err != nil {
+		d.log.WithFields(logrus.Fields{"netns": l.target.Name}).WithError(err).Debug("cannot watch the process for exit; probing it")
+		return
+	}
+	l.exit, l.watched = w, l.id
+}
+
+func (d *Daemon) notifyExit() {
+	select {
+	case d.exited <- struct{}{}:
+	default: // a look is already due
+	}
+}
+
+// Exited receives when the process of a watched target has exited: its
+// source should describe the targets again (Moved does not look at them).
+func (d *Daemon) Exited() <-chan struct{} { return d.exited }
 
 // procRoot is where the daemon sees the host's processes by default.
 const procRoot = "/proc"
@@ -114,9 +145,13 @@ type Daemon struct {
 	desired []Target
 	live    map[string]*live
 	failing map[string]error // name -> last error, so each is logged once
-	errors  map[string]uint64
-	held    map[string]bool // desired targets another live nsredirect serves
-	pending map[string]bool // targets whose ErrPending was logged
+	exited  chan struct{}    // see Exited
+	// sourceErr marks the failing targets whose error is the source's
+	// description of them (a bad label), not a failure to enroll them.
+	sourceErr map[string]bool
+	errors    map[string]uint64
+	held      map[string]bool // desired targets another live nsredirect serves
+	pending   map[string]bool // targets whose ErrPending was logged
 	// stale is set when a target did not resolve, or its path now leads
 	// to another process: its source should describe it again (a
 	// container restarted with a new pid, and no event said so).
@@ -151,16 +186,18 @@ func Holder(h string) Option { return func(d *Daemon) { d.holder = h } }
 // (the mode: run, docker, kube).
 func New(kernel Kernel, cookies netnsx.CookieReader, owner string, log logrus.FieldLogger, opts ...Option) *Daemon {
 	d := &Daemon{
-		kernel:  kernel,
-		cookies: cookies,
-		owner:   owner,
-		log:     log,
-		live:    map[string]*live{},
-		failing: map[string]error{},
-		errors:  map[string]uint64{},
-		held:    map[string]bool{},
-		pending: map[string]bool{},
-		proc:    procRoot,
+		kernel:    kernel,
+		cookies:   cookies,
+		owner:     owner,
+		log:       log,
+		live:      map[string]*live{},
+		failing:   map[string]error{},
+		sourceErr: map[string]bool{},
+		errors:    map[string]uint64{},
+		held:      map[string]bool{},
+		pending:   map[string]bool{},
+		proc:      procRoot,
+		exited:    make(chan struct{}, 1),
 	}
 	for _, o := range opts {
 		o(d)
@@ -210,6 +247,7 @@ func (d *Daemon) reconcile() error {
 		delete(d.pending, t.Name)
 		if err != nil {
 			errs = append(errs, err)
+			d.sourceErr[t.Name] = t.Err != nil && !errors.Is(t.Err, ErrLookup)
 			if prev, ok := d.failing[t.Name]; !ok || prev.Error() != err.Error() {
 				d.failing[t.Name] = err
 				d.errors[t.Name]++
@@ -232,6 +270,11 @@ func (d *Daemon) reconcile() error {
 	for name := range d.failing {
 		if !want[name] {
 			delete(d.failing, name)
+		}
+	}
+	for name := range d.sourceErr {
+		if _, failing := d.failing[name]; !failing {
+			delete(d.sourceErr, name)
 		}
 	}
 	for name := range d.held {
@@ -300,6 +343,7 @@ func (d *Daemon) apply(t Target) error {
 	}
 	if cur != nil && cur.cookie == cookie && cur.specs == specs {
 		cur.id = id
+		d.watch(cur)
 		return nil
 	}
 	log := d.log.WithFields(logrus.Fields{"netns": t.Name, "cookie": cookie, "rule": specs})
@@ -315,7 +359,12 @@ func (d *Daemon) apply(t Target) error {
 		log.WithField("old_cookie", cur.cookie).Info("netns was replaced; following it")
 		_ = d.drop(cur)
 	}
-	d.live[t.Name] = &live{target: t, cookie: cookie, id: id, specs: specs}
+	if old := d.live[t.Name]; old != nil {
+		old.exit.Close() // replaced below (new rules for the same netns)
+	}
+	l := &live{target: t, cookie: cookie, id: id, specs: specs}
+	d.live[t.Name] = l
+	d.watch(l)
 	log.WithField("holder", d.holder).Info("redirect live")
 	return nil
 }
@@ -425,17 +474,39 @@ func NetnsAlive(proc string, id netnsx.LiveID, paths ...string) bool {
 	return false
 }
 
-// Moved reports whether the path of a live target no longer leads to the
-// namespace it was enrolled through (one stat each, no namespace entered).
+// Moved reports whether the path of a live target may no longer lead to
+// the namespace it was enrolled through: one stat each (netnsx.Changed),
+// no file read, no namespace entered. It runs several times a second.
 func (d *Daemon) Moved() bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, l := range d.live {
-		if id, err := l.target.Netns.Stat(); err != nil || id != l.id {
+		if l.exit.Done() && l.target.Netns.Changed(l.id) {
 			return true
 		}
 	}
 	return false
+}
+
+// Settled reports whether the last reconcile left nothing to wait for:
+// every desired target is enrolled, or failed for a reason of its own that
+// only a change of the target itself (a new label, annotation or container:
+// an event) can mend (a bad rule, the host netns, a netns shared). While
+// settled, a resync need not look at every target again: Moved watches
+// the live ones. A target not there yet, held by another daemon, or failing
+// for any other reason (a resolve or map error) unsettles it.
+func (d *Daemon) Settled() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.pending) > 0 || len(d.held) > 0 || d.stale {
+		return false
+	}
+	for name, err := range d.failing {
+		if !d.sourceErr[name] && !errors.Is(err, ErrHostNetns) {
+			return false
+		}
+	}
+	return true
 }
 
 // TakeStale reports, and clears, whether a target did not resolve or its
@@ -467,6 +538,7 @@ func (d *Daemon) drop(l *live) error {
 	if d.live[l.target.Name] == l {
 		delete(d.live, l.target.Name)
 	}
+	l.exit.Close()
 	d.log.WithFields(logrus.Fields{"netns": l.target.Name, "cookie": l.cookie}).Info("rules removed")
 	return nil
 }
@@ -481,6 +553,7 @@ func (d *Daemon) Shutdown(handover bool) error {
 		if handover {
 			d.kernel.Release(l.cookie)
 			delete(d.live, l.target.Name)
+			l.exit.Close()
 			continue
 		}
 		if err := d.drop(l); err != nil {
@@ -550,14 +623,14 @@ func RefuseSharedNetns(ts []Target, why func(name, first string) error) {
 		if ts[i].Err != nil {
 			continue
 		}
-		id, err := ts[i].Netns.Stat()
+		id, err := ts[i].Netns.LiveID()
 		if err != nil {
 			continue // gone already; reconcile will find out
 		}
-		if other, ok := first[id.Live()]; ok {
+		if other, ok := first[id]; ok {
 			ts[i].Err = why(ts[i].Name, other)
 			continue
 		}
-		first[id.Live()] = ts[i].Name
+		first[id] = ts[i].Name
 	}
 }

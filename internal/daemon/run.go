@@ -174,10 +174,12 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 	defer tick.Stop()
 	// Between resyncs, a cheap look (one stat per target) for a target
 	// whose process is gone: a restart is followed well within a second
-	// even when no event says so.
+	// even when no event says so. Targets whose process is watched through
+	// a pidfd (d.Exited) are not looked at: their exit wakes the loop.
 	probe := time.NewTicker(max(cfg.Resync/4, time.Millisecond))
 	defer probe.Stop()
 	var runErr error
+	ticks := 0
 	for running := true; running; {
 		select {
 		case <-ctx.Done():
@@ -188,6 +190,8 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 				running = false
 			}
 		case <-wake:
+			r.describe(ctx)
+		case <-d.Exited():
 			r.describe(ctx)
 		case <-probe.C:
 			if d.Moved() {
@@ -200,6 +204,14 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 				break
 			}
 			r.heal()
+			// Every target is looked at again (and a Redescriber asked)
+			// on every fullEvery-th resync, and on each one while some
+			// target is not settled. In between, the probe's one stat per
+			// live target, the source's events and its own relists are
+			// what notice a change: an idle node costs little.
+			if ticks++; ticks%fullEvery != 0 && d.Settled() {
+				break
+			}
 			if redescribe {
 				r.describe(ctx)
 				break
@@ -229,6 +241,11 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 	log.WithFields(logrus.Fields{"handover": handingOver, "netns": d.Serving()}).Info("stopping")
 	return errors.Join(runErr, stop(handingOver))
 }
+
+// fullEvery: every this many resyncs, every target is looked at again even
+// while the daemon is settled (Daemon.Settled): the probe's look at a
+// /proc/PID/ns/net target sees its process, not a setns of that process.
+const fullEvery = 10
 
 type runner struct {
 	src Source

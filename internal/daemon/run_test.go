@@ -307,14 +307,20 @@ func TestReusedPidNotFollowed(t *testing.T) {
 	a, b := testenv.NewNetns(t), testenv.NewNetns(t)
 	pa, pb := testenv.Sleeper(t, a), testenv.Sleeper(t, b)
 	// A proc-like root whose entry 100 leads to pa, then to pb, as a
-	// reused pid would; its stat gives each its own start time.
+	// reused pid would: a new directory (a new inode, as procfs gives a new
+	// process) whose stat gives each its own start time.
 	root := t.TempDir()
 	dir := root + "/100"
-	if err := os.MkdirAll(dir+"/ns", 0o755); err != nil {
-		t.Fatal(err)
-	}
 	point := func(p *testenv.Proc, start int) {
-		_ = os.Remove(dir + "/ns/net")
+		if _, err := os.Stat(dir); err == nil {
+			// Kept aside, so its inode number is not handed out again.
+			if err := os.Rename(dir, fmt.Sprintf("%s/gone-%d", root, start)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.MkdirAll(dir+"/ns", 0o755); err != nil {
+			t.Fatal(err)
+		}
 		if err := os.Symlink(fmt.Sprintf("/proc/%d/ns/net", p.Cmd.Process.Pid), dir+"/ns/net"); err != nil {
 			t.Fatal(err)
 		}
@@ -341,5 +347,39 @@ func TestReusedPidNotFollowed(t *testing.T) {
 	}
 	if !d.TakeStale() {
 		t.Error("the source was not asked to describe the target again")
+	}
+}
+
+// TestExitOfWatchedProcessTold: the process a /proc/PID/ns/net target goes
+// through is watched through a pidfd once enrolled; its exit is told on
+// Exited (the run loop then asks its source again) with no probe.
+func TestExitOfWatchedProcessTold(t *testing.T) {
+	ns := testenv.NewNetns(t)
+	p := testenv.Sleeper(t, ns)
+	tg, err := netnsx.ParseTarget(fmt.Sprintf("pid:%d", p.Cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := New(newFake(), testenv.Cookies(t), "docker", quiet())
+	if err := d.Reconcile([]Target{{Name: "web", Kind: "container", Netns: tg, Rules: rules(t, "80=3210")}}); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = d.Shutdown(false) }()
+	if d.Moved() {
+		t.Fatal("Moved while the process lives")
+	}
+	select {
+	case <-d.Exited():
+		t.Fatal("an exit told while the process lives")
+	default:
+	}
+	p.Kill()
+	select {
+	case <-d.Exited():
+	case <-time.After(10 * time.Second): // bounds a hang only
+		t.Fatal("the exit of the target's process was not told")
+	}
+	if !d.Moved() {
+		t.Error("Moved is false once the watched process is gone")
 	}
 }

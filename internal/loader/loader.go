@@ -1095,9 +1095,18 @@ func (l *Loader) Heal(cgroup string) ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cgroup %s: %w", cgroup, err)
 	}
-	var repaired []string
+	repaired, err := l.reattachDetached(hooks, cgroup, cgroupID)
+	// The UDP hooks: attached while a UDP rule is live, gone otherwise.
+	udp, udpErr := l.syncUDP()
+	return append(repaired, udp...), errors.Join(err, udpErr)
+}
+
+// reattachDetached re-creates and re-pins the link of each of hs whose
+// pinned link is missing, detached or defunct, and names those it did.
+func (l *Loader) reattachDetached(hs []hook, cgroup string, cgroupID uint64) ([]string, error) {
+	var done []string
 	var errs []error
-	for _, h := range hooks {
+	for _, h := range hs {
 		ok, err := linkAttached(l.pins.link(h))
 		if err != nil {
 			errs = append(errs, err)
@@ -1110,13 +1119,9 @@ func (l *Loader) Heal(cgroup string) ([]string, error) {
 			errs = append(errs, err)
 			continue
 		}
-		repaired = append(repaired, h.name)
+		done = append(done, h.name)
 	}
-	// The UDP hooks: attached while a UDP rule is live, gone otherwise.
-	udp, err := l.syncUDP()
-	repaired = append(repaired, udp...)
-	errs = append(errs, err)
-	return repaired, errors.Join(errs...)
+	return done, errors.Join(errs...)
 }
 
 // linkAttached reports whether the pinned link at path exists and is still

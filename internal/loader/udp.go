@@ -101,34 +101,27 @@ func (l *Loader) syncUDPFor(want bool) ([]string, error) {
 		}
 		return nil, nil
 	}
-	var attached []string
-	var errs []error
-	for _, h := range udpHooks {
-		ok, err := linkAttached(l.pins.link(h))
-		if err != nil {
-			errs = append(errs, err)
-			continue
+	if l.cgroup == "" {
+		// Opened for status or cleanup: the daemons' Heal attaches it.
+		var errs []error
+		for _, h := range udpHooks {
+			if ok, err := linkAttached(l.pins.link(h)); err != nil {
+				errs = append(errs, err)
+			} else if !ok {
+				errs = append(errs, fmt.Errorf("the %s hook of the UDP rules is not attached; a running daemon re-attaches it at its next resync", h.name))
+			}
 		}
-		if ok {
-			continue
-		}
-		if l.cgroup == "" {
-			// Opened for status or cleanup: the daemons' Heal attaches it.
-			errs = append(errs, fmt.Errorf("the %s hook of the UDP rules is not attached; a running daemon re-attaches it at its next resync", h.name))
-			continue
-		}
-		cgroupID, err := inodeOf(l.cgroup)
-		if err != nil {
-			return attached, fmt.Errorf("cgroup %s: %w", l.cgroup, err)
-		}
-		if err := l.reattach(h, l.cgroup, cgroupID); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		l.log.WithFields(logrus.Fields{"hook": h.name, "cgroup": l.cgroup}).Info("a UDP rule is live: attached at cgroup2 root")
-		attached = append(attached, h.name)
+		return nil, errors.Join(errs...)
 	}
-	return attached, errors.Join(errs...)
+	cgroupID, err := inodeOf(l.cgroup)
+	if err != nil {
+		return nil, fmt.Errorf("cgroup %s: %w", l.cgroup, err)
+	}
+	attached, err := l.reattachDetached(udpHooks, l.cgroup, cgroupID)
+	for _, name := range attached {
+		l.log.WithFields(logrus.Fields{"hook": name, "cgroup": l.cgroup}).Info("a UDP rule is live: attached at cgroup2 root")
+	}
+	return attached, err
 }
 
 // detachUDP removes the pinned link of h, its last reference: the program

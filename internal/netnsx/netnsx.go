@@ -13,10 +13,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -58,6 +58,13 @@ type ID struct {
 	// Start is the start time (clock ticks after boot) of the process the
 	// path belongs to, for /proc/PID/ns/net paths; Ctime is zero then.
 	Start uint64
+	// ProcIno is the inode number of PROC/PID for /proc/PID/ns/net paths:
+	// the kernel gives a new process a new one even when it reuses a pid,
+	// so one stat of PROC/PID tells that the process is still the one
+	// Start was read from (see Target.Changed). The converse does not hold:
+	// the kernel may drop and re-create a live process's inode, and then
+	// the ID differs for one look, which costs a re-resolve, nothing more.
+	ProcIno uint64
 }
 
 // Live identifies the namespace among those alive at one moment: live
@@ -68,22 +75,113 @@ func (a ID) Live() LiveID { return LiveID{Dev: a.Dev, Ino: a.Ino} }
 // LiveID is ID without the change or start time; see ID.Live.
 type LiveID struct{ Dev, Ino uint64 }
 
-// procPidNetns matches PROC/PID/ns/net under any proc mount, a host /proc
-// mounted elsewhere included, capturing PROC/PID.
-var procPidNetns = regexp.MustCompile(`^(.*/[0-9]+)/ns/net$`)
+// procDir returns PROC/PID when path is PROC/PID/ns/net under any proc
+// mount (a host /proc mounted elsewhere included), else "". It runs on
+// every look at a target, so it is plain string work.
+func procDir(path string) string {
+	dir, ok := strings.CutSuffix(path, "/ns/net")
+	if !ok {
+		return ""
+	}
+	i := strings.LastIndexByte(dir, '/')
+	if i < 0 || i == len(dir)-1 {
+		return ""
+	}
+	for _, c := range dir[i+1:] {
+		if c < '0' || c > '9' {
+			return ""
+		}
+	}
+	return dir
+}
 
 func (t Target) idOf(st *unix.Stat_t) ID {
 	id := ID{Dev: st.Dev, Ino: st.Ino, Ctime: st.Ctim}
-	switch m := procPidNetns.FindStringSubmatch(t.Path); {
+	switch dir := procDir(t.Path); {
 	case t.Path == selfPath:
 		// Our own namespace: it cannot change under us.
 		id.Ctime = unix.Timespec{}
-	case m != nil:
-		if start, err := procStart(m[1]); err == nil {
-			id.Ctime, id.Start = unix.Timespec{}, start
+	case dir != "":
+		if ino, start, err := starts.of(dir); err == nil {
+			id.Ctime, id.Start, id.ProcIno = unix.Timespec{}, start, ino
 		}
 	}
 	return id
+}
+
+// Changed reports, for the cost of one stat, whether the path may no
+// longer lead to the namespace it led to when id was read: for
+// /proc/PID/ns/net, PROC/PID is gone or another process (the namespace of
+// a live process changes only by setns, which the next full look, Stat,
+// sees); for any other path, its nsfs inode or change time differ. A
+// false alarm (see ID.ProcIno) only costs a full look.
+func (t Target) Changed(id ID) bool {
+	var st unix.Stat_t
+	if dir := procDir(t.Path); dir != "" && id.ProcIno != 0 {
+		return unix.Stat(dir, &st) != nil || st.Ino != id.ProcIno
+	}
+	now, err := t.Stat()
+	return err != nil || now != id
+}
+
+// LiveID returns the identity of the namespace the path leads to now, for
+// one stat: enough to tell two paths to one namespace apart from two
+// namespaces (see ID.Live), not to tell a namespace from its successor.
+func (t Target) LiveID() (LiveID, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(t.Path, &st); err != nil {
+		return LiveID{}, t.openErr(err)
+	}
+	return LiveID{Dev: st.Dev, Ino: st.Ino}, nil
+}
+
+// startCache keeps the start time of the processes whose namespaces are
+// looked at, keyed by PROC/PID and valid while the inode number of PROC/PID
+// is the same (see ID.ProcIno): a look at a target costs a stat instead of
+// reading and parsing PROC/PID/stat, several times a second per target.
+type startCache struct {
+	mu sync.Mutex
+	m  map[string]startEntry
+}
+
+type startEntry struct{ ino, start uint64 }
+
+// maxStarts bounds the cache; it is emptied when full (the entries of
+// exited processes are never looked up again).
+const maxStarts = 8192
+
+var starts = startCache{m: map[string]startEntry{}}
+
+// of returns the inode number of dir (PROC/PID) and that process's start
+// time, read from PROC/PID/stat only for a process not seen before.
+func (c *startCache) of(dir string) (ino, start uint64, err error) {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return 0, 0, err
+	}
+	c.mu.Lock()
+	e, ok := c.m[dir]
+	c.mu.Unlock()
+	if ok && e.ino == st.Ino {
+		return e.ino, e.start, nil
+	}
+	start, err = procStart(dir)
+	if err != nil {
+		return 0, 0, err
+	}
+	// Still the same process after the read: else the start time may be
+	// another's, and is not cached.
+	var after unix.Stat_t
+	if err := unix.Stat(dir, &after); err != nil || after.Ino != st.Ino {
+		return 0, 0, fmt.Errorf("%s: the process changed while it was read", dir)
+	}
+	c.mu.Lock()
+	if len(c.m) >= maxStarts {
+		c.m = map[string]startEntry{}
+	}
+	c.m[dir] = startEntry{ino: st.Ino, start: start}
+	c.mu.Unlock()
+	return st.Ino, start, nil
 }
 
 // procStart reads field 22 (starttime) of PROC/PID/stat. The command name,

@@ -151,10 +151,20 @@ func TestStatStableForUnheldNetns(t *testing.T) {
 	}
 	t.Logf("raw nsfs change times seen over 5 looks: %d distinct", len(ctimes))
 
+	if tg.Changed(id) {
+		t.Fatalf("Changed(%+v) while the process lives", id)
+	}
+	if id.ProcIno == 0 || id.Start == 0 {
+		t.Fatalf("ID %+v of a /proc/PID/ns/net path has no process identity", id)
+	}
+
 	// The process and its namespace go; a new one is a new ID even where the
 	// kernel hands out the same inode number again.
 	_ = first.Process.Kill()
 	_ = first.Wait()
+	if !tg.Changed(id) {
+		t.Fatalf("Changed(%+v) is false after the process exited", id)
+	}
 	_, tg2 := start()
 	id2, err := tg2.Stat()
 	if err != nil {
@@ -182,5 +192,166 @@ func TestProcStartSkipsOddCommandNames(t *testing.T) {
 	}
 	if _, err := procStart(dir); err == nil {
 		t.Fatal("procStart of a truncated stat: no error")
+	}
+}
+
+// A look at a /proc/PID/ns/net target reads PID/stat once per process: the
+// start time is kept while PROC/PID keeps its inode number, and read again
+// for a new PROC/PID (a new process under a reused pid).
+func TestStartTimeReadOncePerProcess(t *testing.T) {
+	root := t.TempDir()
+	dir := filepath.Join(root, "4242")
+	mk := func(start int) {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Join(dir, "ns"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "ns", "net"), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		setStart(t, dir, start)
+	}
+	mk(1000)
+	tg, err := ParseTarget(filepath.Join(dir, "ns", "net"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := tg.Stat()
+	if err != nil || id.Start != 1000 || id.ProcIno == 0 {
+		t.Fatalf("Stat = %+v, %v; want start 1000 and the inode of %s", id, err, dir)
+	}
+	setStart(t, dir, 2000) // not read again: same directory, same process
+	if again, err := tg.Stat(); err != nil || again != id {
+		t.Fatalf("second look = %+v, %v; want %+v (from the cache)", again, err, id)
+	}
+	if tg.Changed(id) {
+		t.Fatal("Changed while the process directory is the same")
+	}
+
+	// A new process under the same pid: a new directory inode.
+	// The old directory is kept (renamed), so its inode number stays taken.
+	if err := os.Rename(dir, filepath.Join(root, "old")); err != nil {
+		t.Fatal(err)
+	}
+	mk(3000)
+	if !tg.Changed(id) {
+		t.Fatal("Changed is false for a new process directory")
+	}
+	if again, err := tg.Stat(); err != nil || again.Start != 3000 {
+		t.Fatalf("look at the new process = %+v, %v; want start 3000", again, err)
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	if !tg.Changed(id) {
+		t.Fatal("Changed is false for a process gone")
+	}
+}
+
+func TestProcDir(t *testing.T) {
+	for path, want := range map[string]string{
+		"/proc/12/ns/net":       "/proc/12",
+		"/host/proc/7/ns/net":   "/host/proc/7",
+		"/proc/self/ns/net":     "",
+		"/proc/12/ns/mnt":       "",
+		"/run/netns/a":          "",
+		"/proc//ns/net":         "",
+		"12/ns/net":             "",
+		"/proc/1a/ns/net":       "",
+		"/proc/thread-self/net": "",
+	} {
+		if got := procDir(path); got != want {
+			t.Errorf("procDir(%q) = %q, want %q", path, got, want)
+		}
+	}
+}
+
+func setStart(t *testing.T, dir string, start int) {
+	t.Helper()
+	stat := fmt.Sprintf("4242 (x) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 %d 1000 100", start)
+	if err := os.WriteFile(filepath.Join(dir, "stat"), []byte(stat), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// WatchExit: the exit of the process a /proc/PID/ns/net target goes through
+// is told with no polling; a closed watch says nothing; paths that are not
+// this pid namespace's processes are not watched.
+func TestWatchExit(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("needs root; CI runs as root")
+		}
+		t.Skip("unshare -n needs CAP_SYS_ADMIN; run as root")
+	}
+	start := func() (*exec.Cmd, Target, ID) {
+		t.Helper()
+		cmd := exec.Command("unshare", "--net", "sleep", "60")
+		if err := cmd.Start(); err != nil {
+			t.Fatalf("unshare --net sleep: %v", err)
+		}
+		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+		tg, err := ParseTarget(fmt.Sprintf("pid:%d", cmd.Process.Pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, err := tg.Stat()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cmd, tg, id
+	}
+	cmd, tg, id := start()
+	exited := make(chan struct{}, 1)
+	w, err := tg.WatchExit(id, func() { exited <- struct{}{} })
+	if err != nil || w == nil {
+		t.Fatalf("WatchExit = %v, %v; want a watch", w, err)
+	}
+	defer w.Close()
+	select {
+	case <-exited:
+		t.Fatal("exit told while the process lives")
+	case <-time.After(100 * time.Millisecond):
+	}
+	if w.Done() {
+		t.Fatal("Done while the process lives")
+	}
+	_ = cmd.Process.Kill()
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second): // bounds a hang only
+		t.Fatal("the exit of the process was not told")
+	}
+	if !w.Done() {
+		t.Fatal("not Done after the exit")
+	}
+	_ = cmd.Wait() // reaped: the pid is free now
+
+	// Closed first: nothing is told.
+	cmd2, tg2, id2 := start()
+	quiet := make(chan struct{}, 1)
+	w2, err := tg2.WatchExit(id2, func() { quiet <- struct{}{} })
+	if err != nil || w2 == nil {
+		t.Fatalf("WatchExit = %v, %v; want a watch", w2, err)
+	}
+	w2.Close()
+	_ = cmd2.Process.Kill()
+	_ = cmd2.Wait()
+	select {
+	case <-quiet:
+		t.Fatal("a closed watch told an exit")
+	case <-time.After(200 * time.Millisecond):
+	}
+
+	// Gone before the watch: refused, so the caller probes. (A zombie not
+	// yet reaped is watched, and told at once.)
+	if w, err := tg.WatchExit(id, func() {}); err == nil || w != nil {
+		t.Errorf("WatchExit of an exited process = %v, %v; want an error", w, err)
+	}
+	// Not ours to open: a host /proc mounted elsewhere, a bind mount.
+	for _, p := range []string{"/host/proc/1/ns/net", "/run/netns/x"} {
+		if w, err := (Target{Spec: p, Path: p}).WatchExit(ID{ProcIno: 1}, func() {}); w != nil || err != nil {
+			t.Errorf("WatchExit(%s) = %v, %v; want no watch and no error", p, w, err)
+		}
 	}
 }

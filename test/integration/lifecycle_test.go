@@ -215,3 +215,40 @@ func TestRunSelfInOwnPidNamespace(t *testing.T) {
 	t.Logf("stopped and cleaned up in %s", took)
 	testenv.AssertGone(t, pin, ids)
 }
+
+// TestRunSeveralNetns: one `run` daemon serves every --netns given, each
+// with every --redirect; one namespace given twice (under two names) exits
+// 2 naming both before anything is attached; SIGTERM with --remove-on-exit
+// removes them all.
+func TestRunSeveralNetns(t *testing.T) {
+	pin := testenv.BPFFS(t)
+	a, b, other := testenv.NewNetns(t), testenv.NewNetns(t), testenv.NewNetns(t)
+	for _, ns := range []testenv.Netns{a, b, other} {
+		testenv.Server(t, ns, ":3210")
+	}
+
+	code, _, stderr := testenv.Run(t, nil, "run", "--netns", a.Path, "--netns", b.Path, "--netns", a.Path, "--redirect", "80=3210", "--pin-dir", pin)
+	if code != 2 || !strings.Contains(stderr, "one network namespace") || strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
+		t.Errorf("run with %s given twice: exit %d, %q; want exit 2, one line", a.Path, code, stderr)
+	}
+	testenv.AssertGone(t, pin, nil)
+
+	d := testenv.Daemon(t, pin, "run", "--netns", a.Path, "--netns", b.Path, "--redirect", "80=3210", "--remove-on-exit")
+	for _, ns := range []testenv.Netns{a, b} {
+		if peer, err := ns.Dial("tcp", "127.0.0.1:80"); err != nil || peer != "127.0.0.1:80" {
+			t.Errorf("%s: 127.0.0.1:80 -> %q, %v; want redirected, peer 127.0.0.1:80", ns.Path, peer, err)
+		}
+	}
+	if _, err := other.Dial("tcp", "127.0.0.1:80"); err == nil {
+		t.Errorf("%s, not given, was redirected too", other.Path)
+	}
+	rows := testenv.Status(t, pin)
+	if len(testenv.RowsOf(rows, a.Path)) != 1 || len(testenv.RowsOf(rows, b.Path)) != 1 || len(rows) != 2 {
+		t.Errorf("status %+v; want one row for each of %s and %s", rows, a.Path, b.Path)
+	}
+	ids := testenv.ProgIDs(t, pin)
+	if err := d.Stop(syscall.SIGTERM, 5*time.Second); err != nil {
+		t.Fatalf("SIGTERM: %v", err)
+	}
+	testenv.AssertGone(t, pin, ids)
+}
