@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -216,7 +217,14 @@ func scaleKube(e *env, s *scaleResults, root string, pods, procs, burst int) err
 	if s.procs, err = e.fillProcs(procs); err != nil {
 		return err
 	}
-	d, stop, err := e.daemon("kube", "--kubeconfig", api.kubeconfig, "--node-name", "node-a", "--cgroup", root)
+	// As the DaemonSet runs: the host's /proc mounted elsewhere (--proc),
+	// so the pods' processes are looked at through paths that are not this
+	// pid namespace's, as in a pod without hostPID (probed, never pidfds).
+	hostProc, err := e.hostProc()
+	if err != nil {
+		return err
+	}
+	d, stop, err := e.daemon("kube", "--kubeconfig", api.kubeconfig, "--node-name", "node-a", "--cgroup", root, "--proc", hostProc)
 	if err != nil {
 		return err
 	}
@@ -322,4 +330,22 @@ func (e *env) daemon(args ...string) (*exec.Cmd, func(), error) {
 		stopNow(cmd)
 		_ = exec.Command(bin, "cleanup", "--all", "--pin-dir", pin).Run()
 	}, nil
+}
+
+// hostProc bind-mounts /proc at a directory of its own, as a DaemonSet's
+// hostPath mount of the host's /proc.
+func (e *env) hostProc() (string, error) {
+	dir, err := os.MkdirTemp("", "nsr-bench-hostproc-")
+	if err != nil {
+		return "", err
+	}
+	if err := unix.Mount("/proc", dir, "", unix.MS_BIND, ""); err != nil {
+		os.Remove(dir)
+		return "", fmt.Errorf("bind /proc at %s: %w", dir, err)
+	}
+	e.onClose(func() {
+		_ = unix.Unmount(dir, unix.MNT_DETACH)
+		_ = os.Remove(dir)
+	})
+	return dir, nil
 }

@@ -95,31 +95,7 @@ func TestStatStableForUnheldNetns(t *testing.T) {
 		}
 		t.Skip("unshare -n needs CAP_SYS_ADMIN; run as root")
 	}
-	start := func() (*exec.Cmd, Target) {
-		t.Helper()
-		cmd := exec.Command("unshare", "--net", "sleep", "60")
-		if err := cmd.Start(); err != nil {
-			t.Fatalf("unshare --net sleep: %v", err)
-		}
-		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-		tg, err := ParseTarget(fmt.Sprintf("pid:%d", cmd.Process.Pid))
-		if err != nil {
-			t.Fatal(err)
-		}
-		// unshare execs sleep once the namespace is made.
-		deadline := time.Now().Add(10 * time.Second)
-		for {
-			comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", cmd.Process.Pid))
-			if strings.TrimSpace(string(comm)) == "sleep" {
-				return cmd, tg
-			}
-			if time.Now().After(deadline) {
-				t.Fatal("unshare did not exec sleep within 10s")
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}
-	first, tg := start()
+	first, tg := unshareSleep(t)
 	id, err := tg.Stat()
 	if err != nil {
 		t.Fatal(err)
@@ -165,7 +141,7 @@ func TestStatStableForUnheldNetns(t *testing.T) {
 	if !tg.Changed(id) {
 		t.Fatalf("Changed(%+v) is false after the process exited", id)
 	}
-	_, tg2 := start()
+	_, tg2 := unshareSleep(t)
 	id2, err := tg2.Stat()
 	if err != nil {
 		t.Fatal(err)
@@ -286,15 +262,7 @@ func TestWatchExit(t *testing.T) {
 	}
 	start := func() (*exec.Cmd, Target, ID) {
 		t.Helper()
-		cmd := exec.Command("unshare", "--net", "sleep", "60")
-		if err := cmd.Start(); err != nil {
-			t.Fatalf("unshare --net sleep: %v", err)
-		}
-		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-		tg, err := ParseTarget(fmt.Sprintf("pid:%d", cmd.Process.Pid))
-		if err != nil {
-			t.Fatal(err)
-		}
+		cmd, tg := unshareSleep(t)
 		id, err := tg.Stat()
 		if err != nil {
 			t.Fatal(err)
@@ -353,5 +321,32 @@ func TestWatchExit(t *testing.T) {
 		if w, err := (Target{Spec: p, Path: p}).WatchExit(ID{ProcIno: 1}, func() {}); w != nil || err != nil {
 			t.Errorf("WatchExit(%s) = %v, %v; want no watch and no error", p, w, err)
 		}
+	}
+}
+
+// unshareSleep starts `sleep 60` in a netns of its own (unshare --net) and
+// returns it once it runs there, with its pid:N target; ended at cleanup.
+func unshareSleep(t *testing.T) (*exec.Cmd, Target) {
+	t.Helper()
+	cmd := exec.Command("unshare", "--net", "sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("unshare --net sleep: %v", err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	tg, err := ParseTarget(fmt.Sprintf("pid:%d", cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// unshare execs sleep once the namespace is made.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", cmd.Process.Pid))
+		if strings.TrimSpace(string(comm)) == "sleep" {
+			return cmd, tg
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("unshare did not exec sleep within 10s")
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
