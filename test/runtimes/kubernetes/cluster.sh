@@ -37,6 +37,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 NODE=nsr-node
 BRIDGE=nsrk8s0
+BRIDGE_MAC=0a:58:0a:f4:00:01  # the CNI bridge plugin's form (0a:58 + the gateway's IPv4), for the bridges it makes
 NODE_IP=10.244.0.1    # the bridge's address: kubelet, the pods' gateway
 API_IP=10.96.0.1      # the `kubernetes` Service's ClusterIP, a local address here: no kube-proxy
 POD_CIDR=10.244.0.0/24
@@ -205,7 +206,16 @@ kubeconfig "$W/admin.kubeconfig" admin
 kubeconfig "$W/kubelet.kubeconfig" kubelet
 
 ### The bridge: the pods' network and the API server's address.
-ip link add "$BRIDGE" type bridge
+# With an address of its own: a bridge given none takes the lowest MAC of
+# its ports, which changes as pods' veths come and go, and a pod whose
+# neighbour entry for the gateway still holds a departed veth's MAC loses
+# the node (kubelet's probes, the API server) until that entry expires,
+# tens of seconds (the daemon pod then fails its liveness probe and misses
+# pod events). The CNI bridge plugin sets one on the bridges it creates;
+# this one is created here, for the API server's address.
+ip link add "$BRIDGE" address "$BRIDGE_MAC" type bridge
+# 3: NET_ADDR_SET, which the bridge keeps whatever ports it gets.
+[[ $(cat "/sys/class/net/$BRIDGE/addr_assign_type") == 3 ]] || fail "bridge $BRIDGE: its address is not fixed (addr_assign_type $(cat "/sys/class/net/$BRIDGE/addr_assign_type"))"
 ip addr add "$NODE_IP/24" dev "$BRIDGE"
 ip addr add "$API_IP/32" dev "$BRIDGE"
 ip link set "$BRIDGE" up
