@@ -33,6 +33,7 @@ done
 [[ -n $repo && -n $kbin ]] || { echo "usage: cluster.sh --repo DIR --bin DIR [--results FILE]" >&2; exit 2; }
 [[ $(id -u) == 0 ]] || { echo "cluster.sh: run as root" >&2; exit 2; }
 results=${results:-$repo/.cache/kubernetes/results.md}
+keep=$repo/.cache/kubernetes/logs # a failed run's logs, kept until the next run
 here=$(cd "$(dirname "$0")" && pwd)
 
 NODE=nsr-node
@@ -103,10 +104,17 @@ cleanup() {
 	trap - EXIT INT TERM
 	log "cleaning up (exit $rc)"
 	if [[ $rc != 0 && -n ${pids[kube-apiserver]:-} ]]; then
+		echo "---- load average: $(cat /proc/loadavg)" >&2
 		echo "---- events" >&2
 		timeout 10 "$kbin/kubectl" get events -A 2>&1 | tail -n 20 >&2
 		echo "---- daemon logs" >&2
 		timeout 10 "$kbin/kubectl" -n nsredirect logs -l app.kubernetes.io/name=nsredirect --tail 30 2>&1 | cut -c1-400 >&2
+		# A daemon container kubelet restarted: what the one before said.
+		timeout 10 "$kbin/kubectl" -n nsredirect logs -l app.kubernetes.io/name=nsredirect --previous --tail 30 2>/dev/null | cut -c1-400 | sed 's/^/previous: /' >&2
+		mkdir -p "$W/logs/kubectl"
+		timeout 20 "$kbin/kubectl" get pods -A -o wide >"$W/logs/kubectl/pods.txt" 2>&1
+		timeout 20 "$kbin/kubectl" get events -A -o wide >"$W/logs/kubectl/events.txt" 2>&1
+		timeout 20 "$kbin/kubectl" describe pods -A >"$W/logs/kubectl/describe-pods.txt" 2>&1
 	fi
 	if [[ $rc != 0 && -d $W/logs ]]; then
 		for f in "$W"/logs/*.log; do echo "---- tail of $f" >&2; tail -n 15 "$f" >&2; done
@@ -116,7 +124,8 @@ cleanup() {
 	# children, and a task's bundle and shim.pid go before its shim does).
 	local shims=()
 	for f in /proc/[0-9]*/cmdline; do
-		if tr '\0' ' ' <"$f" 2>/dev/null | grep -q "^/usr/bin/containerd-shim.* -address $W/containerd.sock"; then
+		# (a process that exits meanwhile takes its cmdline with it: quietly)
+		if { tr '\0' ' ' <"$f"; } 2>/dev/null | grep -q "^/usr/bin/containerd-shim.* -address $W/containerd.sock"; then
 			p=${f#/proc/}
 			shims+=("${p%/cmdline}")
 		fi
@@ -149,6 +158,13 @@ cleanup() {
 		done
 	fi
 	grep -q " $W" /proc/self/mountinfo && umount -R "$W" 2>/dev/null
+	rm -rf "$keep"
+	if [[ $rc != 0 && -d $W/logs ]]; then
+		# Every daemon's log, and every container's (pod-logs: the
+		# nsredirect containers kubelet restarted too), for after the run.
+		mkdir -p "$keep" && cp -r "$W/logs" "$keep/cluster" && cp -r "$W/pod-logs" "$keep/pods" 2>/dev/null
+		echo "cluster.sh: the run's logs are in $keep" >&2
+	fi
 	rm -rf "$W"
 	# What must be gone now.
 	local left=()
