@@ -99,11 +99,13 @@ cgroup_pids() {
 }
 
 cleanup() {
-	local rc=$? p d i
+	local rc=$? p d i args
 	set +e
 	trap - EXIT INT TERM
 	log "cleaning up (exit $rc)"
-	if [[ $rc != 0 && -n ${pids[kube-apiserver]:-} ]]; then
+	# What the cluster says about a failure (not after an interrupt: the
+	# signal has stopped etcd too, and each call would wait out its timeout).
+	if [[ $rc != 0 && -z ${interrupted:-} && -n ${pids[kube-apiserver]:-} ]]; then
 		echo "---- load average: $(cat /proc/loadavg)" >&2
 		echo "---- events" >&2
 		timeout 10 "$kbin/kubectl" get events -A 2>&1 | tail -n 20 >&2
@@ -123,9 +125,12 @@ cleanup() {
 	# The shims of our containerd (found by its socket: they are not our
 	# children, and a task's bundle and shim.pid go before its shim does).
 	local shims=()
+	# Every process of the host is looked at, with builtins only (a fork or
+	# two for each of thousands of processes took tens of seconds); one that
+	# exits meanwhile takes its cmdline with it, quietly.
 	for f in /proc/[0-9]*/cmdline; do
-		# (a process that exits meanwhile takes its cmdline with it: quietly)
-		if { tr '\0' ' ' <"$f"; } 2>/dev/null | grep -q "^/usr/bin/containerd-shim.* -address $W/containerd.sock"; then
+		{ mapfile -d '' -t args <"$f"; } 2>/dev/null || continue
+		if [[ ${args[0]:-} == /usr/bin/containerd-shim* && " ${args[*]} " == *" -address $W/containerd.sock "* ]]; then
 			p=${f#/proc/}
 			shims+=("${p%/cmdline}")
 		fi
@@ -181,7 +186,9 @@ cleanup() {
 	exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+interrupted=
+trap 'interrupted=1; exit 130' INT
+trap 'interrupted=1; exit 143' TERM
 
 mkdir -p "$W"/{pki,logs,etcd,containerd/root,containerd/state,containerd/opt,cni/net.d,cni/ipam,kubelet,pod-logs,images,runc-root}
 : >"$W/results.md"
