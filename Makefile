@@ -207,8 +207,12 @@ actionlint:
 # k8s.io/kubernetes in test/runtimes/kubernetes/go.mod, helm from
 # test/deploy's; containerd 1.6, runc and the CNI plugins from Debian), and
 # nsredirect installed on it with `kubectl apply -k` and `helm install` as the
-# README says. Builds are cached in .cache/kubernetes/bin (cold: ~15 min of CPU;
-# 38 min on a busy 2-core machine); the run ~1 min; its table: .cache/kubernetes/results.md.
+# README says. .ci/run runs it after test-runtimes. Builds are cached in
+# .cache/kubernetes/bin; cold (their modules not yet downloaded), on a shared
+# 2-core machine, the five Kubernetes binaries and helm took 11 min 35 s wall
+# and the whole target 13 min 25 s; with the builds cached a run takes
+# 51-84 s. Its table: .cache/kubernetes/results.md; a failed run's logs:
+# .cache/kubernetes/logs.
 KUBE_PACKAGES := containerd runc containernetworking-plugins openssl bpftool python3
 KUBE_STAMP := .cache/kube-deps.stamp
 test-runtimes-kube: deps build $(KUBE_STAMP)

@@ -33,10 +33,12 @@ done
 [[ -n $repo && -n $kbin ]] || { echo "usage: cluster.sh --repo DIR --bin DIR [--results FILE]" >&2; exit 2; }
 [[ $(id -u) == 0 ]] || { echo "cluster.sh: run as root" >&2; exit 2; }
 results=${results:-$repo/.cache/kubernetes/results.md}
+keep=$repo/.cache/kubernetes/logs # a failed run's logs, kept until the next run
 here=$(cd "$(dirname "$0")" && pwd)
 
 NODE=nsr-node
 BRIDGE=nsrk8s0
+BRIDGE_MAC=0a:58:0a:f4:00:01  # the CNI bridge plugin's form (0a:58 + the gateway's IPv4), for the bridges it makes
 NODE_IP=10.244.0.1    # the bridge's address: kubelet, the pods' gateway
 API_IP=10.96.0.1      # the `kubernetes` Service's ClusterIP, a local address here: no kube-proxy
 POD_CIDR=10.244.0.0/24
@@ -97,15 +99,24 @@ cgroup_pids() {
 }
 
 cleanup() {
-	local rc=$? p d i
+	local rc=$? p d i args
 	set +e
 	trap - EXIT INT TERM
 	log "cleaning up (exit $rc)"
-	if [[ $rc != 0 && -n ${pids[kube-apiserver]:-} ]]; then
+	# What the cluster says about a failure (not after an interrupt: the
+	# signal has stopped etcd too, and each call would wait out its timeout).
+	if [[ $rc != 0 && -z ${interrupted:-} && -n ${pids[kube-apiserver]:-} ]]; then
+		echo "---- load average: $(cat /proc/loadavg)" >&2
 		echo "---- events" >&2
 		timeout 10 "$kbin/kubectl" get events -A 2>&1 | tail -n 20 >&2
 		echo "---- daemon logs" >&2
 		timeout 10 "$kbin/kubectl" -n nsredirect logs -l app.kubernetes.io/name=nsredirect --tail 30 2>&1 | cut -c1-400 >&2
+		# A daemon container kubelet restarted: what the one before said.
+		timeout 10 "$kbin/kubectl" -n nsredirect logs -l app.kubernetes.io/name=nsredirect --previous --tail 30 2>/dev/null | cut -c1-400 | sed 's/^/previous: /' >&2
+		mkdir -p "$W/logs/kubectl"
+		timeout 20 "$kbin/kubectl" get pods -A -o wide >"$W/logs/kubectl/pods.txt" 2>&1
+		timeout 20 "$kbin/kubectl" get events -A -o wide >"$W/logs/kubectl/events.txt" 2>&1
+		timeout 20 "$kbin/kubectl" describe pods -A >"$W/logs/kubectl/describe-pods.txt" 2>&1
 	fi
 	if [[ $rc != 0 && -d $W/logs ]]; then
 		for f in "$W"/logs/*.log; do echo "---- tail of $f" >&2; tail -n 15 "$f" >&2; done
@@ -114,8 +125,12 @@ cleanup() {
 	# The shims of our containerd (found by its socket: they are not our
 	# children, and a task's bundle and shim.pid go before its shim does).
 	local shims=()
+	# Every process of the host is looked at, with builtins only (a fork or
+	# two for each of thousands of processes took tens of seconds); one that
+	# exits meanwhile takes its cmdline with it, quietly.
 	for f in /proc/[0-9]*/cmdline; do
-		if tr '\0' ' ' <"$f" 2>/dev/null | grep -q "^/usr/bin/containerd-shim.* -address $W/containerd.sock"; then
+		{ mapfile -d '' -t args <"$f"; } 2>/dev/null || continue
+		if [[ ${args[0]:-} == /usr/bin/containerd-shim* && " ${args[*]} " == *" -address $W/containerd.sock "* ]]; then
 			p=${f#/proc/}
 			shims+=("${p%/cmdline}")
 		fi
@@ -148,6 +163,13 @@ cleanup() {
 		done
 	fi
 	grep -q " $W" /proc/self/mountinfo && umount -R "$W" 2>/dev/null
+	rm -rf "$keep"
+	if [[ $rc != 0 && -d $W/logs ]]; then
+		# Every daemon's log, and every container's (pod-logs: the
+		# nsredirect containers kubelet restarted too), for after the run.
+		mkdir -p "$keep" && cp -r "$W/logs" "$keep/cluster" && cp -r "$W/pod-logs" "$keep/pods" 2>/dev/null
+		echo "cluster.sh: the run's logs are in $keep" >&2
+	fi
 	rm -rf "$W"
 	# What must be gone now.
 	local left=()
@@ -164,7 +186,9 @@ cleanup() {
 	exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+interrupted=
+trap 'interrupted=1; exit 130' INT
+trap 'interrupted=1; exit 143' TERM
 
 mkdir -p "$W"/{pki,logs,etcd,containerd/root,containerd/state,containerd/opt,cni/net.d,cni/ipam,kubelet,pod-logs,images,runc-root}
 : >"$W/results.md"
@@ -205,7 +229,16 @@ kubeconfig "$W/admin.kubeconfig" admin
 kubeconfig "$W/kubelet.kubeconfig" kubelet
 
 ### The bridge: the pods' network and the API server's address.
-ip link add "$BRIDGE" type bridge
+# With an address of its own: a bridge given none takes the lowest MAC of
+# its ports, which changes as pods' veths come and go, and a pod whose
+# neighbour entry for the gateway still holds a departed veth's MAC loses
+# the node (kubelet's probes, the API server) until that entry expires,
+# tens of seconds (the daemon pod then fails its liveness probe and misses
+# pod events). The CNI bridge plugin sets one on the bridges it creates;
+# this one is created here, for the API server's address.
+ip link add "$BRIDGE" address "$BRIDGE_MAC" type bridge
+# 3: NET_ADDR_SET, which the bridge keeps whatever ports it gets.
+[[ $(cat "/sys/class/net/$BRIDGE/addr_assign_type") == 3 ]] || fail "bridge $BRIDGE: its address is not fixed (addr_assign_type $(cat "/sys/class/net/$BRIDGE/addr_assign_type"))"
 ip addr add "$NODE_IP/24" dev "$BRIDGE"
 ip addr add "$API_IP/32" dev "$BRIDGE"
 ip link set "$BRIDGE" up
