@@ -51,7 +51,8 @@ lint:
 # detector, then the privileged suites against the real kernel, in
 # namespaces the tests create. Under CI=true privileged tests fail, never skip.
 test: deps build
-	$(GO) test -count=1 -race $$($(GO) list ./... | grep -v /test/)
+	NSREDIRECT_BIN=$(CURDIR)/$(BIN) DEMO_BACKEND_BIN=$(CURDIR)/bin/demo-backend \
+		$(GO) test -count=1 -race $$($(GO) list ./... | grep -v /test/)
 	$(MAKE) --no-print-directory test-deploy
 	NSREDIRECT_BIN=$(CURDIR)/$(BIN) DEMO_BACKEND_BIN=$(CURDIR)/bin/demo-backend \
 		$(GO) test -count=1 -p 1 -v -timeout 40m ./test/...

@@ -342,7 +342,10 @@ func (d *Daemon) apply(t Target) error {
 		}
 	}
 	if cur != nil && cur.cookie == cookie && cur.specs == specs {
-		cur.id = id
+		// The same netns, maybe through another path now (a container
+		// sharing another's netns restarted with a new pid): look at it
+		// through that path from now on.
+		cur.id, cur.target = id, t
 		d.watch(cur)
 		return nil
 	}

@@ -40,8 +40,9 @@ type Reporter interface {
 }
 
 // Redescriber is a Source whose descriptions go stale on their own (a
-// pod's processes come and go): it is asked on every resync, not only on
-// wake-ups and when a target stops resolving.
+// pod's processes come and go): it is asked on every resync that looks at
+// every target (each one while the daemon is not settled, every fullEvery-th
+// otherwise), not only on wake-ups and when a target stops resolving.
 type Redescriber interface {
 	RedescribeEachResync() bool
 }

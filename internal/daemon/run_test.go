@@ -383,3 +383,34 @@ func TestExitOfWatchedProcessTold(t *testing.T) {
 		t.Error("Moved is false once the watched process is gone")
 	}
 }
+
+// TestSameNetnsThroughNewPathFollowed: a target that resolves to the same
+// netns through another path (a container sharing another's netns restarted
+// with a new pid) is looked at through the new path from then on; the old
+// path, gone, would otherwise make every probe ask for a new description.
+func TestSameNetnsThroughNewPathFollowed(t *testing.T) {
+	ns := testenv.NewNetns(t)
+	first, second := testenv.Sleeper(t, ns), testenv.Sleeper(t, ns)
+	target := func(p *testenv.Proc) []Target {
+		tg, err := netnsx.ParseTarget(fmt.Sprintf("pid:%d", p.Cmd.Process.Pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return []Target{{Name: "web", Kind: "container", Netns: tg, Rules: rules(t, "80=3210")}}
+	}
+	d := New(newFake(), testenv.Cookies(t), "docker", quiet())
+	defer func() { _ = d.Shutdown(false) }()
+	if err := d.Reconcile(target(first)); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Reconcile(target(second)); err != nil {
+		t.Fatal(err)
+	}
+	first.Kill()
+	if d.Moved() {
+		t.Error("Moved after the old path's process exited: the target is still looked at through it")
+	}
+	if got := d.Serving(); len(got) != 1 {
+		t.Errorf("serving %v; want the one target", got)
+	}
+}

@@ -172,8 +172,9 @@ func (c *Controller) Watch(ctx context.Context, wake func()) error {
 }
 
 // RedescribeEachResync: a pod's processes come and go (a sandbox
-// re-created, the process its netns was found through exiting), so each
-// resync scans the proc root again rather than re-resolving old paths.
+// re-created, the process its netns was found through exiting), so a resync
+// that looks at every target scans the proc root again rather than
+// re-resolving old paths (see daemon.Redescriber).
 func (*Controller) RedescribeEachResync() bool { return true }
 
 // pods returns the cached pods of this node.

@@ -59,8 +59,13 @@ func Tool(t testing.TB, name string) string {
 	return ""
 }
 
-// Binary returns the path in env var key (NSREDIRECT_BIN, DEMO_BACKEND_BIN),
-// or builds pkg into a temp dir.
+// Binary returns the path in env var key (NSREDIRECT_BIN, DEMO_BACKEND_BIN;
+// the Makefile sets both), or builds pkg. A build goes to one directory
+// that every test process reuses (os.TempDir()/nsredirect-test-bin), not a
+// new one per process: nothing tells a test binary when the last test that
+// needs the program is done, so a directory per process would be left
+// behind by each. Each build lands there by rename, so a process still
+// running the previous build keeps it.
 func Binary(t testing.TB, key, pkg string) string {
 	t.Helper()
 	if p := os.Getenv(key); p != "" {
@@ -71,15 +76,21 @@ func Binary(t testing.TB, key, pkg string) string {
 	if p, ok := built[pkg]; ok {
 		return p
 	}
-	dir, err := os.MkdirTemp("", "nsr-bin-")
-	if err != nil {
+	dir := filepath.Join(os.TempDir(), "nsredirect-test-bin")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
 	out := filepath.Join(dir, filepath.Base(pkg))
-	cmd := exec.Command("go", "build", "-o", out, pkg)
+	tmp := fmt.Sprintf("%s.%d", out, os.Getpid())
+	cmd := exec.Command("go", "build", "-o", tmp, pkg)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
+		os.Remove(tmp)
 		t.Fatalf("build %s: %v\n%s", pkg, err, b)
+	}
+	if err := os.Rename(tmp, out); err != nil {
+		os.Remove(tmp)
+		t.Fatal(err)
 	}
 	built[pkg] = out
 	return out
