@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -94,6 +95,9 @@ type Loader struct {
 	// repaired names the hooks whose pinned link Attach found detached or
 	// defunct and replaced.
 	repaired []string
+	// heals counts the Heal calls that found no UDP link pinned (see
+	// healUDP).
+	heals atomic.Uint64
 }
 
 func newLoader(dir string, log logrus.FieldLogger) *Loader {
@@ -1097,7 +1101,7 @@ func (l *Loader) Heal(cgroup string) ([]string, error) {
 	}
 	repaired, err := l.reattachDetached(hooks, cgroup, cgroupID)
 	// The UDP hooks: attached while a UDP rule is live, gone otherwise.
-	udp, udpErr := l.syncUDP()
+	udp, udpErr := l.healUDP()
 	return append(repaired, udp...), errors.Join(err, udpErr)
 }
 

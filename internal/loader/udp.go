@@ -81,6 +81,34 @@ func (l *Loader) attachUDP(coll *ebpf.Collection, cgroup string, cgroupID uint64
 	return nil
 }
 
+// udpScanEvery: with no UDP link pinned, Heal looks for UDP rules only
+// every this many calls (see healUDP).
+const udpScanEvery = 10
+
+// healUDP is syncUDP for the per-second Heal, which need not scan the rule
+// map while no UDP link of ours is pinned: then there is nothing to heal or
+// remove, and a new UDP rule attaches the links in the Enroll that adds it
+// (in whichever daemon adds it). What is left, a link pin removed by hand
+// under a live UDP rule, is found by the scan every udpScanEvery calls. A
+// pinned link, attached or not, is looked at every time: a detached one
+// is re-created at the next resync.
+func (l *Loader) healUDP() ([]string, error) {
+	if !l.anyUDPPinned() && l.heals.Add(1)%udpScanEvery != 0 {
+		return nil, nil
+	}
+	return l.syncUDP()
+}
+
+// anyUDPPinned reports whether a link of a UDP hook is pinned.
+func (l *Loader) anyUDPPinned() bool {
+	for _, h := range udpHooks {
+		if _, err := os.Lstat(l.pins.link(h)); err == nil {
+			return true
+		}
+	}
+	return false
+}
+
 // syncUDP attaches the UDP hooks from their pinned programs when the rule
 // map holds a UDP entry and they are not attached, and removes their links
 // when it holds none. Called with the pin dir locked, after every change of
