@@ -146,12 +146,9 @@ type Daemon struct {
 	live    map[string]*live
 	failing map[string]error // name -> last error, so each is logged once
 	exited  chan struct{}    // see Exited
-	// sourceErr marks the failing targets whose error is the source's
-	// description of them (a bad label), not a failure to enroll them.
-	sourceErr map[string]bool
-	errors    map[string]uint64
-	held      map[string]bool // desired targets another live nsredirect serves
-	pending   map[string]bool // targets whose ErrPending was logged
+	errors  map[string]uint64
+	held    map[string]bool // desired targets another live nsredirect serves
+	pending map[string]bool // targets whose ErrPending was logged
 	// stale is set when a target did not resolve, or its path now leads
 	// to another process: its source should describe it again (a
 	// container restarted with a new pid, and no event said so).
@@ -186,18 +183,17 @@ func Holder(h string) Option { return func(d *Daemon) { d.holder = h } }
 // (the mode: run, docker, kube).
 func New(kernel Kernel, cookies netnsx.CookieReader, owner string, log logrus.FieldLogger, opts ...Option) *Daemon {
 	d := &Daemon{
-		kernel:    kernel,
-		cookies:   cookies,
-		owner:     owner,
-		log:       log,
-		live:      map[string]*live{},
-		failing:   map[string]error{},
-		sourceErr: map[string]bool{},
-		errors:    map[string]uint64{},
-		held:      map[string]bool{},
-		pending:   map[string]bool{},
-		proc:      procRoot,
-		exited:    make(chan struct{}, 1),
+		kernel:  kernel,
+		cookies: cookies,
+		owner:   owner,
+		log:     log,
+		live:    map[string]*live{},
+		failing: map[string]error{},
+		errors:  map[string]uint64{},
+		held:    map[string]bool{},
+		pending: map[string]bool{},
+		proc:    procRoot,
+		exited:  make(chan struct{}, 1),
 	}
 	for _, o := range opts {
 		o(d)
@@ -247,7 +243,6 @@ func (d *Daemon) reconcile() error {
 		delete(d.pending, t.Name)
 		if err != nil {
 			errs = append(errs, err)
-			d.sourceErr[t.Name] = t.Err != nil && !errors.Is(t.Err, ErrLookup)
 			if prev, ok := d.failing[t.Name]; !ok || prev.Error() != err.Error() {
 				d.failing[t.Name] = err
 				d.errors[t.Name]++
@@ -270,11 +265,6 @@ func (d *Daemon) reconcile() error {
 	for name := range d.failing {
 		if !want[name] {
 			delete(d.failing, name)
-		}
-	}
-	for name := range d.sourceErr {
-		if _, failing := d.failing[name]; !failing {
-			delete(d.sourceErr, name)
 		}
 	}
 	for name := range d.held {
@@ -504,8 +494,14 @@ func (d *Daemon) Settled() bool {
 	if len(d.pending) > 0 || len(d.held) > 0 || d.stale {
 		return false
 	}
-	for name, err := range d.failing {
-		if !d.sourceErr[name] && !errors.Is(err, ErrHostNetns) {
+	for _, t := range d.desired {
+		err, failing := d.failing[t.Name]
+		if !failing || errors.Is(err, ErrHostNetns) {
+			continue
+		}
+		// The source's own description of the target (t.Err) is settled,
+		// unless it only says the lookup failed.
+		if t.Err == nil || errors.Is(t.Err, ErrLookup) {
 			return false
 		}
 	}

@@ -414,3 +414,30 @@ func TestSameNetnsThroughNewPathFollowed(t *testing.T) {
 		t.Errorf("serving %v; want the one target", got)
 	}
 }
+
+// TestSettled: a daemon is settled when every desired target is enrolled or
+// failing for a reason of its own (a bad label); a failed lookup, a target
+// not there yet or one that cannot be enrolled unsettles it.
+func TestSettled(t *testing.T) {
+	ns := testenv.NewNetns(t)
+	d := New(newFake(), testenv.Cookies(t), "kube", quiet())
+	defer func() { _ = d.Shutdown(false) }()
+	good := Target{Name: "good", Netns: ns.Target(), Rules: rules(t, "80=3210")}
+	for _, c := range []struct {
+		what    string
+		others  []Target
+		settled bool
+	}{
+		{"every target enrolled", nil, true},
+		{"a bad label", []Target{{Name: "bad", Err: errors.New(`annotation "80=x" does not parse`)}}, true},
+		{"a failed lookup", []Target{{Name: "lookup", Err: fmt.Errorf("%w: read /host/proc: permission denied", ErrLookup)}}, false},
+		{"not there yet", []Target{{Name: "pending", Err: fmt.Errorf("no process yet (%w)", ErrPending)}}, false},
+		{"a netns that does not resolve", []Target{{Name: "gone", Netns: netnsx.Target{Spec: "/nonexistent", Path: "/nonexistent"}, Rules: rules(t, "80=3210")}}, false},
+	} {
+		_ = d.Reconcile(append([]Target{good}, c.others...))
+		d.TakeStale() // the resync that follows has asked its source again
+		if got := d.Settled(); got != c.settled {
+			t.Errorf("with %s: Settled = %v, want %v", c.what, got, c.settled)
+		}
+	}
+}
