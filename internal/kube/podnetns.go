@@ -323,22 +323,10 @@ type dirEnt struct {
 	ino  uint64
 }
 
-// startTime reads field 22 (starttime) of DIR/stat. The command name,
-// field 2, may hold spaces and parentheses: count from the last ')'.
+// startTime is the start time of the process of DIR (PROC/PID), or
+// unknownStart when its stat cannot be read.
 func startTime(dir string) uint64 {
-	b, err := os.ReadFile(filepath.Join(dir, "stat"))
-	if err != nil {
-		return unknownStart
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return unknownStart
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 20 {
-		return unknownStart
-	}
-	n, err := strconv.ParseUint(f[19], 10, 64)
+	n, err := netnsx.ProcStart(dir)
 	if err != nil {
 		return unknownStart
 	}

@@ -165,7 +165,7 @@ func (c *startCache) of(dir string) (ino, start uint64, err error) {
 	if ok && e.ino == st.Ino {
 		return e.ino, e.start, nil
 	}
-	start, err = procStart(dir)
+	start, err = ProcStart(dir)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -184,9 +184,10 @@ func (c *startCache) of(dir string) (ino, start uint64, err error) {
 	return st.Ino, start, nil
 }
 
-// procStart reads field 22 (starttime) of PROC/PID/stat. The command name,
-// field 2, may hold spaces and parentheses: count from the last ')'.
-func procStart(procPid string) (uint64, error) {
+// ProcStart reads field 22 (starttime, clock ticks after boot) of
+// PROC/PID/stat. The command name, field 2, may hold spaces and
+// parentheses: count from the last ')'.
+func ProcStart(procPid string) (uint64, error) {
 	b, err := os.ReadFile(procPid + "/stat")
 	if err != nil {
 		return 0, err

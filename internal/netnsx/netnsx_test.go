@@ -160,14 +160,14 @@ func TestProcStartSkipsOddCommandNames(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "stat"), []byte(stat), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := procStart(dir); err != nil || got != 987654 {
-		t.Fatalf("procStart = %d, %v; want 987654", got, err)
+	if got, err := ProcStart(dir); err != nil || got != 987654 {
+		t.Fatalf("ProcStart = %d, %v; want 987654", got, err)
 	}
 	if err := os.WriteFile(filepath.Join(dir, "stat"), []byte("42 (x"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := procStart(dir); err == nil {
-		t.Fatal("procStart of a truncated stat: no error")
+	if _, err := ProcStart(dir); err == nil {
+		t.Fatal("ProcStart of a truncated stat: no error")
 	}
 }
 
