@@ -218,7 +218,16 @@ KUBE_PACKAGES := containerd runc containernetworking-plugins openssl bpftool pyt
 KUBE_STAMP := .cache/kube-deps.stamp
 test-runtimes-kube: deps build $(KUBE_STAMP)
 	test/runtimes/kubernetes/build.sh $(CURDIR)/.cache/kubernetes/bin
-	test/runtimes/kubernetes/cluster.sh --repo $(CURDIR) --bin $(CURDIR)/.cache/kubernetes/bin
+	test/runtimes/kubernetes/cluster.sh --repo $(CURDIR) --bin $(CURDIR)/.cache/kubernetes/bin --tools $(CURDIR)/.cache/kubernetes/bin/images
+
+# The same cell in the pure-cgroup2 column: a qemu 6.12 guest (TCG) booting
+# systemd as PID 1, with kubelet and containerd on the systemd cgroup driver
+# (kubelet's supported path); the binaries are the ones test-runtimes-kube
+# builds. Its table: .cache/kernels/results-kube.md.
+.PHONY: test-runtimes-guest-kube
+test-runtimes-guest-kube: deps build $(KERNELS_STAMP) $(KUBE_STAMP)
+	test/runtimes/kubernetes/build.sh $(CURDIR)/.cache/kubernetes/bin
+	./scripts/test-kernels.sh --kube --repo $(CURDIR) --kernels 6.12
 
 $(KUBE_STAMP):
 	@if [ "$$(id -u)" != 0 ]; then echo "make test-runtimes-kube: run as root (sudo make test-runtimes-kube) to apt-get install: $(KUBE_PACKAGES)" >&2; exit 2; fi

@@ -7,6 +7,7 @@
 #                           [--pkgs "./internal/... ./test/integration"] [--timeout MIN] [--refresh]
 #                           [--exec SCRIPT]   (run SCRIPT with bash in each guest before the tests)
 #                           [--runtimes]      (the real-engine suite, test/runtimes, under systemd)
+#                           [--kube]          (the single-node Kubernetes cell, under systemd)
 #
 # Kernels are Debian's linux-image-*-amd64 packages, the newest ABI of each
 # series: 5.10 from bullseye(-security), 6.1 from bookworm(-security), 6.12
@@ -36,6 +37,13 @@
 # checkout's .cache/runtimes/bin (`make test-runtimes` builds them) and the
 # shipped systemd unit installed as the README says. amd64 only (the
 # engines are built for the host). Its table is .cache/kernels/results-runtimes.md.
+#
+# --kube is the Kubernetes cell of that column (`make
+# test-runtimes-guest-kube`): the same systemd guest runs
+# test/runtimes/kubernetes/cluster.sh with kubelet's and containerd's systemd
+# cgroup driver, from the binaries `make test-runtimes-kube` builds in
+# .cache/kubernetes/bin (amd64 only). Its table is
+# .cache/kernels/results-kube.md.
 set -euo pipefail
 export PATH=/usr/local/go/bin:$PATH
 
@@ -49,6 +57,7 @@ pkgs="./internal/... ./test/integration"
 timeout_min=""
 refresh=0
 runtimes=0
+kube=0
 tags=""
 cache=$(realpath -m "${NSR_KERNELS_CACHE:-$harness/.cache/kernels}")
 
@@ -67,6 +76,7 @@ while [ $# -gt 0 ]; do
 	--refresh) refresh=1; shift ;;
 	--exec) exec_script=$(realpath "${2:?--exec needs a script}"); shift 2 ;;
 	--runtimes) runtimes=1; shift ;;
+	--kube) kube=1 runtimes=1; shift ;;
 	-h | --help) usage ;;
 	*) echo "test-kernels: unknown argument $1 (see --help)" >&2; exit 2 ;;
 	esac
@@ -75,7 +85,19 @@ done
 log() { echo "test-kernels: $*" >&2; }
 die() { log "$*"; exit 2; }
 
-if [ "$runtimes" = 1 ]; then
+kbin=$repo/.cache/kubernetes/bin
+if [ "$kube" = 1 ]; then
+	for k in $kernels; do
+		case $k in arm64-*) die "--kube --kernels $k: the binaries in $kbin are amd64; give amd64 series (e.g. 6.12)" ;; esac
+	done
+	for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl etcd helm images/pause images/dialer images/ociimage; do
+		[ -x "$kbin/$b" ] || die "$kbin/$b is missing: \`make test-runtimes-guest-kube\` builds it (test/runtimes/kubernetes/build.sh)"
+	done
+	for b in nsredirect demo-backend; do
+		[ -x "$repo/bin/$b" ] || die "$repo/bin/$b is missing: \`make build\` builds it"
+	done
+	[ -x /lib/systemd/systemd ] || die "/lib/systemd/systemd is missing: --kube boots the host's systemd in the guest (apt-get install systemd)"
+elif [ "$runtimes" = 1 ]; then
 	pkgs=./test/runtimes tags="runtimes guest"
 	[ -n "$run_re" ] || run_re='^(TestDocker29|TestSystemdUnit)'
 	for k in $kernels; do
@@ -97,7 +119,7 @@ case $cache/ in
 /tmp/* | /run/*) die "NSR_KERNELS_CACHE=$cache: the guest has its own /tmp and /run; use e.g. /var/tmp/nsr-kernels" ;;
 esac
 # The engines and systemd take longer to start under TCG than the suite.
-[ -n "$timeout_min" ] || { timeout_min=20; [ "$runtimes" = 0 ] || timeout_min=40; }
+[ -n "$timeout_min" ] || { timeout_min=20; [ "$runtimes" = 0 ] || timeout_min=40; [ "$kube" = 0 ] || timeout_min=60; }
 if ! [[ $timeout_min =~ ^[0-9]+$ ]] || [ "$timeout_min" -lt 2 ]; then
 	die "--timeout $timeout_min: give whole minutes, at least 2, e.g. --timeout 20"
 fi
@@ -312,6 +334,8 @@ buildroot=$cache/build/$(echo "$repo" | sha256sum | cut -c1-12)
 for arch in $arches; do
 bindir=$buildroot-$arch
 rm -rf "$bindir" && mkdir -p "$bindir"
+# --kube runs the cluster script with the checkout's own bin/, no test binaries.
+if [ "$kube" = 1 ]; then echo "kubernetes $repo" >"$bindir/tests"; continue; fi
 log "building $arch test binaries from $repo ($pkgs)"
 (
 	cd "$repo"
@@ -358,6 +382,20 @@ echo "guest: PID 1 is \$(cat /proc/1/comm), \$(systemctl --version | head -1)"
 systemctl start dbus.socket dbus.service || true
 EOF
 	fi
+	if [ "$kube" = 1 ]; then
+		# The Kubernetes cell instead of test binaries: one "package" whose
+		# log and exit code are the cluster script's. TCG is ~10x slower:
+		# every bound is scaled (they only cap a hang).
+		cat <<EOF
+echo "=== NSR-PKG kubernetes"
+start=\$(date +%s)
+bash $repo/test/runtimes/kubernetes/cluster.sh --repo $repo --bin $kbin --tools $kbin/images \\
+	--results $res/kubernetes.md --logs $res/logs --cgroup-driver systemd --timeout-scale 8 2>&1 | tee $res/kubernetes.log
+echo \${PIPESTATUS[0]} >$res/kubernetes.rc
+echo "=== NSR-PKG-END kubernetes rc=\$(cat $res/kubernetes.rc) \$((\$(date +%s) - start))s"
+EOF
+		return
+	fi
 	if [ -n "$exec_script" ]; then
 		# A copy in the results share: the guest's /tmp and /run are its own.
 		cp "$exec_script" "$res/exec.sh"
@@ -377,6 +415,7 @@ EOF
 # --- boot each kernel ------------------------------------------------------
 results_md=$cache/results.md
 [ "$runtimes" = 0 ] || results_md=$cache/results-runtimes.md
+[ "$kube" = 0 ] || results_md=$cache/results-kube.md
 rows=()
 details=()
 overall=0
@@ -403,10 +442,13 @@ for series in $kernels; do
 		;;
 	esac
 	[ "$runtimes" = 0 ] || res=$cache/results/runtimes-$series
+	[ "$kube" = 0 ] || res=$cache/results/kube-$series
 	rm -rf "$res" && mkdir -p "$res"
-	# Docker's data root lives in the guest's memory (--runtimes).
+	# Docker's data root lives in the guest's memory (--runtimes); a control
+	# plane, kubelet and containerd need more (--kube).
 	mem=2G
 	[ "$runtimes" = 0 ] || mem=3G
+	[ "$kube" = 0 ] || mem=6G
 	guest_script "$res" >"$res/guest.sh"
 	log "$series: booting $pkg $ver under ${qemu[0]} (TCG), console in $res/console.log"
 	start=$(date +%s)
@@ -463,7 +505,12 @@ done
 	echo "| kernel | package version | tests passed | failed | skipped | time | result |"
 	echo "|---|---|---|---|---|---|---|"
 	printf '%s\n' "${rows[@]}"
-	if [ "$runtimes" = 1 ]; then
+	if [ "$kube" = 1 ]; then
+		for series in $kernels; do
+			echo
+			cat "$cache/results/kube-$series/kubernetes.md" 2>/dev/null || echo "($series: no Kubernetes table: see $cache/results/kube-$series/kubernetes.log and logs/)"
+		done
+	elif [ "$runtimes" = 1 ]; then
 		for series in $kernels; do
 			echo
 			cat "$cache/results/runtimes-$series/runtimes.md" 2>/dev/null || echo "($series: no runtimes table: see $cache/results/runtimes-$series/console.log)"

@@ -4,7 +4,8 @@
 # from this directory's module, and helm from test/deploy's module (the
 # version whose chart rendering `make test-deploy` checks), into OUT (default
 # .cache/kubernetes/bin), and unpacks Debian's etcd-server there. Skipped
-# when OUT/.stamp is newer than both go.mod files. Sources come through the
+# when OUT/.stamp is newer than both go.mod files. The test's pause, dialer
+# and ociimage go to OUT/images. Sources come through the
 # Go module proxy; nothing is committed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -12,6 +13,9 @@ out=${1:-$here/../../../.cache/kubernetes/bin}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 deploy=$here/../../deploy
+# The cluster test's own small programs (cluster.sh --tools OUT/images):
+# rebuilt every time, which Go's cache makes cheap.
+(cd "$here" && CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$out/images/" ./cmd/pause ./cmd/dialer ./cmd/ociimage)
 if [[ -f $out/.stamp && $out/.stamp -nt $here/go.mod && $out/.stamp -nt $deploy/go.mod && -x $out/etcd ]]; then
 	exit 0
 fi

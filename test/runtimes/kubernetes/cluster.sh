@@ -3,7 +3,8 @@
 # installed on it the way the README says a user does:
 #
 #   etcd (Debian), kube-apiserver, kube-controller-manager, kube-scheduler,
-#   kubelet (failCgroupV1: false, cgroupfs) and kubectl (built by build.sh),
+#   kubelet (failCgroupV1: false; the cgroupfs driver, or systemd's with
+#   --cgroup-driver systemd) and kubectl (built by build.sh),
 #   containerd 1.6 + runc (Debian; runc wrapped to clamp oom_score_adj to 0:
 #   root here lacks CAP_SYS_RESOURCE), CNI bridge + host-local + loopback
 #   (Debian) on a bridge whose addresses exist only on this machine, images
@@ -18,22 +19,45 @@
 # Every process started is stopped by pid, and every directory, mount,
 # cgroup, bridge and netns the cluster makes is removed, also on failure.
 #
-#   cluster.sh --repo DIR --bin DIR [--results FILE]
+#   cluster.sh --repo DIR --bin DIR [--results FILE] [--logs DIR]
+#              [--cgroup-driver cgroupfs|systemd] [--timeout-scale N] [--tools DIR]
+#
+# --cgroup-driver systemd: kubelet's and runc's cgroups are systemd units
+# (kubepods.slice, cri-containerd-*.scope), which needs systemd as PID 1 on
+# a pure cgroup2 host: kubelet's supported path (`make
+# test-runtimes-guest-kube` runs it so in a qemu guest). --timeout-scale N
+# multiplies every wait's bound (a TCG guest is ~10x slower; the bounds
+# only cap a hang). --tools DIR: pause, dialer and ociimage prebuilt (build.sh
+# builds them into DIR/images), instead of built here.
 set -euo pipefail
 
-repo= kbin= results=
+usage="usage: cluster.sh --repo DIR --bin DIR [--results FILE] [--logs DIR] [--cgroup-driver cgroupfs|systemd] [--timeout-scale N] [--tools DIR]"
+repo= kbin= results= keep= driver=cgroupfs scale=1 tools=
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--repo) repo=$2; shift 2 ;;
 	--bin) kbin=$2; shift 2 ;;
 	--results) results=$2; shift 2 ;;
-	*) echo "cluster.sh: unknown argument $1" >&2; exit 2 ;;
+	--logs) keep=$2; shift 2 ;;
+	--cgroup-driver) driver=$2; shift 2 ;;
+	--timeout-scale) scale=$2; shift 2 ;;
+	--tools) tools=$2; shift 2 ;;
+	*) echo "cluster.sh: unknown argument $1; $usage" >&2; exit 2 ;;
 	esac
 done
-[[ -n $repo && -n $kbin ]] || { echo "usage: cluster.sh --repo DIR --bin DIR [--results FILE]" >&2; exit 2; }
+[[ -n $repo && -n $kbin ]] || { echo "$usage" >&2; exit 2; }
 [[ $(id -u) == 0 ]] || { echo "cluster.sh: run as root" >&2; exit 2; }
+[[ $scale =~ ^[1-9][0-9]*$ ]] || { echo "cluster.sh: --timeout-scale $scale: give a whole factor, e.g. --timeout-scale 5" >&2; exit 2; }
+case $driver in
+cgroupfs) ;;
+systemd)
+	[[ $(cat /proc/1/comm) == systemd && $(stat -f -c %T /sys/fs/cgroup) == cgroup2fs ]] ||
+		{ echo "cluster.sh: --cgroup-driver systemd needs systemd as PID 1 on a pure cgroup2 host (PID 1 is $(cat /proc/1/comm), /sys/fs/cgroup is $(stat -f -c %T /sys/fs/cgroup))" >&2; exit 2; }
+	;;
+*) echo "cluster.sh: --cgroup-driver $driver: give cgroupfs or systemd" >&2; exit 2 ;;
+esac
 results=${results:-$repo/.cache/kubernetes/results.md}
-keep=$repo/.cache/kubernetes/logs # a failed run's logs, kept until the next run
+keep=${keep:-$repo/.cache/kubernetes/logs} # a failed run's logs, kept until the next run
 here=$(cd "$(dirname "$0")" && pwd)
 
 NODE=nsr-node
@@ -50,7 +74,10 @@ ETCD_PORT=23790
 OUTSIDE=(/var/lib/kubelet /var/lib/cni /var/log/containers /var/log/pods /run/containerd)
 declare -A preexisting
 for d in "${OUTSIDE[@]}"; do [[ -e $d ]] && preexisting[$d]=1; done
-for c in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
+# The pods' cgroups: kubepods (cgroupfs driver; under each v1 hierarchy too)
+# or kubepods.slice (systemd's).
+KUBEPODS="/sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods /sys/fs/cgroup/kubepods.slice"
+for c in $KUBEPODS; do
 	if [[ -e $c ]]; then echo "cluster.sh: $c exists: another kubelet runs on this machine; stop it first" >&2; exit 2; fi
 done
 if ip link show "$BRIDGE" >/dev/null 2>&1; then echo "cluster.sh: bridge $BRIDGE exists (a previous run?); ip link del $BRIDGE" >&2; exit 2; fi
@@ -83,11 +110,12 @@ stop() {
 	wait "$pid" 2>/dev/null || true
 }
 
-# until TIMEOUT CMD...: CMD until it succeeds, for at most TIMEOUT seconds.
+# until TIMEOUT CMD...: CMD until it succeeds, for at most TIMEOUT seconds
+# (times --timeout-scale).
 until_ok() {
 	local timeout=$1 end
 	shift
-	end=$((SECONDS + timeout))
+	end=$((SECONDS + timeout * scale))
 	until "$@" >/dev/null 2>&1; do
 		((SECONDS < end)) || return 1
 		sleep 0.2 # polling interval, bounded by TIMEOUT
@@ -95,7 +123,8 @@ until_ok() {
 }
 
 cgroup_pids() {
-	find /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods -name cgroup.procs 2>/dev/null | xargs -r cat 2>/dev/null | sort -u
+	# shellcheck disable=SC2086 # KUBEPODS is a list of globs
+	find $KUBEPODS -name cgroup.procs 2>/dev/null | xargs -r cat 2>/dev/null | sort -u
 }
 
 cleanup() {
@@ -138,8 +167,10 @@ cleanup() {
 	# The pods' processes (pause, app, nsredirect), by pid.
 	for ((i = 0; i < 3; i++)); do
 		for p in $(cgroup_pids); do kill -KILL "$p" 2>/dev/null; done
-		until_ok 5 bash -c '! find /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods -name cgroup.procs 2>/dev/null | xargs -r cat | grep -q .'
+		until_ok 5 bash -c "! find $KUBEPODS -name cgroup.procs 2>/dev/null | xargs -r cat | grep -q ."
 	done
+	# systemd's units for them: it removes their cgroups itself.
+	[[ $driver == systemd ]] && timeout 30 systemctl stop kubepods.slice 2>/dev/null
 	for p in "${shims[@]}"; do stop "$p"; done
 	for name in containerd kube-scheduler kube-controller-manager kube-apiserver etcd; do
 		[[ -n ${pids[$name]:-} ]] && stop "${pids[$name]}"
@@ -149,7 +180,8 @@ cleanup() {
 	# files) and its bpffs with any pin left in it.
 	[[ -n $holder ]] && stop "$holder"
 	ip link del "$BRIDGE" 2>/dev/null
-	for d in $(find /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods -depth -type d 2>/dev/null); do rmdir "$d" 2>/dev/null; done
+	# shellcheck disable=SC2086
+	for d in $(find $KUBEPODS -depth -type d 2>/dev/null); do rmdir "$d" 2>/dev/null; done
 	for d in "${OUTSIDE[@]}"; do
 		[[ -n ${preexisting[$d]:-} ]] && continue
 		if grep -q " $d" /proc/self/mountinfo; then umount -R "$d" 2>/dev/null; fi
@@ -175,7 +207,8 @@ cleanup() {
 	local left=()
 	for d in "${OUTSIDE[@]}"; do [[ -z ${preexisting[$d]:-} && -e $d ]] && left+=("$d"); done
 	[[ -e $W ]] && left+=("$W")
-	ls -d /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods 2>/dev/null | while read -r c; do echo "cluster.sh: cgroup $c left" >&2; done
+	# shellcheck disable=SC2086
+	for c in $(ls -d $KUBEPODS 2>/dev/null); do left+=("cgroup $c"); done
 	ip link show "$BRIDGE" >/dev/null 2>&1 && left+=("bridge $BRIDGE")
 	for name in "${!pids[@]}"; do alive "${pids[$name]}" && left+=("$name pid ${pids[$name]}"); done
 	for p in "${shims[@]}"; do alive "$p" && left+=("containerd-shim pid $p"); done
@@ -193,7 +226,14 @@ trap 'interrupted=1; exit 143' TERM
 mkdir -p "$W"/{pki,logs,etcd,containerd/root,containerd/state,containerd/opt,cni/net.d,cni/ipam,kubelet,pod-logs,images,runc-root}
 : >"$W/results.md"
 [[ -x $kbin/kube-apiserver && -x $kbin/etcd && -x $kbin/helm ]] || fail "$kbin lacks the cluster's binaries: run test/runtimes/kubernetes/build.sh"
-(cd "$here" && CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$W/images/" ./cmd/pause ./cmd/dialer ./cmd/ociimage)
+if [[ -n $tools ]]; then
+	for t in pause dialer ociimage; do
+		[[ -x $tools/$t ]] || fail "--tools $tools has no $t: build.sh builds it into OUT/images"
+		cp "$tools/$t" "$W/images/"
+	done
+else
+	(cd "$here" && CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$W/images/" ./cmd/pause ./cmd/dialer ./cmd/ociimage)
+fi
 
 ### The node: a mount namespace holding a fresh bpffs, private for now.
 unshare -m --propagation private -- sh -c 'mount -t bpf bpf /sys/fs/bpf && exec sleep infinity' &
@@ -269,7 +309,7 @@ start kube-apiserver "$kbin/kube-apiserver" --etcd-servers "http://127.0.0.1:$ET
 	--service-account-issuer https://kubernetes.default.svc.cluster.local \
 	--service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
 	--kubelet-preferred-address-types InternalIP --authorization-mode Node,RBAC --profiling=false
-until_ok 120 kubectl get --raw /readyz || fail "kube-apiserver not ready within 120 s"
+until_ok 120 kubectl get --raw /readyz || fail "kube-apiserver not ready within $((120 * scale)) s"
 log "kube-apiserver ready in $((SECONDS - t0)) s"
 start kube-controller-manager "$kbin/kube-controller-manager" --kubeconfig "$W/admin.kubeconfig" \
 	--leader-elect=false --bind-address 127.0.0.1 --service-account-private-key-file "$pki/sa.key" \
@@ -313,7 +353,7 @@ state = "$W/containerd/state"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         BinaryName = "$W/runc-wrapper"
         Root = "$W/runc-root"
-        SystemdCgroup = false
+        SystemdCgroup = $([[ $driver == systemd ]] && echo true || echo false)
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$W/cni/net.d"
@@ -342,7 +382,7 @@ cat >"$W/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 failCgroupV1: false
-cgroupDriver: cgroupfs
+cgroupDriver: $driver
 containerRuntimeEndpoint: unix://$W/containerd.sock
 address: $NODE_IP
 readOnlyPort: 0
@@ -363,7 +403,7 @@ resolvConf: /etc/resolv.conf
 EOF
 start kubelet node "$kbin/kubelet" --config "$W/kubelet.yaml" --kubeconfig "$W/kubelet.kubeconfig" \
 	--root-dir "$W/kubelet" --hostname-override "$NODE" --node-ip "$NODE_IP"
-until_ok 120 kubectl wait --for=condition=Ready "node/$NODE" --timeout=5s || fail "node $NODE not Ready within 120 s"
+until_ok 120 kubectl wait --for=condition=Ready "node/$NODE" --timeout=5s || fail "node $NODE not Ready within $((120 * scale)) s"
 until_ok 60 kubectl get serviceaccount default || fail "no default service account (controller-manager)"
 log "cluster up: node $NODE Ready"
 row "| cluster up (etcd, apiserver, controller-manager, scheduler, containerd, kubelet Ready) | $SECONDS s after start |"
@@ -416,10 +456,10 @@ for p in json.load(sys.stdin):
 installed() {
 	local kind=$1 ms d r out max=0 i dsp worst
 	t0=$SECONDS
-	kubectl -n nsredirect rollout status ds/nsredirect --timeout=120s >&2 || fail "$kind: DaemonSet not Ready"
+	kubectl -n nsredirect rollout status ds/nsredirect --timeout=$((120 * scale))s >&2 || fail "$kind: DaemonSet not Ready"
 	row "| $kind: DaemonSet pod Ready (readiness probe /readyz) | $((SECONDS - t0)) s |"
 	web_pod web | kubectl apply -f - >/dev/null
-	kubectl -n nsr-test wait --for=condition=Ready pod/web --timeout=60s >/dev/null || fail "$kind: pod web not Ready"
+	kubectl -n nsr-test wait --for=condition=Ready pod/web --timeout=$((60 * scale))s >/dev/null || fail "$kind: pod web not Ready"
 	until_ok 10 redirected web || fail "$kind: 127.0.0.1:80 / [::1]:80 in pod web do not reach :3210"
 	row "| $kind: pod web dials 127.0.0.1:80 and [::1]:80 (kubectl exec), reaches :3210 | yes |"
 	mapfile -t ours < <(pinned_progs)
@@ -427,7 +467,7 @@ installed() {
 	for i in 1 2 3; do
 		kubectl -n nsr-test delete pod web --wait=true >/dev/null
 		web_pod web | kubectl apply -f - >/dev/null
-		kubectl -n nsr-test wait --for=condition=Ready pod/web --timeout=60s >/dev/null || fail "$kind: recreated pod web not Ready"
+		kubectl -n nsr-test wait --for=condition=Ready pod/web --timeout=$((60 * scale))s >/dev/null || fail "$kind: recreated pod web not Ready"
 		out=$(first_ms web) || fail "$kind: no timing from pod web's probe"
 		read -r ms d r <<<"$out"
 		((ms >= max)) && max=$ms worst="127.0.0.1:3210 answered ${d} ms after the container started, 127.0.0.1:80 ${r} ms"
@@ -446,7 +486,7 @@ installed() {
 	until_ok 10 grep -q "^looping" "$W/loop.out" || fail "$kind: connect loop did not start: $(cat "$W/loop.out")"
 	dsp=$(kubectl -n nsredirect get pods -l app.kubernetes.io/name=nsredirect -o name)
 	kubectl -n nsredirect rollout restart ds/nsredirect >/dev/null
-	kubectl -n nsredirect rollout status ds/nsredirect --timeout=180s >&2 || fail "$kind: rollout restart did not complete"
+	kubectl -n nsredirect rollout status ds/nsredirect --timeout=$((180 * scale))s >&2 || fail "$kind: rollout restart did not complete"
 	until_ok 60 bash -c "! '$kbin/kubectl' -n nsredirect get $dsp 2>/dev/null" || fail "$kind: old daemon pod $dsp still there"
 	# The successor adopts pod web on its next resync tick.
 	until_ok 10 bash -c "'$kbin/kubectl' -n nsredirect logs ds/nsredirect | grep 'redirect live' | grep -q nsr-test/web" ||
@@ -523,7 +563,9 @@ uninstalled "$kind"
 kubectl delete namespace nsredirect --wait=true >/dev/null
 
 {
-	echo "| Kubernetes v1.37.2 single node (hybrid cgroup host, cgroupfs driver, containerd 1.6.20, runc 1.1.5) | result |"
+	host="hybrid cgroup host"
+	[[ $(stat -f -c %T /sys/fs/cgroup) == cgroup2fs ]] && host="pure cgroup2 host, PID 1 $(cat /proc/1/comm)"
+	echo "| Kubernetes v1.37.2 single node ($host, kernel $(uname -r), $driver cgroup driver, containerd $(/usr/bin/containerd --version | awk '{print $3}'), runc $(/usr/sbin/runc --version | awk 'NR == 1 {print $3}')) | result |"
 	echo "|---|---|"
 	cat "$W/results.md"
 } >"$results"
