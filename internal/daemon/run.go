@@ -74,6 +74,9 @@ type Config struct {
 	Proc string
 	// AllowHostNetns lets a target be the host's netns (run only).
 	AllowHostNetns bool
+	// HostNetns is the host netns's identity, found before start
+	// (FindHostNetns); nil: the daemon looks under Proc itself.
+	HostNetns *netnsx.LiveID
 	// WaitForOwners: see the option of that name.
 	WaitForOwners bool
 	// Fixed says the source's targets are given by flags (run): a failure
@@ -115,6 +118,9 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 	}
 	if cfg.AllowHostNetns {
 		opts = append(opts, AllowHostNetns())
+	}
+	if cfg.HostNetns != nil {
+		opts = append(opts, HostNetns(*cfg.HostNetns))
 	}
 	d := New(kernel, cfg.Cookies, cfg.Owner, log, opts...)
 	r := &runner{src: src, cfg: cfg, d: d, repairs: map[string]uint64{}}
