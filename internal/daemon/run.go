@@ -301,10 +301,12 @@ func (r *runner) heal() {
 // defunct and re-created.
 func (r *runner) repaired(hooks []string) {
 	for _, h := range hooks {
+		// Logged before it is counted: whoever sees the count (a scrape)
+		// finds the log line written.
+		r.cfg.Log.WithFields(logrus.Fields{"hook": h, "cgroup": r.cfg.Cgroup}).Warn("our link was detached or defunct; re-created and re-pinned it")
 		r.mu.Lock()
 		r.repairs[h]++
 		r.mu.Unlock()
-		r.cfg.Log.WithFields(logrus.Fields{"hook": h, "cgroup": r.cfg.Cgroup}).Warn("our link was detached or defunct; re-created and re-pinned it")
 	}
 }
 
