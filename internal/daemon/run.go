@@ -288,7 +288,7 @@ func (r *runner) reconcile(ctx context.Context, desired []Target) error {
 }
 
 // heal re-creates a link of ours that was detached (bpftool link detach)
-// or went defunct.
+// or went defunct, and puts our program back on one that runs another's.
 func (r *runner) heal() {
 	repaired, err := r.cfg.Kernel.Heal(r.cfg.Cgroup)
 	r.repaired(repaired)
@@ -298,12 +298,12 @@ func (r *runner) heal() {
 }
 
 // repaired logs and counts links of ours that were found detached or
-// defunct and re-created.
+// defunct and re-created, or running a program not ours and given ours back.
 func (r *runner) repaired(hooks []string) {
 	for _, h := range hooks {
 		// Logged before it is counted: whoever sees the count (a scrape)
 		// finds the log line written.
-		r.cfg.Log.WithFields(logrus.Fields{"hook": h, "cgroup": r.cfg.Cgroup}).Warn("our link was detached or defunct; re-created and re-pinned it")
+		r.cfg.Log.WithFields(logrus.Fields{"hook": h, "cgroup": r.cfg.Cgroup}).Warn("our link was detached or defunct (re-created and re-pinned it) or ran a program not ours (put ours back)")
 		r.mu.Lock()
 		r.repairs[h]++
 		r.mu.Unlock()
