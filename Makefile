@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/nsredirect/nsredirect/internal/cli.Version=$(VERSION)
 BIN := bin/nsredirect
 DEPS_STAMP := .cache/deps.stamp
-DEB_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl socat dnsutils wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
+DEB_PACKAGES := clang-14 llvm-14 libbpf-dev bpftool iproute2 curl socat dnsutils wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
 
 .PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick bench-scale image test-docker clean soak test-kernels test-runtimes-kube
 
@@ -20,7 +20,9 @@ $(BIN): $(shell find cmd internal -name '*.go') internal/bpfobj/redirect_bpfel.o
 bin/demo-backend: $(shell find cmd/demo-backend -name '*.go')
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $@ ./cmd/demo-backend
 
-# Installs the Debian packages the tests, demo and benchmark use. Skipped
+# Installs the Debian packages the tests, demo and benchmark use, and the
+# compiler internal/bpfobj/gen.go pins (clang-14, llvm-strip-14: Debian 12's
+# clang-14 and llvm-14), so `make check-generate` builds with it. Skipped
 # once done (delete .cache/deps.stamp to force).
 deps: $(DEPS_STAMP)
 $(DEPS_STAMP):

@@ -44,6 +44,10 @@ func dockerCmd(ctx context.Context, io IO, args []string) error {
 		return err
 	}
 	defer kf.cookies.Close()
+	hostNS, err := kf.hostNetns("/proc", "grant CAP_SYS_PTRACE and the host pid namespace (compose: cap_add: [SYS_PTRACE], pid: host; systemd: CapabilityBoundingSet)")
+	if err != nil {
+		return err
+	}
 	// Docker must answer before anything is attached.
 	nctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	err = client.Negotiate(nctx)
@@ -56,5 +60,5 @@ func dockerCmd(ctx context.Context, io IO, args []string) error {
 	}
 	log.WithFields(logrus.Fields{"socket": client.Socket(), "api_version": client.Version()}).Info("connected to Docker")
 	w := docker.NewWatcher(client, label, log)
-	return serve(ctx, &kf, log, w, daemon.Config{Owner: "docker"})
+	return serve(ctx, &kf, log, w, daemon.Config{Owner: "docker", HostNetns: &hostNS})
 }

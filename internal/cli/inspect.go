@@ -24,8 +24,9 @@ func quietLog() logrus.FieldLogger {
 
 func checkCmd(_ context.Context, io IO, args []string) error {
 	fs := flagSet("check", io)
-	var netnsArg, dial, pinDir string
+	var netnsArg, dial, pinDir, cgroup string
 	fs.StringVar(&netnsArg, "netns", "", "target netns: self, a path or pid:N")
+	fs.StringVar(&cgroup, "cgroup", "", "cgroup2 mount, as the daemon's --cgroup; only used on Linux < 5.14, where a BPF probe reads the netns cookie (default: the first cgroup2 mount)")
 	fs.StringVar(&dial, "dial", "", "also connect to ADDR:PORT from inside the netns, e.g. 127.0.0.1:80")
 	fs.StringVar(&pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory of the pinned state")
 	var attached bool
@@ -48,7 +49,7 @@ func checkCmd(_ context.Context, io IO, args []string) error {
 			return usagef("--dial %q: %v; use ADDR:PORT, e.g. 127.0.0.1:80 or [::1]:80", dial, err)
 		}
 	}
-	cookies, err := checkCookieSource(io.Getenv)
+	cookies, err := checkCookieSource(io.Getenv, cgroup)
 	if err != nil {
 		return err
 	}
@@ -90,17 +91,24 @@ func checkCmd(_ context.Context, io IO, args []string) error {
 }
 
 // checkCookieSource reads netns cookies as the daemon does; the BPF probe,
-// where needed, is attached at the first cgroup2 mount, the daemon's default.
-func checkCookieSource(getenv Env) (*loader.CookieSource, error) {
+// where needed, is attached where the daemon attaches (loader.Cgroup2Root:
+// the hybrid fallback, the root check). check is a one-shot command: on a
+// kernel before 5.14 each call attaches the probe at the root and detaches
+// it (cgroup_mutex, the effective programs of every cgroup recomputed
+// twice); the README says so, and --attached needs no probe.
+func checkCookieSource(getenv Env, cgroup string) (*loader.CookieSource, error) {
 	force, err := parseCookieKnob(getenv)
 	if err != nil {
 		return nil, err
 	}
-	cgroup, err := loader.FindCgroup2("/proc/self/mountinfo")
+	if !force && loader.HaveSockoptCookie() {
+		return loader.NewCookieSource("", false)
+	}
+	root, err := loader.Cgroup2Root(cgroup, "/proc/self/mountinfo", quietLog())
 	if err != nil {
 		return nil, err
 	}
-	return loader.NewCookieSource(cgroup, force)
+	return loader.NewCookieSource(root, force)
 }
 
 func checkAttached(io IO, pinDir string) error {

@@ -78,6 +78,10 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 		return err
 	}
 	defer kf.cookies.Close()
+	host, err := kf.hostNetns(proc, "grant CAP_SYS_PTRACE (securityContext.capabilities.add: [SYS_PTRACE]) and mount the host's /proc at --proc")
+	if err != nil {
+		return err
+	}
 
 	ctl := kube.NewController(kube.Config{
 		API: client, Node: node, Annotation: annotation, Proc: proc,
@@ -96,7 +100,7 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 	} else {
 		holder = "pod " + podNamespace + "/" + podName
 	}
-	err = serve(ctx, &kf, log, ctl, daemon.Config{Owner: "kube", Holder: holder, Proc: proc, WaitForOwners: true})
+	err = serve(ctx, &kf, log, ctl, daemon.Config{Owner: "kube", Holder: holder, Proc: proc, WaitForOwners: true, HostNetns: &host})
 	if errors.Is(err, context.Canceled) {
 		err = nil
 	}

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"flag"
+	"fmt"
 	"net"
 	"os"
 	"time"
@@ -29,7 +30,14 @@ type kernelFlags struct {
 	forceProbe bool
 	// cookies reads netns cookies; set by preflight, closed by the command.
 	cookies *loader.CookieSource
+	// hostByProcesses is NSREDIRECT_HOST_NETNS=processes: find the host's
+	// netns only through the host's processes, as on kernels whose init_net
+	// has no fixed inode. A test knob: it can only refuse more.
+	hostByProcesses bool
 }
+
+// hostNetnsKnob is the environment variable of kernelFlags.hostByProcesses.
+const hostNetnsKnob = "NSREDIRECT_HOST_NETNS"
 
 // cookieKnob is the environment variable that forces the BPF probe.
 const cookieKnob = "NSREDIRECT_NETNS_COOKIE"
@@ -59,7 +67,26 @@ func (k *kernelFlags) parse(fs *flag.FlagSet, args []string, io IO) (*logrus.Log
 		return nil, err
 	}
 	k.forceProbe = force
+	switch v := io.Getenv(hostNetnsKnob); v {
+	case "":
+	case "processes":
+		k.hostByProcesses = true
+	default:
+		return nil, usagef("%s=%q: the only value is processes (a test knob)", hostNetnsKnob, v)
+	}
 	return lf.logger(io.Stderr)
+}
+
+// hostNetns finds the identity of the host's netns under proc before
+// anything is attached. A daemon that cannot tell it could take the host's
+// netns for a target's: it refuses to start (exit 2), saying why and fix,
+// what to change.
+func (k *kernelFlags) hostNetns(proc, fix string) (netnsx.LiveID, error) {
+	id, err := daemon.FindHostNetns(proc, daemon.HostNetnsOptions{IgnoreFixedInode: k.hostByProcesses})
+	if err != nil {
+		return id, UsageError{fmt.Errorf("%w, so no target can be proven not to be it: %s", err, fix)}
+	}
+	return id, nil
 }
 
 func (k *kernelFlags) register(fs *flag.FlagSet) {
@@ -143,6 +170,13 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 		return err
 	}
 	defer kf.cookies.Close()
+	host, hostErr := kf.hostNetns("/proc", "grant CAP_SYS_PTRACE (systemd: CapabilityBoundingSet; docker: cap_add: [SYS_PTRACE] and pid: host), or pass --allow-host-netns if no --netns can be the host's")
+	if hostErr != nil && !allowHost {
+		return hostErr
+	}
+	if hostErr != nil {
+		log.WithError(hostErr).Warn("--allow-host-netns: the host network namespace cannot be told apart; enrolling every --netns as given")
+	}
 	src := daemon.Fixed{RemoveOnExit: removeOnExit}
 	seen := map[netnsx.LiveID]string{}
 	for _, target := range targets {
@@ -155,7 +189,7 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 			return usagef("--netns %s and --netns %s are one network namespace; give each namespace once", other, target)
 		}
 		seen[id.Live()] = target.String()
-		if host, _ := daemon.IsHostNetns("/proc", id.Live()); host {
+		if hostErr == nil && id.Live() == host {
 			if !allowHost {
 				return usagef("--netns %s is the host network namespace: its rules would redirect the loopback connects of every process on the host; give a container's or a named netns, or pass --allow-host-netns if that is what you mean", target)
 			}
@@ -168,7 +202,11 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 		}
 		src.Targets = append(src.Targets, daemon.Target{Name: name, Kind: "netns", ID: target.Path, Netns: target, Rules: rules})
 	}
-	return serve(ctx, &kf, log, src, daemon.Config{Owner: "run", Fixed: true, AllowHostNetns: allowHost})
+	cfg := daemon.Config{Owner: "run", Fixed: true, AllowHostNetns: allowHost}
+	if hostErr == nil {
+		cfg.HostNetns = &host
+	}
+	return serve(ctx, &kf, log, src, cfg)
 }
 
 // serve attaches and runs the daemon loop with src: the wiring every

@@ -137,9 +137,11 @@ type Daemon struct {
 	allowHost bool
 	// holder names this daemon in each enrollment: see Holder.
 	holder string
-	// hostUnknown: the warning that the host netns cannot be told was
-	// logged.
-	hostUnknown bool
+	// host is the identity of the host's netns once found (hostKnown);
+	// see HostNetns.
+	host      netnsx.LiveID
+	hostKnown bool
+	hostOpts  HostNetnsOptions
 
 	mu      sync.Mutex
 	desired []Target
@@ -172,6 +174,26 @@ func Proc(dir string) Option { return func(d *Daemon) { d.proc = dir } }
 // AllowHostNetns lets a target be the host's netns (`run
 // --allow-host-netns`); without it such a target is refused.
 func AllowHostNetns() Option { return func(d *Daemon) { d.allowHost = true } }
+
+// HostNetns gives the identity of the host's netns, found by the caller
+// (FindHostNetns). Without it the daemon looks itself, under its proc root,
+// at the first target, and refuses every target while it cannot tell.
+func HostNetns(id netnsx.LiveID) Option {
+	return func(d *Daemon) { d.host, d.hostKnown = id, true }
+}
+
+// hostNetns returns the host netns's identity, looked up until found.
+func (d *Daemon) hostNetns() (netnsx.LiveID, error) {
+	if d.hostKnown {
+		return d.host, nil
+	}
+	id, err := FindHostNetns(d.proc, d.hostOpts)
+	if err != nil {
+		return netnsx.LiveID{}, err
+	}
+	d.host, d.hostKnown = id, true
+	return id, nil
+}
 
 // Holder names the daemon in each enrollment so a person can find it:
 // "pod kube-system/nsredirect-x7k2p", "pid 1234 on host web1".
@@ -319,16 +341,20 @@ func (d *Daemon) apply(t Target) error {
 		return err
 	}
 	if !d.allowHost {
-		host, known := IsHostNetns(d.proc, id.Live())
-		if host {
+		host, err := d.hostNetns()
+		if err != nil {
+			// Fail closed: a target not proven to be another netns than
+			// the host's could steer every host process's loopback.
+			if cur != nil {
+				_ = d.drop(cur)
+			}
+			return fmt.Errorf("%s: refused: %w", t.label(), err)
+		}
+		if id.Ino == initNetIno || id.Live() == host {
 			if cur != nil {
 				_ = d.drop(cur)
 			}
 			return fmt.Errorf("%s: %w; refusing to redirect the host's own loopback: give it a network namespace of its own, or remove its label/annotation", t.label(), ErrHostNetns)
-		}
-		if !known && !d.hostUnknown {
-			d.hostUnknown = true
-			d.log.WithField("proc", d.proc).Warn("the host's processes are not visible here: cannot check that targets are not the host network namespace")
 		}
 	}
 	if cur != nil && cur.cookie == cookie && cur.specs == specs {
@@ -360,61 +386,6 @@ func (d *Daemon) apply(t Target) error {
 	d.watch(l)
 	log.WithField("holder", d.holder).Info("redirect live")
 	return nil
-}
-
-// Inode numbers of the initial namespaces (include/linux/proc_ns.h). The
-// net one is fixed since Linux 6.x; on older kernels init_net's inode is
-// allocated like any other's, from 0xF0000000 up, so no netns has it.
-const (
-	initNetIno = 0xEFFFFFF9
-	initPidIno = 0xEFFFFFFC
-)
-
-// IsHostNetns reports whether id is the host's netns, comparing it with
-// the netns of the host's init (<proc>/1) and of kthreadd (<proc>/2, always
-// in the initial netns), each only when it is in the initial pid namespace
-// (a container's pid 1 is not the host's), and with the initial netns's
-// fixed inode. known is false when none of these could be looked at (a
-// sidecar in its own pid namespace sees no host process).
-func IsHostNetns(proc string, id netnsx.LiveID) (host, known bool) {
-	if id.Ino == initNetIno {
-		return true, true
-	}
-	known = hasInitNetIno()
-	for _, pid := range []string{"1", "2"} {
-		dir := filepath.Join(proc, pid)
-		if pid == "2" {
-			if comm, err := os.ReadFile(filepath.Join(dir, "comm")); err != nil || strings.TrimSpace(string(comm)) != "kthreadd" {
-				continue
-			}
-		}
-		var st unix.Stat_t
-		if unix.Stat(filepath.Join(dir, "ns", "pid"), &st) != nil || st.Ino != initPidIno {
-			continue
-		}
-		if unix.Stat(filepath.Join(dir, "ns", "net"), &st) != nil {
-			continue
-		}
-		known = true
-		if st.Dev == id.Dev && st.Ino == id.Ino {
-			return true, true
-		}
-	}
-	return false, known
-}
-
-// hasInitNetIno reports whether this kernel gives the initial netns its
-// fixed inode: then a netns is the host's exactly when it has that inode.
-func hasInitNetIno() bool {
-	// Witnesses of the initial netns: kthreadd's (needs CAP_SYS_PTRACE to
-	// look at), and our own when we run in it.
-	for _, p := range []string{"/proc/2/ns/net", "/proc/thread-self/ns/net"} {
-		var st unix.Stat_t
-		if unix.Stat(p, &st) == nil && st.Ino == initNetIno {
-			return true
-		}
-	}
-	return false
 }
 
 // dropUnlessAlive removes l's rules when its netns is proven gone: no

@@ -74,6 +74,9 @@ type Config struct {
 	Proc string
 	// AllowHostNetns lets a target be the host's netns (run only).
 	AllowHostNetns bool
+	// HostNetns is the host netns's identity, found before start
+	// (FindHostNetns); nil: the daemon looks under Proc itself.
+	HostNetns *netnsx.LiveID
 	// WaitForOwners: see the option of that name.
 	WaitForOwners bool
 	// Fixed says the source's targets are given by flags (run): a failure
@@ -115,6 +118,9 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 	}
 	if cfg.AllowHostNetns {
 		opts = append(opts, AllowHostNetns())
+	}
+	if cfg.HostNetns != nil {
+		opts = append(opts, HostNetns(*cfg.HostNetns))
 	}
 	d := New(kernel, cfg.Cookies, cfg.Owner, log, opts...)
 	r := &runner{src: src, cfg: cfg, d: d, repairs: map[string]uint64{}}
@@ -282,7 +288,7 @@ func (r *runner) reconcile(ctx context.Context, desired []Target) error {
 }
 
 // heal re-creates a link of ours that was detached (bpftool link detach)
-// or went defunct.
+// or went defunct, and puts our program back on one that runs another's.
 func (r *runner) heal() {
 	repaired, err := r.cfg.Kernel.Heal(r.cfg.Cgroup)
 	r.repaired(repaired)
@@ -292,13 +298,15 @@ func (r *runner) heal() {
 }
 
 // repaired logs and counts links of ours that were found detached or
-// defunct and re-created.
+// defunct and re-created, or running a program not ours and given ours back.
 func (r *runner) repaired(hooks []string) {
 	for _, h := range hooks {
+		// Logged before it is counted: whoever sees the count (a scrape)
+		// finds the log line written.
+		r.cfg.Log.WithFields(logrus.Fields{"hook": h, "cgroup": r.cfg.Cgroup}).Warn("our link was detached or defunct (re-created and re-pinned it) or ran a program not ours (put ours back)")
 		r.mu.Lock()
 		r.repairs[h]++
 		r.mu.Unlock()
-		r.cfg.Log.WithFields(logrus.Fields{"hook": h, "cgroup": r.cfg.Cgroup}).Warn("our link was detached or defunct; re-created and re-pinned it")
 	}
 }
 

@@ -238,7 +238,13 @@ func TestRunHealsAndExports(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		log, hook := test.NewNullLogger()
+		log := logrus.New()
+		log.SetOutput(io.Discard)
+		// Widens the window between the repair's log call and its entry
+		// being recorded: were the repair counted first, the scrape below
+		// would see the count with the entry still missing.
+		log.AddHook(slowHook{})
+		hook := test.NewLocal(log)
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
 		src := Fixed{Targets: []Target{{Name: "n", Netns: ns.Target(), Rules: rules(t, "80=3210")}}, RemoveOnExit: removeOnExit}
@@ -255,6 +261,8 @@ func TestRunHealsAndExports(t *testing.T) {
 				t.Errorf("metrics lack %s", want)
 			}
 		}
+		// The count is made after the log line (runner.repaired); seen
+		// the count, the line must be there already: no wait.
 		logged := false
 		for _, e := range hook.AllEntries() {
 			if e.Data["hook"] == "connect4" && strings.Contains(e.Message, "re-created") {
@@ -262,7 +270,7 @@ func TestRunHealsAndExports(t *testing.T) {
 			}
 		}
 		if !logged {
-			t.Error("the repair was not logged")
+			t.Error("the repair was counted before it was logged")
 		}
 		cancel()
 		if err := <-done; err != nil {
@@ -276,6 +284,17 @@ func TestRunHealsAndExports(t *testing.T) {
 			t.Errorf("RemoveOnExit=%v: rules kept %v, released %v, closed %v", removeOnExit, kept, released, k.closed)
 		}
 	}
+}
+
+// slowHook delays the log entries of link repairs.
+type slowHook struct{}
+
+func (slowHook) Levels() []logrus.Level { return []logrus.Level{logrus.WarnLevel} }
+func (slowHook) Fire(e *logrus.Entry) error {
+	if e.Data["hook"] != nil {
+		time.Sleep(100 * time.Millisecond)
+	}
+	return nil
 }
 
 // TestBadTargetDropsRules: a target its source now describes as wrong (an

@@ -42,10 +42,15 @@ type CookieSource struct {
 	lnk link.Link
 }
 
+// HaveSockoptCookie reports whether getsockopt(SO_NETNS_COOKIE) works
+// (Linux >= 5.14): then a CookieSource needs no cgroup.
+func HaveSockoptCookie() bool { return probeNetnsCookie() == nil }
+
 // NewCookieSource picks SO_NETNS_COOKIE where the kernel has it and the BPF
 // probe otherwise, or always with forceProbe (how tests cover the probe on a
 // new kernel). The probe program is attached at cgroup, which must hold this
 // process, once, until Close. Call after CheckKernel.
+
 func NewCookieSource(cgroup string, forceProbe bool) (*CookieSource, error) {
 	if !forceProbe {
 		if err := probeNetnsCookie(); err == nil {

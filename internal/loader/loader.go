@@ -98,6 +98,9 @@ type Loader struct {
 	// heals counts the Heal calls that found no UDP link pinned (see
 	// healUDP).
 	heals atomic.Uint64
+	// ours is, per hook, the program last found ours on its link (see
+	// foreign.go); used with the pin dir locked.
+	ours map[string]ebpf.ProgramID
 }
 
 func newLoader(dir string, log logrus.FieldLogger) *Loader {
@@ -1087,8 +1090,9 @@ func (l *Loader) PeerStorageFailures() (uint64, error) {
 
 // Heal checks the pinned link of every hook and re-creates one that is
 // missing, or detached or defunct (bpftool link detach, a cgroup removed
-// under it), from the pinned program, at cgroup. It returns the hooks it
-// repaired. Links and programs that are not ours are never touched.
+// under it), from the pinned program, at cgroup, and puts our program back
+// on one that runs a program not ours (foreign.go). It returns the hooks it
+// repaired. Links that are not ours are never touched.
 func (l *Loader) Heal(cgroup string) ([]string, error) {
 	lk, err := lockDir(l.dir, lockEx, false)
 	if err != nil {
@@ -1106,15 +1110,25 @@ func (l *Loader) Heal(cgroup string) ([]string, error) {
 }
 
 // reattachDetached re-creates and re-pins the link of each of hs whose
-// pinned link is missing, detached or defunct, and names those it did.
+// pinned link is missing, detached or defunct, puts our program back on one
+// that runs another's (foreign.go), and names those it repaired.
 func (l *Loader) reattachDetached(hs []hook, cgroup string, cgroupID uint64) ([]string, error) {
 	var done []string
 	var errs []error
 	for _, h := range hs {
-		ok, err := linkAttached(l.pins.link(h))
+		ok, restored, err := pinnedLinkProgram(l.pins.link(h), func(lnk link.Link, running ebpf.ProgramID) (bool, error) {
+			// Attached: is the program on it ours? (foreign.go)
+			if ours, err := l.ourProgram(h, running); ours || err != nil {
+				return false, err
+			}
+			return l.restoreOurs(h, lnk, running)
+		})
 		if err != nil {
 			errs = append(errs, err)
 			continue
+		}
+		if restored {
+			done = append(done, h.name)
 		}
 		if ok {
 			continue
@@ -1131,20 +1145,34 @@ func (l *Loader) reattachDetached(hs []hook, cgroup string, cgroupID uint64) ([]
 // linkAttached reports whether the pinned link at path exists and is still
 // attached to a cgroup.
 func linkAttached(path string) (bool, error) {
+	ok, _, err := pinnedLinkProgram(path, nil)
+	return ok, err
+}
+
+// pinnedLinkProgram is linkAttached that, for an attached link, also hands
+// the link and the ID of the program it runs (from the same link info) to
+// attached, if given, and returns what that reported.
+func pinnedLinkProgram(path string, attached func(link.Link, ebpf.ProgramID) (bool, error)) (ok, did bool, err error) {
 	lnk, err := link.LoadPinnedLink(path, nil)
 	if errors.Is(err, os.ErrNotExist) {
-		return false, nil
+		return false, false, nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("open pinned link %s: %w", path, err)
+		return false, false, fmt.Errorf("open pinned link %s: %w", path, err)
 	}
 	defer lnk.Close()
 	info, err := lnk.Info()
 	if err != nil {
-		return false, fmt.Errorf("read pinned link %s: %w", path, err)
+		return false, false, fmt.Errorf("read pinned link %s: %w", path, err)
 	}
 	cg := info.Cgroup()
-	return cg != nil && cg.CgroupId != 0, nil
+	if cg == nil || cg.CgroupId == 0 {
+		return false, false, nil
+	}
+	if attached != nil {
+		did, err = attached(lnk, info.Program)
+	}
+	return true, did, err
 }
 
 func (l *Loader) reattach(h hook, cgroup string, cgroupID uint64) error {

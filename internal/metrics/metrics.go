@@ -61,7 +61,7 @@ func NewCollector(snapshot func() Snapshot) prometheus.Collector {
 		redirects: prometheus.NewDesc("nsredirect_redirects_total", "Connects redirected, per netns and rule.", []string{"netns", "rule"}, nil),
 		rules:     prometheus.NewDesc("nsredirect_rules", "Rules this instance has live in the kernel.", nil, nil),
 		errors:    prometheus.NewDesc("nsredirect_enroll_errors_total", "Failed attempts to enroll a netns (bad spec, netns gone, already served).", []string{"netns"}, nil),
-		repairs:   prometheus.NewDesc("nsredirect_link_repairs_total", "Links of ours found detached or defunct and re-created, per hook.", []string{"hook"}, nil),
+		repairs:   prometheus.NewDesc("nsredirect_link_repairs_total", "Links of ours found detached or defunct and re-created, or running a program not ours and given ours back, per hook.", []string{"hook"}, nil),
 		peerFails: prometheus.NewDesc("nsredirect_peer_storage_failures_total", "Connects and UDP datagrams redirected whose dialled address could not be stored, so getpeername or recvfrom shows the target port.", nil, nil),
 		entries:   prometheus.NewDesc("nsredirect_map_entries", "Entries in each pinned map.", []string{"map"}, nil),
 		capacity:  prometheus.NewDesc("nsredirect_map_capacity", "Maximum entries of each pinned map.", []string{"map"}, nil),

@@ -171,3 +171,27 @@ func runBounded(t *testing.T, limit time.Duration, args ...string) (int, string,
 	}
 	return 0, stdout.String(), stderr.String()
 }
+
+// TestCheckFollowsTheDaemonsCgroupRule: where `check --netns` needs the BPF
+// probe (Linux < 5.14; forced here), it attaches it where the daemon
+// attaches (loader.Cgroup2Root): a hybrid hierarchy through its unified/,
+// a sub-cgroup refused with exit 2, as the daemon's --cgroup is.
+func TestCheckFollowsTheDaemonsCgroupRule(t *testing.T) {
+	pin := testenv.BPFFS(t)
+	ns := testenv.NewNetns(t)
+	testenv.Server(t, ns, ":3210")
+	hybrid := hybridCgroup(t)
+	sub := subCgroup(t)
+	testenv.Daemon(t, pin, "run", "--netns", ns.Path, "--redirect", "80=3210", "--cgroup", hybrid, "--remove-on-exit")
+	probe := []string{"NSREDIRECT_NETNS_COOKIE=bpf-probe"}
+	if code, stdout, stderr := testenv.Run(t, probe, "check", "--netns", ns.Path, "--cgroup", hybrid, "--dial", "127.0.0.1:80", "--pin-dir", pin); code != 0 {
+		t.Errorf("check --cgroup %s (hybrid) through the probe: exit %d\n%s%s", hybrid, code, stdout, stderr)
+	}
+	code, _, stderr := testenv.Run(t, probe, "check", "--netns", ns.Path, "--cgroup", sub, "--pin-dir", pin)
+	if code != 2 || !strings.Contains(stderr, "sub-cgroup") {
+		t.Errorf("check --cgroup %s (a sub-cgroup) through the probe: exit %d, %q; want exit 2 naming a sub-cgroup", sub, code, stderr)
+	}
+	if out, err := exec.Command(testenv.Tool(t, "bpftool"), "cgroup", "show", sub).CombinedOutput(); err != nil || strings.Contains(string(out), "nsr_") {
+		t.Errorf("bpftool cgroup show %s: %v\n%s", sub, err, out)
+	}
+}

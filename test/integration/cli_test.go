@@ -2,6 +2,8 @@ package integration
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -9,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
@@ -242,4 +245,84 @@ func TestCleanupKeepsLiveOwnersUnlessAll(t *testing.T) {
 		t.Errorf("daemon after cleanup --all: exit %d (%v); want exit 1 saying why\n%s", code, err, d.Output())
 	}
 	testenv.AssertGone(t, pin, ids)
+}
+
+// TestStatusShowsMapFill: after N netns are enrolled with specs of their
+// own, `status` (text) and `status --json` show the fill of each map
+// (entries and capacity) as the kernel maps hold them: rule entries as each
+// spec expands, one counter per spec, one record per netns.
+func TestStatusShowsMapFill(t *testing.T) {
+	pin := testenv.BPFFS(t)
+	l := attachLoader(t, pin)
+	const n = 5
+	specs := "80=3210,127.0.0.2:8080=3211,53=5353/udp"
+	rules := mustRules(t, specs)
+	perNetns := 0
+	for _, r := range rules {
+		perNetns += len(r.Expand())
+	}
+	for i := 0; i < n; i++ {
+		ns := testenv.NewNetns(t)
+		if err := l.Enroll(loader.Enrollment{Cookie: ns.Cookie(t), Name: ns.Path, Owner: "test", Rules: rules}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	capOf := func(name string) int { return int(openPinnedMap(t, loader.MapPin(pin, name)).MaxEntries()) }
+	want := map[string][2]int{
+		"rules":       {n * perNetns, capOf("nsr_rules")},
+		"counters":    {n * len(rules), capOf("nsr_counters")},
+		"enrollments": {n, capOf("nsr_records")},
+	}
+	// The kernel's own count, as a witness of what status should say.
+	var inKernel int
+	it := openPinnedMap(t, loader.MapPin(pin, "nsr_rules")).Iterate()
+	var k, v []byte
+	for it.Next(&k, &v) {
+		inKernel++
+	}
+	if inKernel != want["rules"][0] {
+		t.Fatalf("the rule map holds %d entries; the test expects %d", inKernel, want["rules"][0])
+	}
+
+	code, out, stderr := testenv.Run(t, nil, "status", "--json", "--pin-dir", pin)
+	if code != 0 {
+		t.Fatalf("status --json: exit %d: %s", code, stderr)
+	}
+	var st struct {
+		Maps []struct {
+			Map      string `json:"map"`
+			Entries  int    `json:"entries"`
+			Capacity int    `json:"capacity"`
+		} `json:"maps"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	got := map[string][2]int{}
+	for _, m := range st.Maps {
+		got[m.Map] = [2]int{m.Entries, m.Capacity}
+	}
+	for name, w := range want {
+		if got[name] != w {
+			t.Errorf("status --json: map %s = %v entries/capacity; want %v", name, got[name], w)
+		}
+	}
+
+	code, out, stderr = testenv.Run(t, nil, "status", "--pin-dir", pin)
+	if code != 0 {
+		t.Fatalf("status: exit %d: %s", code, stderr)
+	}
+	for name, w := range want {
+		line := fmt.Sprintf("%s %d %d %.1f%%", name, w[0], w[1], 100*float64(w[0])/float64(w[1]))
+		found := false
+		for _, l := range strings.Split(out, "\n") {
+			if strings.Join(strings.Fields(l), " ") == line {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("status shows no line %q:\n%s", line, out)
+		}
+	}
+	t.Logf("fill after %d netns x %d specs: %v", n, len(rules), got)
 }

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
@@ -178,16 +180,39 @@ func TestDetachedLinkHealed(t *testing.T) {
 // TestRunSelfInOwnPidNamespace is the README's sidecar (`run --netns self`
 // sharing the backend's netns, in a container with its own pid
 // namespace): its pid 1 shares the target netns but is not the host's, so
-// the target is not taken for the host netns.
+// the target is not taken for the host netns. It sees no host process, so
+// only init_net's fixed inode (Linux >= 6.18) tells the host's netns; on an
+// older kernel it must refuse to start (fail closed), naming the fix.
 func TestRunSelfInOwnPidNamespace(t *testing.T) {
 	pin := testenv.BPFFS(t)
 	ns := testenv.NewNetns(t)
 	testenv.Server(t, ns, ":3210")
 	bin := testenv.Binary(t, "NSREDIRECT_BIN", "github.com/nsredirect/nsredirect/cmd/nsredirect")
 	// nsenter, not `ip netns exec`, which would remount /sys and hide the cgroup2 mount.
-	d := testenv.Start(t, exec.Command(testenv.Tool(t, "nsenter"), "--net="+ns.Path,
-		"unshare", "--pid", "--fork", "--mount-proc", "--kill-child=SIGTERM",
-		bin, "run", "--netns", "self", "--redirect", "80=3210", "--pin-dir", pin, "--remove-on-exit"))
+	sidecar := func() *exec.Cmd {
+		return exec.Command(testenv.Tool(t, "nsenter"), "--net="+ns.Path,
+			"unshare", "--pid", "--fork", "--mount-proc", "--kill-child=SIGTERM",
+			bin, "run", "--netns", "self", "--redirect", "80=3210", "--pin-dir", pin, "--remove-on-exit")
+	}
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
+	release := unix.ByteSliceToString(u.Release[:])
+	var major, minor int
+	if _, err := fmt.Sscanf(release, "%d.%d", &major, &minor); err != nil {
+		t.Fatalf("kernel release %q: %v", release, err)
+	}
+	if major < 6 || major == 6 && minor < 18 {
+		out, err := sidecar().CombinedOutput()
+		ee, ok := err.(*exec.ExitError)
+		if !ok || ee.ExitCode() != 2 || !strings.Contains(string(out), "CAP_SYS_PTRACE") || !strings.Contains(string(out), "--allow-host-netns") {
+			t.Errorf("sidecar on Linux %s: %v, %q; want exit 2 naming CAP_SYS_PTRACE and --allow-host-netns", release, err, out)
+		}
+		testenv.AssertGone(t, pin, nil)
+		return
+	}
+	d := testenv.Start(t, sidecar())
 	d.WaitOutput(t, "nsredirect running", 20*time.Second)
 	if got := curl(t, ns, "http://127.0.0.1/"); !strings.Contains(got, ":3210") {
 		t.Errorf("sidecar's redirect: %q", got)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/rule"
@@ -341,5 +342,92 @@ func TestFullMapRefusedCleanly(t *testing.T) {
 	}
 	for i := uint64(0); i < uint64(enroll.MaxEntries()); i++ {
 		_ = enroll.Delete(uint64(1<<62) + i)
+	}
+}
+
+// TestHostNetnsUnknownRefusesToStart (fail closed): without CAP_SYS_PTRACE
+// the daemon may not look at the host's init or kthreadd, and on a kernel
+// whose init_net has no fixed inode (Linux before 6.17; forced here with
+// NSREDIRECT_HOST_NETNS=processes) nothing else tells the host's netns.
+// Then `run` exits 2 with one line naming CAP_SYS_PTRACE and
+// --allow-host-netns, and docker and kube refuse to start naming
+// CAP_SYS_PTRACE, nothing attached. With CAP_SYS_PTRACE the same start
+// works and the host's own netns is still refused. Without the knob, the
+// answer follows the kernel: this one's init_net inode decides.
+func TestHostNetnsUnknownRefusesToStart(t *testing.T) {
+	pin := testenv.BPFFS(t)
+	ns := testenv.NewNetns(t)
+	testenv.Server(t, ns, ":3210")
+	setpriv := testenv.Tool(t, "setpriv")
+	bin := testenv.Binary(t, "NSREDIRECT_BIN", "github.com/nsredirect/nsredirect/cmd/nsredirect")
+	least := []string{"bpf", "net_admin", "sys_admin"}
+	cmd := func(caps []string, knob bool, args ...string) *exec.Cmd {
+		set := "-all"
+		for _, c := range caps {
+			set += ",+" + c
+		}
+		// Bounded: a daemon that wrongly starts is killed, not waited on forever.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		t.Cleanup(cancel)
+		c := exec.CommandContext(ctx, setpriv, append([]string{"--inh-caps=-all", "--bounding-set=" + set, "--", bin}, args...)...)
+		c.Env = os.Environ()
+		if knob {
+			c.Env = append(c.Env, "NSREDIRECT_HOST_NETNS=processes")
+		}
+		return c
+	}
+	refused := func(what string, c *exec.Cmd, want ...string) {
+		t.Helper()
+		out, err := c.CombinedOutput()
+		line := strings.TrimSpace(string(out))
+		ee, ok := err.(*exec.ExitError)
+		if !ok || ee.ExitCode() != 2 || strings.Contains(line, "\n") {
+			t.Errorf("%s: %v, output %q; want exit 2 and one line", what, err, out)
+		}
+		for _, w := range want {
+			if !strings.Contains(line, w) {
+				t.Errorf("%s: %q does not name %q", what, line, w)
+			}
+		}
+		if _, err := os.Stat(pin); !os.IsNotExist(err) {
+			t.Errorf("%s: refused daemon left %s", what, pin)
+		}
+	}
+	runArgs := []string{"run", "--netns", ns.Path, "--redirect", "80=3210", "--remove-on-exit", "--pin-dir", pin}
+	refused("run without CAP_SYS_PTRACE", cmd(least, true, runArgs...), "host network namespace", "CAP_SYS_PTRACE", "--allow-host-netns")
+	refused("docker without CAP_SYS_PTRACE", cmd(least, true, "docker", "--docker-host", "unix:///nonexistent/docker.sock", "--pin-dir", pin), "host network namespace", "CAP_SYS_PTRACE")
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := os.WriteFile(kubeconfig, []byte("apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\ncurrent-context: c\nusers: [{name: u, user: {token: x}}]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	refused("kube without CAP_SYS_PTRACE", cmd(least, true, "kube", "--node-name", "n", "--kubeconfig", kubeconfig, "--pin-dir", pin), "host network namespace", "CAP_SYS_PTRACE")
+
+	withPtrace := append(append([]string(nil), least...), "sys_ptrace")
+	p := testenv.Start(t, cmd(withPtrace, true, runArgs...))
+	p.WaitOutput(t, "nsredirect running", 20*time.Second)
+	if peer := hostPeer(ns, "127.0.0.1:80"); peer != "127.0.0.1:80" {
+		t.Errorf("redirect with CAP_SYS_PTRACE: %s", peer)
+	}
+	if err := p.Stop(15, 5*time.Second); err != nil {
+		t.Fatalf("stop: %v\n%s", err, p.Output())
+	}
+	refused("run --netns self with CAP_SYS_PTRACE", cmd(withPtrace, true, "run", "--netns", "self", "--redirect", "80=3210", "--pin-dir", pin), "is the host network namespace", "--allow-host-netns")
+
+	// Without the knob: known through init_net's fixed inode where the
+	// kernel has it, else refused as above.
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/2/ns/net", &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Ino != 0xEFFFFFF9 {
+		t.Logf("init_net has inode %d, not the fixed one: this kernel needs CAP_SYS_PTRACE", st.Ino)
+		refused("run without CAP_SYS_PTRACE on this kernel", cmd(least, false, runArgs...), "CAP_SYS_PTRACE", "--allow-host-netns")
+		return
+	}
+	t.Log("init_net has its fixed inode on this kernel: the host netns is known without CAP_SYS_PTRACE")
+	p = testenv.Start(t, cmd(least, false, runArgs...))
+	p.WaitOutput(t, "nsredirect running", 20*time.Second)
+	if err := p.Stop(15, 5*time.Second); err != nil {
+		t.Fatalf("stop: %v\n%s", err, p.Output())
 	}
 }
