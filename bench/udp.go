@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -12,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
@@ -24,7 +24,8 @@ import (
 // and through a socat UDP-RECVFROM sidecar; then what the UDP programs cost
 // per datagram inside the kernel (BPF statistics, as for connect), with and
 // without UDP rules on the host. Without one the UDP programs are not
-// attached at all, which the table checks rather than assumes.
+// attached at all, which the table checks (BPF_PROG_QUERY at the cgroup2
+// root) rather than assumes.
 
 const (
 	udpBackendPort = 5353
@@ -37,11 +38,12 @@ type udpResults struct {
 	rate       map[string]sample // requests per second, per path
 	rateOrder  []string
 	// In-kernel cost per run, ns: our program, the floor and the difference,
-	// for sendmsg4 and recvmsg4 on a redirected exchange and on one that no
-	// rule matches.
+	// for sendmsg4/6 and recvmsg4/6 on a redirected exchange and on one
+	// that no rule matches, and for the UDP connect4 program per connect.
 	cost      []udpCostRow
 	exchanges int
-	attached  string // what was attached at the root with no UDP rule
+	connects  int
+	attached  string // what BPF_PROG_QUERY found attached at the root with no UDP rule
 }
 
 type udpCostRow struct {
@@ -60,11 +62,13 @@ func measureUDP(e *env) (*udpResults, error) {
 	if err != nil {
 		return nil, err
 	}
-	stopServer, err := udpEcho(ns, fmt.Sprintf("127.0.0.1:%d", udpBackendPort))
-	if err != nil {
-		return nil, err
+	for _, addr := range []string{fmt.Sprintf("127.0.0.1:%d", udpBackendPort), fmt.Sprintf("[::1]:%d", udpBackendPort)} {
+		stopServer, err := udpEcho(ns, addr)
+		if err != nil {
+			return nil, err
+		}
+		defer stopServer()
 	}
-	defer stopServer()
 	r := &udpResults{secs: 3, reps: e.cfg.reps, rate: map[string]sample{}}
 	if e.cfg.quick {
 		r.secs = 1
@@ -87,7 +91,11 @@ func measureUDP(e *env) (*udpResults, error) {
 	if err := waitLive(e, bin, ns); err != nil {
 		return nil, err
 	}
-	if r.attached, err = udpAttached(e.pinDir); err != nil {
+	ours := udpProgs{}
+	if err := ours.addPinned(e.pinDir); err != nil {
+		return nil, err
+	}
+	if r.attached, err = ours.attached(); err != nil {
 		return nil, err
 	}
 	if r.attached != "none" {
@@ -126,14 +134,17 @@ func measureUDP(e *env) (*udpResults, error) {
 		if err := waitLive(e, bin, ns); err != nil {
 			return nil, err
 		}
-		if a, err := udpAttached(e.pinDir); err != nil || !strings.HasPrefix(a, "all 6") {
+		if err := ours.addPinned(e.pinDir); err != nil {
+			return nil, err
+		}
+		if a, err := ours.attached(); err != nil || !strings.HasPrefix(a, "all 6") {
 			return nil, fmt.Errorf("with a UDP rule the UDP programs should be attached: %s %v", a, err)
 		}
 		return d, nil
 	}
 	for rep := 0; rep < r.reps; rep++ {
-		if a, err := udpAttached(e.pinDir); err != nil || a != "none" {
-			return nil, fmt.Errorf("with no UDP rule no UDP program may be attached: %s %v", a, err)
+		if err := ours.waitNone(); err != nil {
+			return nil, fmt.Errorf("with no UDP rule no UDP program may be attached: %w", err)
 		}
 		if err := measure(rep, without); err != nil {
 			return nil, err
@@ -166,20 +177,54 @@ func (r *udpResults) add(name string, v float64) {
 	r.rate[name] = append(r.rate[name], v)
 }
 
-// measureCost reads the BPF statistics of sendmsg4 and recvmsg4 over
-// exchanges with the redirected port and with the backend directly, beside
-// empty programs attached at the same hooks.
+// udpCostHook is a hook whose in-kernel cost the table shows.
+type udpCostHook struct {
+	name string // as pinned: link_<name>
+	at   ebpf.AttachType
+}
+
+// udpCostCase is one kind of exchange: n exchanges with addr from one
+// unconnected socket, or (connected) each from a new socket connected to
+// addr, which runs the connect hooks once per exchange.
+type udpCostCase struct {
+	name, addr string
+	connected  bool
+}
+
+// measureCost reads the BPF statistics of sendmsg4/6 and recvmsg4/6 over
+// exchanges with the redirected port and with the backend directly, and of
+// the UDP connect4 program over connected exchanges, beside empty programs
+// attached at the same hooks.
 func (r *udpResults) measureCost(e *env, ns netnsx.Target) error {
 	root, err := cgroupRoot()
 	if err != nil {
 		return err
 	}
-	hooks := []struct {
-		name string
-		at   ebpf.AttachType
-	}{{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg}, {"recvmsg4", ebpf.AttachCGroupUDP4Recvmsg}}
+	v4 := []udpCostCase{
+		{"redirected, 127.0.0.1:53 → :5353", fmt.Sprintf("127.0.0.1:%d", udpRulePort), false},
+		{"loopback, no rule for the port (:5353 direct)", fmt.Sprintf("127.0.0.1:%d", udpBackendPort), false},
+	}
+	v6 := []udpCostCase{
+		{"redirected, [::1]:53 → :5353", fmt.Sprintf("[::1]:%d", udpRulePort), false},
+		{"loopback, no rule for the port ([::1]:5353 direct)", fmt.Sprintf("[::1]:%d", udpBackendPort), false},
+	}
+	connected := []udpCostCase{
+		{"connect(), redirected, 127.0.0.1:53 → :5353", fmt.Sprintf("127.0.0.1:%d", udpRulePort), true},
+		{"connect(), loopback, no rule for the port (:5353 direct)", fmt.Sprintf("127.0.0.1:%d", udpBackendPort), true},
+	}
+	rows := []struct {
+		hook  udpCostHook
+		cases []udpCostCase
+	}{
+		{udpCostHook{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg}, v4},
+		{udpCostHook{"recvmsg4", ebpf.AttachCGroupUDP4Recvmsg}, v4},
+		{udpCostHook{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg}, v6},
+		{udpCostHook{"recvmsg6", ebpf.AttachCGroupUDP6Recvmsg}, v6},
+		{udpCostHook{"udp_connect4", ebpf.AttachCGroupInet4Connect}, connected},
+	}
 	ours, floor := map[string]*ebpf.Program{}, map[string]*ebpf.Program{}
-	for _, h := range hooks {
+	for _, row := range rows {
+		h := row.hook
 		p, err := pinnedProgram(filepath.Join(e.pinDir, "link_"+h.name))
 		if err != nil {
 			return err
@@ -199,37 +244,52 @@ func (r *udpResults) measureCost(e *env, ns netnsx.Target) error {
 		return fmt.Errorf("enable BPF run-time statistics: %w", err)
 	}
 	defer stats.Close()
-	r.exchanges = 20000
+	r.exchanges, r.connects = 20000, 5000
 	if e.cfg.quick {
-		r.exchanges = 2000
+		r.exchanges, r.connects = 2000, 500
 	}
-	cases := []struct{ name, addr string }{
-		{"redirected, 127.0.0.1:53 → :5353", fmt.Sprintf("127.0.0.1:%d", udpRulePort)},
-		{"loopback, no rule for the port (:5353 direct)", fmt.Sprintf("127.0.0.1:%d", udpBackendPort)},
+	// Every case once per repeat, all hooks read around it; a row takes
+	// its hook's figures from the cases it lists.
+	cases := append(append(append([]udpCostCase(nil), v4...), v6...), connected...)
+	type key struct{ hook, c string }
+	index := map[key]int{}
+	for _, row := range rows {
+		for _, c := range row.cases {
+			index[key{row.hook.name, c.name}] = len(r.cost)
+			r.cost = append(r.cost, udpCostRow{hook: row.hook.name, name: c.name})
+		}
 	}
-	r.cost = make([]udpCostRow, len(hooks)*len(cases))
 	for rep := 0; rep < r.reps; rep++ {
 		fmt.Printf("udp in-kernel cost: repeat %d/%d\n", rep+1, r.reps)
-		for ci, c := range cases {
+		for _, c := range cases {
 			before := map[string][2]progStats{}
-			for _, h := range hooks {
-				o, f, err := snap(ours[h.name], floor[h.name])
+			for name := range ours {
+				o, f, err := snap(ours[name], floor[name])
 				if err != nil {
 					return err
 				}
-				before[h.name] = [2]progStats{o, f}
+				before[name] = [2]progStats{o, f}
 			}
-			if err := udpExchanges(ns, c.addr, r.exchanges); err != nil {
+			var err error
+			if c.connected {
+				err = udpConnectedExchanges(ns, c.addr, r.connects)
+			} else {
+				err = udpExchanges(ns, c.addr, r.exchanges)
+			}
+			if err != nil {
 				return fmt.Errorf("%s: %w", c.name, err)
 			}
-			for hi, h := range hooks {
-				o, f, err := snap(ours[h.name], floor[h.name])
+			for name := range ours {
+				i, ok := index[key{name, c.name}]
+				if !ok {
+					continue
+				}
+				o, f, err := snap(ours[name], floor[name])
 				if err != nil {
 					return err
 				}
-				po, pf := perRun(before[h.name][0], o), perRun(before[h.name][1], f)
-				row := &r.cost[hi*len(cases)+ci]
-				row.hook, row.name = h.name, c.name
+				po, pf := perRun(before[name][0], o), perRun(before[name][1], f)
+				row := &r.cost[i]
 				row.ours = append(row.ours, po)
 				row.floor = append(row.floor, pf)
 				row.over = append(row.over, po-pf)
@@ -248,38 +308,104 @@ func stopDaemon(d *exec.Cmd) {
 	}
 }
 
-// udpAttached describes which UDP links are pinned and attached.
-func udpAttached(pinDir string) (string, error) {
-	var on []string
+// udpProgs are the UDP programs of ours seen so far, by ID: every start
+// pins its own (prog_<hook>) whether it attaches them or not, and a daemon
+// that stops with --remove-on-exit unpins them, so they are read while a
+// daemon runs and remembered. Programs of other pin dirs (other instances
+// on a shared host) are not ours to count. Program IDs are not reused soon
+// (the kernel allocates them cyclically).
+type udpProgs map[ebpf.ProgramID]string
+
+// addPinned remembers the UDP programs pinned in pinDir now.
+func (u udpProgs) addPinned(pinDir string) error {
 	for _, h := range loader.UDPHookNames() {
-		p, err := pinnedProgram(filepath.Join(pinDir, "link_"+h))
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(pinDir, "prog_"+h), nil)
 		if err != nil {
-			return "", err
+			return fmt.Errorf("pinned UDP program %s: %w", h, err)
 		}
+		info, err := p.Info()
 		p.Close()
-		on = append(on, h)
+		if err != nil {
+			return err
+		}
+		id, _ := info.ID()
+		u[id] = h
 	}
-	switch len(on) {
+	return nil
+}
+
+// attached describes which of u the kernel reports attached at the
+// cgroup2 root (BPF_PROG_QUERY), whatever the link pins say.
+func (u udpProgs) attached() (string, error) {
+	root, err := cgroupRoot()
+	if err != nil {
+		return "", err
+	}
+	cg, err := os.Open(root)
+	if err != nil {
+		return "", err
+	}
+	defer cg.Close()
+	on := map[string]bool{}
+	for _, at := range []ebpf.AttachType{
+		ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect,
+		ebpf.AttachCGroupUDP4Sendmsg, ebpf.AttachCGroupUDP6Sendmsg,
+		ebpf.AttachCGroupUDP4Recvmsg, ebpf.AttachCGroupUDP6Recvmsg,
+	} {
+		res, err := link.QueryPrograms(link.QueryOptions{Target: int(cg.Fd()), Attach: at})
+		if err != nil {
+			return "", fmt.Errorf("BPF_PROG_QUERY %s at %s: %w", at, root, err)
+		}
+		for _, p := range res.Programs {
+			if h, ok := u[p.ID]; ok {
+				on[h] = true
+			}
+		}
+	}
+	var names []string
+	for _, h := range loader.UDPHookNames() {
+		if on[h] {
+			names = append(names, h)
+		}
+	}
+	switch len(names) {
 	case 0:
 		return "none", nil
 	case len(loader.UDPHookNames()):
-		return "all 6 (" + strings.Join(on, ", ") + ")", nil
+		return "all 6 (" + strings.Join(names, ", ") + ")", nil
 	}
-	return strings.Join(on, ", "), nil
+	return strings.Join(names, ", "), nil
+}
+
+// waitNone waits until none of u is attached: the kernel detaches a link
+// whose last pin went from a deferred work item. Bounded at 10 s.
+func (u udpProgs) waitNone() error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		a, err := u.attached()
+		if err != nil || a == "none" {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("still attached 10 s after the last UDP rule went: %s", a)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // udpEcho serves a UDP echo on addr inside ns until stopped.
 func udpEcho(ns netnsx.Target, addr string) (func(), error) {
 	var conn *net.UDPConn
 	err := ns.Do(func() error {
-		a, err := net.ResolveUDPAddr("udp4", addr)
+		a, err := net.ResolveUDPAddr("udp", addr)
 		if err != nil {
 			return err
 		}
-		conn, err = net.ListenUDP("udp4", a)
+		network := "udp4"
+		if a.IP.To4() == nil {
+			network = "udp6"
+		}
+		conn, err = net.ListenUDP(network, a)
 		return err
 	})
 	if err != nil {
@@ -298,12 +424,17 @@ func udpEcho(ns netnsx.Target, addr string) (func(), error) {
 	return func() { conn.Close() }, nil
 }
 
-// udpClient opens an unconnected UDP socket inside ns.
-func udpClient(ns netnsx.Target) (*net.UDPConn, error) {
+// udpClient opens an unconnected UDP socket inside ns, on loopback of
+// dst's family.
+func udpClient(ns netnsx.Target, dst *net.UDPAddr) (*net.UDPConn, error) {
+	network, local := "udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}
+	if dst.IP.To4() == nil {
+		network, local = "udp6", &net.UDPAddr{IP: net.IPv6loopback}
+	}
 	var c *net.UDPConn
 	err := ns.Do(func() error {
 		var err error
-		c, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		c, err = net.ListenUDP(network, local)
 		return err
 	})
 	return c, err
@@ -323,15 +454,15 @@ func waitUDP(ns netnsx.Target, addr string) error {
 // udpRate makes request/response exchanges with addr from an unconnected
 // socket for d and returns how many per second were answered.
 func udpRate(e *env, ns netnsx.Target, addr string, d time.Duration) (float64, error) {
-	c, err := udpClient(ns)
+	dst, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return 0, err
+	}
+	c, err := udpClient(ns, dst)
 	if err != nil {
 		return 0, err
 	}
 	defer c.Close()
-	dst, err := net.ResolveUDPAddr("udp4", addr)
-	if err != nil {
-		return 0, err
-	}
 	buf := make([]byte, 512)
 	msg := []byte("nsredirect-bench-query")
 	start := time.Now()
@@ -350,15 +481,15 @@ func udpRate(e *env, ns netnsx.Target, addr string, d time.Duration) (float64, e
 
 // udpExchanges makes n request/response exchanges with addr.
 func udpExchanges(ns netnsx.Target, addr string, n int) error {
-	c, err := udpClient(ns)
+	dst, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return err
+	}
+	c, err := udpClient(ns, dst)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	dst, err := net.ResolveUDPAddr("udp4", addr)
-	if err != nil {
-		return err
-	}
 	buf := make([]byte, 512)
 	msg := []byte("nsredirect-bench-query")
 	for i := 0; i < n; i++ {
@@ -367,6 +498,38 @@ func udpExchanges(ns netnsx.Target, addr string, n int) error {
 		}
 	}
 	return nil
+}
+
+// udpConnectedExchanges makes n exchanges with addr, each from a new
+// socket connect()ed to it: one connect per datagram.
+func udpConnectedExchanges(ns netnsx.Target, addr string, n int) error {
+	dst, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, 512)
+	msg := []byte("nsredirect-bench-query")
+	return ns.Do(func() error {
+		for i := 0; i < n; i++ {
+			c, err := net.DialUDP("udp", nil, dst)
+			if err != nil {
+				return err
+			}
+			_, err = c.Write(msg)
+			if err == nil {
+				_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+				var k int
+				if k, err = c.Read(buf); err == nil && k != len(msg) {
+					err = fmt.Errorf("a %d-byte answer to a %d-byte request", k, len(msg))
+				}
+			}
+			c.Close()
+			if err != nil {
+				return fmt.Errorf("connected exchange with %s: %w", dst, err)
+			}
+		}
+		return nil
+	})
 }
 
 // exchange sends one datagram and waits for its answer, which must come
@@ -398,11 +561,11 @@ func renderUDP(r *udpResults) string {
 		rows = append(rows, []string{name, cell(r.rate[name], "%.0f req/s"), ratio(r.rate[name], direct)})
 	}
 	b.WriteString(table([]string{"path", "rate", "vs direct"}, rows))
-	fmt.Fprintf(&b, "\nIn-kernel cost per datagram (BPF statistics, run_time_ns / run_cnt over %d exchanges per repeat; floor = an empty program at the same hook in the same run):\n\n", r.exchanges)
-	rows = [][]string{{"any", "no UDP rule on the host", "not run (UDP links at the root: " + r.attached + ")", "—", "0 ns"}}
+	fmt.Fprintf(&b, "\nIn-kernel cost per datagram (BPF statistics, run_time_ns / run_cnt over %d exchanges per repeat, %d for connect(); floor = an empty program at the same hook in the same run):\n\n", r.exchanges, r.connects)
+	rows = [][]string{{"any", "no UDP rule on the host", "not run (UDP programs attached at the root, BPF_PROG_QUERY: " + r.attached + ")", "—", "0 ns"}}
 	for _, c := range r.cost {
 		rows = append(rows, []string{c.hook, c.name, cell(c.ours, "%.0f ns"), cell(c.floor, "%.0f ns"), cell(c.over, "%+.0f ns")})
 	}
-	b.WriteString(table([]string{"hook", "datagram", "nsr_sendmsg4/recvmsg4", "floor", "over the floor"}, rows))
+	b.WriteString(table([]string{"hook", "datagram", "our program (nsr_<hook>)", "floor", "over the floor"}, rows))
 	return b.String()
 }

@@ -68,28 +68,58 @@ type kernelProbe struct {
 	err  func() error
 }
 
+// kernelQueries are the questions the probes ask the kernel; the host's
+// are hostQueries, tests ask a kernel that lacks a feature.
+type kernelQueries struct {
+	progType func(ebpf.ProgramType) error
+	mapType  func(ebpf.MapType) error
+	helper   func(ebpf.ProgramType, asm.BuiltinFunc) error
+	hook     func(ebpf.AttachType) error
+}
+
+func hostQueries() kernelQueries {
+	return kernelQueries{
+		progType: features.HaveProgramType,
+		mapType:  features.HaveMapType,
+		helper:   features.HaveProgramHelper,
+		hook:     probeHook,
+	}
+}
+
 // kernelProbes are the kernel features nsredirect needs.
 // getsockopt(SO_NETNS_COOKIE) (5.14) is not one: without it the netns cookie
 // is learnt through a BPF probe (NewCookieSource), which needs
 // bpf_get_socket_cookie in connect4.
-var kernelProbes = []kernelProbe{
-	{"cgroup sock_addr programs (Linux >= 4.17)", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
-	{"BPF_MAP_TYPE_SK_STORAGE (Linux >= 5.2)", func() error { return features.HaveMapType(ebpf.SkStorage) }},
-	{"bpf_sk_storage_get in cgroup/connect programs (Linux >= 5.3)", func() error {
-		return features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSkStorageGet)
-	}},
-	{"bpf_get_socket_cookie in cgroup/connect programs (Linux >= 4.19)", func() error {
-		return features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnGetSocketCookie)
-	}},
-	{"bpf_get_netns_cookie in cgroup/connect programs (Linux >= 5.7)", func() error {
-		return features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnGetNetnsCookie)
-	}},
-	// UDP: sendmsg (4.18) and recvmsg (5.2), attached only while a UDP
-	// rule is live, but probed up front like the rest.
-	{"cgroup/recvmsg4 and recvmsg6 hooks for UDP (Linux >= 5.2)", func() error { return probeHook(ebpf.AttachCGroupUDP4Recvmsg) }},
-	// The last feature to arrive; cgroup bpf_links and link.Update (5.7)
-	// come with it.
-	{"cgroup/getpeername4 and getpeername6 hooks (Linux >= 5.8)", probeGetpeername},
+func kernelProbes(q kernelQueries) []kernelProbe {
+	hooks := func(ats ...ebpf.AttachType) func() error {
+		return func() error {
+			for _, at := range ats {
+				if err := q.hook(at); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
+	}
+	return []kernelProbe{
+		{"cgroup sock_addr programs (Linux >= 4.17)", func() error { return q.progType(ebpf.CGroupSockAddr) }},
+		{"BPF_MAP_TYPE_SK_STORAGE (Linux >= 5.2)", func() error { return q.mapType(ebpf.SkStorage) }},
+		{"bpf_sk_storage_get in cgroup/connect programs (Linux >= 5.3)", func() error {
+			return q.helper(ebpf.CGroupSockAddr, asm.FnSkStorageGet)
+		}},
+		{"bpf_get_socket_cookie in cgroup/connect programs (Linux >= 4.19)", func() error {
+			return q.helper(ebpf.CGroupSockAddr, asm.FnGetSocketCookie)
+		}},
+		{"bpf_get_netns_cookie in cgroup/connect programs (Linux >= 5.7)", func() error {
+			return q.helper(ebpf.CGroupSockAddr, asm.FnGetNetnsCookie)
+		}},
+		// UDP: sendmsg (4.18) and recvmsg (5.2), attached only while a UDP
+		// rule is live, but probed up front like the rest.
+		{"cgroup/recvmsg4 and recvmsg6 hooks for UDP (Linux >= 5.2)", hooks(ebpf.AttachCGroupUDP4Recvmsg, ebpf.AttachCGroupUDP6Recvmsg)},
+		// The last feature to arrive; cgroup bpf_links and link.Update (5.7)
+		// come with it.
+		{"cgroup/getpeername4 and getpeername6 hooks (Linux >= 5.8)", hooks(ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInet6GetPeername)},
+	}
 }
 
 // CheckKernel probes for every kernel feature the programs use and names the
@@ -98,7 +128,7 @@ func CheckKernel() error {
 	if err := removeMemlock(); err != nil {
 		return err
 	}
-	return checkProbes(kernelProbes)
+	return checkProbes(kernelProbes(hostQueries()))
 }
 
 func checkProbes(probes []kernelProbe) error {
@@ -124,10 +154,6 @@ func removeMemlock() error {
 	}
 	return nil
 }
-
-// probeGetpeername loads a do-nothing program for the getpeername4 hook:
-// kernels before 5.8 refuse the expected attach type at load.
-func probeGetpeername() error { return probeHook(ebpf.AttachCgroupInet4GetPeername) }
 
 // probeHook loads a do-nothing cgroup sock_addr program for attach type at:
 // a kernel that lacks the hook refuses the expected attach type at load.

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/sirupsen/logrus"
 	logrustest "github.com/sirupsen/logrus/hooks/test"
 	"golang.org/x/sys/unix"
@@ -175,5 +176,73 @@ func TestCgroup2RootHybridFallsBackToUnified(t *testing.T) {
 	plain := t.TempDir()
 	if _, err := Cgroup2Root(plain, "/proc/self/mountinfo", log); !errors.Is(err, ErrEnvironment) || !strings.Contains(err.Error(), plain) {
 		t.Errorf("Cgroup2Root(%s), no cgroup2 anywhere: %v", plain, err)
+	}
+}
+
+// askedKernel answers the probes' queries as a kernel that has everything
+// but the attach types in lacks, and records the attach types asked for.
+type askedKernel struct {
+	lacks map[ebpf.AttachType]bool
+	asked map[ebpf.AttachType]bool
+}
+
+func (k *askedKernel) queries() kernelQueries {
+	return kernelQueries{
+		progType: func(ebpf.ProgramType) error { return nil },
+		mapType:  func(ebpf.MapType) error { return nil },
+		helper:   func(ebpf.ProgramType, asm.BuiltinFunc) error { return nil },
+		hook: func(at ebpf.AttachType) error {
+			k.asked[at] = true
+			if k.lacks[at] {
+				return fmt.Errorf("load a %s program: %w", at, ebpf.ErrNotSupported)
+			}
+			return nil
+		},
+	}
+}
+
+// The probes ask for both recvmsg hooks the UDP rules attach, and a kernel
+// that lacks either is refused with one line naming the recvmsg hooks (and
+// the version that added them), not a load error when the first UDP rule
+// comes.
+func TestKernelProbesNameMissingRecvmsg(t *testing.T) {
+	all := &askedKernel{asked: map[ebpf.AttachType]bool{}}
+	if err := checkProbes(kernelProbes(all.queries())); err != nil {
+		t.Fatalf("a kernel with every feature: %v", err)
+	}
+	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupUDP4Recvmsg, ebpf.AttachCGroupUDP6Recvmsg, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInet6GetPeername} {
+		if !all.asked[at] {
+			t.Errorf("the probes never ask for the %s hook (asked: %v)", at, all.asked)
+		}
+	}
+	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupUDP4Recvmsg, ebpf.AttachCGroupUDP6Recvmsg} {
+		k := &askedKernel{lacks: map[ebpf.AttachType]bool{at: true}, asked: map[ebpf.AttachType]bool{}}
+		err := checkProbes(kernelProbes(k.queries()))
+		if !errors.Is(err, ErrEnvironment) {
+			t.Fatalf("a kernel without %s: %v; want ErrEnvironment", at, err)
+		}
+		msg := err.Error()
+		for _, want := range []string{"lacks cgroup/recvmsg4 and recvmsg6 hooks for UDP (Linux >= 5.2)", "needs Linux >= 5.8"} {
+			if !strings.Contains(msg, want) {
+				t.Errorf("a kernel without %s: %q lacks %q", at, msg, want)
+			}
+		}
+		if strings.Contains(msg, "\n") {
+			t.Errorf("a kernel without %s: not one line: %q", at, msg)
+		}
+	}
+}
+
+// On this kernel the real probes pass (the minimum is 5.8; CI's kernels
+// are newer), each one loading what it names.
+func TestKernelProbesPassHere(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("needs root to load probe programs")
+		}
+		t.Skip("needs root to load probe programs")
+	}
+	if err := CheckKernel(); err != nil {
+		t.Fatalf("CheckKernel on %s: %v", kernelRelease(), err)
 	}
 }

@@ -93,10 +93,16 @@ const udpScanEvery = 10
 // pinned link, attached or not, is looked at every time: a detached one
 // is re-created at the next resync.
 func (l *Loader) healUDP() ([]string, error) {
-	if !l.anyUDPPinned() && l.heals.Add(1)%udpScanEvery != 0 {
+	if !l.udpScanDue() {
 		return nil, nil
 	}
 	return l.syncUDP()
+}
+
+// udpScanDue counts a heal and reports whether it must scan the rule map:
+// always while a UDP link is pinned, every udpScanEvery-th heal otherwise.
+func (l *Loader) udpScanDue() bool {
+	return l.anyUDPPinned() || l.heals.Add(1)%udpScanEvery == 0
 }
 
 // anyUDPPinned reports whether a link of a UDP hook is pinned.

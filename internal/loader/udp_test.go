@@ -1,7 +1,11 @@
 package loader
 
 import (
+	"os"
+	"slices"
 	"testing"
+
+	"github.com/sirupsen/logrus"
 
 	"github.com/nsredirect/nsredirect/internal/rule"
 )
@@ -31,5 +35,54 @@ func TestRuleKeysCarryProtocol(t *testing.T) {
 			t.Errorf("key %d written twice: %+v", i, k)
 		}
 		seen[k] = true
+	}
+}
+
+// The per-second heal scans the rule map for UDP rules on every call while
+// a UDP link of ours is pinned, and otherwise on every udpScanEvery-th
+// call only: a link pin removed by hand under a live UDP rule (every UDP
+// link gone) is found within udpScanEvery heals, and a host without UDP
+// rules does not scan every second.
+func TestHealScansForUDPRulesEveryTenthWithoutPins(t *testing.T) {
+	dir := t.TempDir()
+	l := newLoader(dir, logrus.New())
+	var due []int
+	for i := 1; i <= 3*udpScanEvery; i++ {
+		if l.udpScanDue() {
+			due = append(due, i)
+		}
+	}
+	if want := []int{udpScanEvery, 2 * udpScanEvery, 3 * udpScanEvery}; !slices.Equal(due, want) {
+		t.Fatalf("with no UDP link pinned the heal scanned at calls %v; want %v", due, want)
+	}
+	if udpScanEvery != 10 {
+		t.Errorf("udpScanEvery = %d; the README says every tenth heal", udpScanEvery)
+	}
+	// Any one UDP link pinned: every heal scans, whichever hook it is.
+	for _, h := range udpHooks {
+		if err := os.WriteFile(l.pins.link(h), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < udpScanEvery; i++ {
+			if !l.udpScanDue() {
+				t.Fatalf("with %s pinned, heal %d did not scan", l.pins.link(h), i+1)
+			}
+		}
+		if err := os.Remove(l.pins.link(h)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A TCP link pinned is not a UDP one.
+	if err := os.WriteFile(l.pins.link(hooks[0]), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	scans := 0
+	for i := 0; i < udpScanEvery; i++ {
+		if l.udpScanDue() {
+			scans++
+		}
+	}
+	if scans != 1 {
+		t.Errorf("with only %s pinned, %d of %d heals scanned; want 1", l.pins.link(hooks[0]), scans, udpScanEvery)
 	}
 }

@@ -318,3 +318,92 @@ func TestKubeAPIUnreachable(t *testing.T) {
 		}
 	}
 }
+
+// warningMessages are the messages of the Warning events of reason posted
+// for pod.
+func (a *apiServer) warningMessages(t *testing.T, ns, pod, reason string) []string {
+	t.Helper()
+	l, err := a.cs.CoreV1().Events(ns).List(context.Background(), metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range l.Items {
+		if e.InvolvedObject.Name == pod && e.Reason == reason && e.Type == corev1.EventTypeWarning {
+			out = append(out, e.Message)
+		}
+	}
+	return out
+}
+
+// TestKubeUDPAnnotation: the annotation nsredirect.io/redirect: "53=5353/udp"
+// redirects a pod's UDP as --redirect does (a datagram to 127.0.0.1:53 in
+// the pod's netns is answered by its server on 5353, from port 53); a bad
+// protocol suffix gets a Warning Event naming it and counts an enroll
+// error; and changing the annotation to TCP only, the last UDP rule, takes
+// the UDP programs off the cgroup2 root while the pod keeps its TCP rule.
+func TestKubeUDPAnnotation(t *testing.T) {
+	pinDir := testenv.BPFFS(t)
+	top := testenv.KubePods(t)
+	api := newAPIServer(t)
+	yes := true
+	ds := &metav1.OwnerReference{APIVersion: "apps/v1", Kind: "DaemonSet", Name: "nsredirect", UID: "ds-1", Controller: &yes}
+
+	dns := kubePod("shop", "dns", "53=5353/udp", nil)
+	sb := testenv.PodSandbox(t, top, string(dns.UID), "c1")
+	startUDPServer(t, &sb.Netns, "::", 5353, "pod")
+	api.put(t, dns)
+	bad := kubePod("shop", "badudp", "53=5353/sctp", nil)
+	api.put(t, bad)
+	self := kubePod("kube-system", "nsredirect-udp", "", ds)
+	api.put(t, self)
+
+	d := api.daemon(t, pinDir, self)
+	url := testenv.MetricsURL(t, d)
+	testenv.WaitStatus(t, pinDir, "shop/dns enrolled", func(rows []testenv.StatusRow) bool {
+		r := testenv.RowsOf(rows, "shop/dns")
+		return len(r) == 1 && r[0].Rule == "53=5353/udp"
+	})
+	got := mustClient(t, sb.Netns, testenv.Tool(t, "python3"), "-c", udpClient, "127.0.0.1", "53")
+	for _, want := range []string{"unconnected pod:unconnected 127.0.0.1 53", "connected pod:connected 127.0.0.1 53", "peer 127.0.0.1 53"} {
+		if !hasLine(got, want) {
+			t.Errorf("UDP in the annotated pod: want %q in\n%s", want, got)
+		}
+	}
+	ids := udpProgIDs(t, pinDir)
+	if got := attachedOf(t, ids); len(got) != len(ids) {
+		t.Errorf("UDP programs at the root with the pod's UDP rule: %v; want all %d", got, len(ids))
+	}
+
+	waitFor(t, "an InvalidRedirect Warning for shop/badudp", 30*time.Second, func() bool {
+		return len(api.warningMessages(t, "shop", "badudp", "InvalidRedirect")) > 0
+	})
+	if msgs := api.warningMessages(t, "shop", "badudp", "InvalidRedirect"); !strings.Contains(msgs[0], `"sctp"`) || strings.Contains(msgs[0], "\n") {
+		t.Errorf("the Warning for 53=5353/sctp: %q; want one line naming \"sctp\"", msgs)
+	}
+	_, body := testenv.HTTPGet(t, url+"/metrics")
+	if v := metricValue(t, body, `nsredirect_enroll_errors_total{netns="shop/badudp"}`); v < 1 {
+		t.Errorf("enroll errors of shop/badudp = %v; want >= 1", v)
+	}
+	if r := testenv.RowsOf(testenv.Status(t, pinDir), "shop/badudp"); len(r) != 0 {
+		t.Errorf("the badly annotated pod was enrolled: %+v", r)
+	}
+	if !strings.Contains(d.Output(), "shop/badudp") {
+		t.Errorf("the daemon did not log the bad annotation:\n%s", d.Output())
+	}
+
+	// The annotation changes to TCP only: the last UDP rule of the host.
+	dns.Annotations["nsredirect.io/redirect"] = "80=3210"
+	api.put(t, dns)
+	testenv.WaitStatus(t, pinDir, "shop/dns on TCP only", func(rows []testenv.StatusRow) bool {
+		r := testenv.RowsOf(rows, "shop/dns")
+		return len(r) == 1 && r[0].Rule == "80=3210"
+	})
+	waitDetached(t, ids)
+	if got := udpLinksPinned(pinDir); len(got) != 0 {
+		t.Errorf("UDP links pinned after the pod's UDP rule went: %v", got)
+	}
+	if got := curl(t, sb.Netns, "http://127.0.0.1/"); !strings.Contains(got, ":3210") {
+		t.Errorf("the pod's TCP rule: %q", got)
+	}
+}

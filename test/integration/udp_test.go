@@ -7,73 +7,22 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
-
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
-// udpServer is a DNS-like server: it answers every DNS query with one A
-// record, 192.0.2.53, and a datagram starting "nsr:" with TAG:payload. It
-// binds a dual-stack socket on [ADDR]:PORT (port 0: any free one) and prints
-// the port it serves on.
-const udpServer = `
-import socket, struct, sys
-addr, port, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.bind((addr, port))
-print("serving on %d." % s.getsockname()[1], flush=True)
-while True:
-    q, peer = s.recvfrom(4096)
-    if q.startswith(b"nsr:"):
-        s.sendto(tag + b":" + q[4:], peer)
-        continue
-    if len(q) < 12:
-        continue
-    end = 12
-    while end < len(q) and q[end] != 0:
-        end += q[end] + 1
-    question = q[12:end + 5]
-    answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + bytes([192, 0, 2, 53])
-    s.sendto(q[:2] + b"\x81\x80" + struct.pack(">HHHH", 1, 1, 0, 0) + question + answer, peer)
-`
-
-// udpClient sends "nsr:MSG" in each of the ways applications do and prints
-// what came back and from where, one line each.
-const udpClient = `
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-def show(kind, data, src):
-    print(kind, data.decode(), src[0], src[1], flush=True)
-fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(3)
-s.sendto(b"nsr:unconnected", (host, port))
-show("unconnected", *s.recvfrom(512))
-c = socket.socket(fam, socket.SOCK_DGRAM); c.settimeout(3)
-c.connect((host, port))
-c.send(b"nsr:connected")
-show("connected", *c.recvfrom(512))
-p = c.getpeername()
-print("peer", p[0], p[1], flush=True)
-if fam == socket.AF_INET:
-    d = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); d.settimeout(3)
-    d.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    d.sendto(b"nsr:mapped", ("::ffff:" + host, port))
-    show("mapped", *d.recvfrom(512))
-    d.connect(("::ffff:" + host, port))
-    d.send(b"nsr:mapped-connected")
-    show("mapped-connected", *d.recvfrom(512))
-    p = d.getpeername()
-    print("mapped-peer", p[0], p[1], flush=True)
-`
+// The Python server and client the UDP tests run (testenv has them, for
+// the Docker suite too).
+const (
+	udpServer = testenv.UDPServerPy
+	udpClient = testenv.UDPClientPy
+)
 
 const nodeDgram = `
 const dgram = require('dgram');
@@ -84,80 +33,24 @@ s.on('message', (m, r) => { console.log(m.toString(), r.address, r.port); clearT
 s.send('nsr:node', port, host);
 `
 
-// startUDPServer runs udpServer in ns on [addr]:port and returns the port.
+// startUDPServer runs udpServer in ns (nil: on the host) on [addr]:port
+// and returns the port.
 func startUDPServer(t *testing.T, ns *testenv.Netns, addr string, port int, tag string) int {
 	t.Helper()
-	py := testenv.Tool(t, "python3")
-	args := []string{"-c", udpServer, addr, strconv.Itoa(port), tag}
-	var cmd *exec.Cmd
-	if ns == nil {
-		cmd = exec.Command(py, args...)
-	} else {
-		cmd = ns.Command(context.Background(), py, args...)
+	var prefix []string
+	if ns != nil {
+		prefix = []string{"ip", "netns", "exec", ns.Name}
 	}
-	p := testenv.Start(t, cmd)
-	var m []string
-	waitFor(t, "the UDP server to serve", 30*time.Second, func() bool {
-		m = servingOn.FindStringSubmatch(p.Output())
-		return m != nil || p.Exited()
-	})
-	if m == nil {
-		t.Fatalf("UDP server exited: %s", p.Output())
-	}
-	got, _ := strconv.Atoi(m[1])
-	return got
+	return testenv.StartUDPServer(t, prefix, addr, port, tag)
 }
 
-var servingOn = regexp.MustCompile(`serving on (\d+)\.`)
+func udpProgIDs(t *testing.T, pin string) []int { return testenv.UDPProgIDs(t, pin) }
 
-// udpProgIDs are the IDs of the UDP programs pinned in pin (prog_<hook>),
-// which every start pins whether or not it attaches them.
-func udpProgIDs(t *testing.T, pin string) []int {
-	t.Helper()
-	var ids []int
-	for _, h := range loader.UDPHookNames() {
-		p, err := ebpf.LoadPinnedProgram(filepath.Join(pin, "prog_"+h), nil)
-		if err != nil {
-			t.Fatalf("pinned UDP program %s: %v", h, err)
-		}
-		info, err := p.Info()
-		p.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		id, _ := info.ID()
-		ids = append(ids, int(id))
-	}
-	return ids
-}
-
-// attachedOf lists which of ids the kernel reports attached at the cgroup2
-// root (BPF_PROG_QUERY), by name.
-func attachedOf(t *testing.T, ids []int) []string {
-	t.Helper()
-	at := testenv.AttachedAtRoot(t)
-	var out []string
-	for _, id := range ids {
-		if name, ok := at[id]; ok {
-			out = append(out, name)
-		}
-	}
-	return out
-}
+func attachedOf(t *testing.T, ids []int) []string { return testenv.AttachedOf(t, ids) }
 
 // waitDetached waits until none of ids is attached: the kernel detaches a
 // link whose last reference went from a deferred work item.
-func waitDetached(t *testing.T, ids []int) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for left := attachedOf(t, ids); len(left) > 0; left = attachedOf(t, ids) {
-		if time.Now().After(deadline) {
-			t.Errorf("UDP programs still attached 5s after the last UDP rule went: %v", left)
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
+func waitDetached(t *testing.T, ids []int) { testenv.WaitUnattached(t, ids, 5*time.Second) }
 
 // newUDPProgs lists programs with our UDP names attached at the root now
 // and not in before.
@@ -202,7 +95,8 @@ func udpLinksPinned(pin string) []string {
 // unconnected sendto/recvfrom, connected UDP, getpeername and v4-mapped
 // dual-stack sockets all see the reply come from port 53; so does Node's
 // dgram. Another netns and the host are untouched, and the TCP rule next to
-// it works while TCP to port 53 is not redirected.
+// it works while TCP to port 53 reaches a TCP server on 53 (not one on 5353)
+// and UDP to the TCP rule's port 80 a UDP server on 80 (not one on 3210).
 func TestUDPRedirect(t *testing.T) {
 	pin := testenv.BPFFS(t)
 	ns := testenv.NewNetns(t)
@@ -210,6 +104,12 @@ func TestUDPRedirect(t *testing.T) {
 	testenv.Server(t, ns, ":3210")
 	startUDPServer(t, &ns, "::", 5353, "backend")
 	startUDPServer(t, &other, "::", 53, "other-53")
+	// TCP servers on the UDP rule's ports, UDP ones on the TCP rule's: each
+	// protocol's rules must leave the other's traffic where it was sent.
+	testenv.Server(t, ns, ":53")
+	testenv.Server(t, ns, ":5353")
+	startUDPServer(t, &ns, "::", 80, "udp-80")
+	startUDPServer(t, &ns, "::", 3210, "udp-3210")
 	// The host: a server on a free port that the netns's second rule also
 	// names; the host's own datagrams to it must reach it.
 	hostPort := startUDPServer(t, nil, "::1", 0, "host")
@@ -256,12 +156,23 @@ func TestUDPRedirect(t *testing.T) {
 	if got, err := exec.Command(py, "-c", udpClient, "::1", strconv.Itoa(hostPort)).CombinedOutput(); err != nil || !hasLine(string(got), fmt.Sprintf("unconnected host:unconnected ::1 %d", hostPort)) {
 		t.Errorf("the host was redirected: %v\n%s", err, got)
 	}
-	// TCP: the rule next to the UDP ones works; TCP to 53 is not redirected.
-	if got := curl(t, ns, "http://127.0.0.1/"); !strings.Contains(got, "demo-backend") {
+	// TCP: the rule next to the UDP ones works; TCP to 53 is not redirected:
+	// it reaches the TCP server on 53, not the one on the UDP rule's 5353.
+	if got := curl(t, ns, "http://127.0.0.1/"); !strings.Contains(got, "demo-backend on [::]:3210") {
 		t.Errorf("TCP rule 80=3210/tcp next to UDP rules: %q", got)
 	}
-	if peer := hostPeer(ns, "127.0.0.1:53"); !strings.HasPrefix(peer, "error") {
-		t.Errorf("TCP to 127.0.0.1:53 reached %s; a /udp rule must not redirect TCP", peer)
+	for _, url := range []string{"http://127.0.0.1:53/", "http://[::1]:53/"} {
+		if got := curl(t, ns, url); !strings.HasSuffix(got, "demo-backend on [::]:53") {
+			t.Errorf("curl %s = %q; want the TCP server on 53: a /udp rule must not redirect TCP", url, got)
+		}
+	}
+	// And the other way round: UDP to the port of the TCP rule reaches the
+	// UDP server on 80, not one on the TCP rule's 3210.
+	got = mustClient(t, ns, py, "-c", udpClient, "127.0.0.1", "80")
+	for _, want := range []string{"unconnected udp-80:unconnected 127.0.0.1 80", "connected udp-80:connected 127.0.0.1 80", "peer 127.0.0.1 80"} {
+		if !hasLine(got, want) {
+			t.Errorf("UDP to 127.0.0.1:80 (a TCP rule's port): want %q in\n%s", want, got)
+		}
 	}
 	if n := redirects(t, pin, ns.Path); n < 10 {
 		t.Errorf("status counts %d redirects, want at least the 10 datagrams and connects sent through the UDP rules", n)
