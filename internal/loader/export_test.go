@@ -34,3 +34,8 @@ func (s *CookieSource) Pending() (int, error) {
 }
 
 func loadSpec() (*ebpf.CollectionSpec, error) { return bpfobj.LoadRedirect() }
+
+// LinkProvenAttached is the per-second check of Heal.
+func LinkProvenAttached(path string, at ebpf.AttachType) bool {
+	return pinnedCgroupLinkAttached(path, at)
+}

@@ -95,8 +95,7 @@ type Loader struct {
 	// repaired names the hooks whose pinned link Attach found detached or
 	// defunct and replaced.
 	repaired []string
-	// heals counts the Heal calls that found no UDP link pinned (see
-	// healUDP).
+	// heals counts the Heal calls (see udpScanEvery).
 	heals atomic.Uint64
 }
 
@@ -1089,7 +1088,17 @@ func (l *Loader) PeerStorageFailures() (uint64, error) {
 // missing, or detached or defunct (bpftool link detach, a cgroup removed
 // under it), from the pinned program, at cgroup. It returns the hooks it
 // repaired. Links and programs that are not ours are never touched.
+//
+// It runs every second. While every link is in place it takes no lock and
+// makes two bpf(2) calls and a close per link (see allAttached); only a
+// link that is not proven attached, and the scan for UDP rules every
+// udpScanEvery-th call, take the pin dir's lock and the closer look.
 func (l *Loader) Heal(cgroup string) ([]string, error) {
+	udpPinned := l.anyUDPPinned()
+	scanUDP := l.heals.Add(1)%udpScanEvery == 0
+	if !scanUDP && l.allAttached(hooks) && (!udpPinned || l.allAttached(udpHooks)) {
+		return nil, nil
+	}
 	lk, err := lockDir(l.dir, lockEx, false)
 	if err != nil {
 		return nil, err
@@ -1101,8 +1110,24 @@ func (l *Loader) Heal(cgroup string) ([]string, error) {
 	}
 	repaired, err := l.reattachDetached(hooks, cgroup, cgroupID)
 	// The UDP hooks: attached while a UDP rule is live, gone otherwise.
-	udp, udpErr := l.healUDP()
+	var udp []string
+	var udpErr error
+	if scanUDP || udpPinned {
+		udp, udpErr = l.syncUDP()
+	}
 	return append(repaired, udp...), errors.Join(err, udpErr)
+}
+
+// allAttached reports whether the pinned link of every one of hs is
+// attached, by the cheap check (pinnedCgroupLinkAttached); false says only
+// that one needs a closer look.
+func (l *Loader) allAttached(hs []hook) bool {
+	for _, h := range hs {
+		if !pinnedCgroupLinkAttached(l.pins.link(h), h.attach) {
+			return false
+		}
+	}
+	return true
 }
 
 // reattachDetached re-creates and re-pins the link of each of hs whose
