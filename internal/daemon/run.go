@@ -204,6 +204,11 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 			// and its own relists are what notice a change: an idle node
 			// costs little.
 			if ticks++; ticks%fullEvery != 0 && d.Settled() {
+				// The probe runs once per resync: the targets it looks at
+				// (the pods of a DaemonSet reading the host's /proc) must
+				// be followed within a second of a re-created sandbox or an
+				// exit that no API event tells, and once a second is the
+				// slowest rate that keeps that.
 				if d.Moved() {
 					r.describe(ctx)
 				}
