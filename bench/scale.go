@@ -136,6 +136,30 @@ func cpuTicks(pid int) uint64 {
 	return u + s
 }
 
+// settle waits until the daemons' start-up is over: over the last two
+// seconds their CPU time grew by less than a clock tick (10 ms) per daemon,
+// for at most 30 s. An idle daemon spends a few ms a second. Their first
+// reconcile returns only after every target is enrolled, so its tail (the
+// orphan sweep, the Events of kube, the exit of the threads that read
+// cookies) would otherwise fall into the idle window.
+func settle(pids []int) {
+	sum := func() (n uint64) {
+		for _, p := range pids {
+			n += cpuTicks(p)
+		}
+		return n
+	}
+	const every, over = 250 * time.Millisecond, 8 // 2 s of samples
+	seen := []uint64{sum()}
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); {
+		time.Sleep(every)
+		seen = append(seen, sum())
+		if n := len(seen); n > over && seen[n-1]-seen[n-1-over] < uint64(len(pids)) {
+			return
+		}
+	}
+}
+
 // measureUsage runs load (nil: idle) for window and reads the daemons' CPU
 // time and RSS (sampled every 500 ms) over it.
 func measureUsage(e *env, pids []int, window time.Duration, load func(stop <-chan struct{}) error) (usage, error) {

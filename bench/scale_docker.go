@@ -175,6 +175,7 @@ func scaleDocker(e *env, s *scaleResults, n, burst int) error {
 			return fmt.Errorf("docker: %w; the daemon's warnings:\n%s", err, e.daemonLog)
 		}
 	}
+	settle([]int{d.Process.Pid})
 	row := scaleRow{mode: "docker", shape: fmt.Sprintf("%d labelled containers", n), churnWhat: "a container replaced every 200 ms"}
 	fmt.Println("docker: idle")
 	if row.idle, err = measureUsage(e, []int{d.Process.Pid}, e.scaleWindow(), nil); err != nil {
@@ -269,6 +270,7 @@ func scaleRun(e *env, s *scaleResults, daemons, per int) error {
 			return fmt.Errorf("run: %w", err)
 		}
 	}
+	settle(pids)
 	row := scaleRow{mode: "run", shape: fmt.Sprintf("%d targets: %d daemons × %d (sum)", daemons*per, daemons, per)}
 	fmt.Println("run: idle")
 	var err error

@@ -19,9 +19,14 @@ import (
 // goroutine ever runs on it.
 func init() { runtime.LockOSThread() }
 
+// main only waits: the command runs on a goroutine of its own. A goroutine
+// locked to a thread costs a hand-over between two threads every time it
+// wakes, and a daemon's loop wakes every second for its whole life.
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	code := cli.Main(ctx, os.Args[1:], cli.IO{Stdout: os.Stdout, Stderr: os.Stderr})
+	done := make(chan int)
+	go func() { done <- cli.Main(ctx, os.Args[1:], cli.IO{Stdout: os.Stdout, Stderr: os.Stderr}) }()
+	code := <-done
 	stop()
 	os.Exit(code)
 }

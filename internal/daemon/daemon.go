@@ -81,21 +81,40 @@ type live struct {
 	cookie uint64
 	id     netnsx.ID
 	specs  string
-	// exit watches the process of a /proc/PID/ns/net target (nil: none,
-	// the probe looks at this target); watched is the id it was made for.
-	exit    *netnsx.ExitWatch
-	watched netnsx.ID
+	// exit watches the process of a /proc/PID/ns/net target (nil: none);
+	// watched is the id it was made for. byMounts: the path is a bind
+	// mount (/run/netns/NAME), which the daemon's MountWatch covers. A
+	// target with neither is looked at by the probe (Moved).
+	exit     *netnsx.ExitWatch
+	watched  netnsx.ID
+	byMounts bool
 }
 
-// watch makes sure l's process is watched for exit when it can be; a
-// target that cannot be watched is left to the probe (Moved).
+// watch makes sure l is watched when it can be: its process for exit, or,
+// for a bind mount, the mount table; a target that cannot be watched is
+// left to the probe (Moved).
 func (d *Daemon) watch(l *live) {
+	l.byMounts = l.target.Netns.BindMount(l.id)
+	if l.byMounts {
+		l.exit.Close()
+		l.exit = nil
+		if d.mounts == nil || d.mounts.Done() {
+			w, err := netnsx.WatchMounts(d.notifyChanged)
+			if err != nil {
+				d.log.WithError(err).Debug("cannot watch the mount table; probing the bind-mount targets")
+				l.byMounts = false
+				return
+			}
+			d.mounts = w
+		}
+		return
+	}
 	if l.exit != nil && !l.exit.Done() && l.watched == l.id {
 		return
 	}
 	l.exit.Close()
 	l.exit = nil
-	w, err := l.target.Netns.WatchExit(l.id, d.notifyExit)
+	w, err := l.target.Netns.WatchExit(l.id, d.notifyChanged)
 	if err != nil {
 		d.log.WithFields(logrus.Fields{"netns": l.target.Name}).WithError(err).Debug("cannot watch the process for exit; probing it")
 		return
@@ -103,16 +122,27 @@ func (d *Daemon) watch(l *live) {
 	l.exit, l.watched = w, l.id
 }
 
-func (d *Daemon) notifyExit() {
+// watched reports whether something other than the probe tells when l
+// may lead elsewhere (see watch).
+func (d *Daemon) watched(l *live) bool {
+	if l.byMounts {
+		return !d.mounts.Done()
+	}
+	return !l.exit.Done()
+}
+
+func (d *Daemon) notifyChanged() {
 	select {
-	case d.exited <- struct{}{}:
+	case d.changed <- struct{}{}:
 	default: // a look is already due
 	}
 }
 
-// Exited receives when the process of a watched target has exited: its
-// source should describe the targets again (Moved does not look at them).
-func (d *Daemon) Exited() <-chan struct{} { return d.exited }
+// Changed receives when a watched target may lead elsewhere now: the
+// process of a /proc/PID/ns/net target exited, or the mount table changed
+// under a bind-mount target. Its source should describe the targets again
+// (Moved does not look at watched targets).
+func (d *Daemon) Changed() <-chan struct{} { return d.changed }
 
 // procRoot is where the daemon sees the host's processes by default.
 const procRoot = "/proc"
@@ -147,7 +177,10 @@ type Daemon struct {
 	desired []Target
 	live    map[string]*live
 	failing map[string]error // name -> last error, so each is logged once
-	exited  chan struct{}    // see Exited
+	changed chan struct{}    // see Changed
+	// mounts watches the mount table while a bind-mount target is live
+	// (see watch); closed by Shutdown.
+	mounts  *netnsx.MountWatch
 	errors  map[string]uint64
 	held    map[string]bool // desired targets another live nsredirect serves
 	pending map[string]bool // targets whose ErrPending was logged
@@ -215,7 +248,7 @@ func New(kernel Kernel, cookies netnsx.CookieReader, owner string, log logrus.Fi
 		held:    map[string]bool{},
 		pending: map[string]bool{},
 		proc:    procRoot,
-		exited:  make(chan struct{}, 1),
+		changed: make(chan struct{}, 1),
 	}
 	for _, o := range opts {
 		o(d)
@@ -438,14 +471,16 @@ func NetnsAlive(proc string, id netnsx.LiveID, paths ...string) bool {
 	return false
 }
 
-// Moved reports whether the path of a live target may no longer lead to
-// the namespace it was enrolled through: one stat each (netnsx.Changed),
-// no file read, no namespace entered. It runs several times a second.
+// Moved reports whether the path of a live target that nothing watches
+// (see Changed) may no longer lead to the namespace it was enrolled
+// through: one stat each (netnsx.Changed), no file read, no namespace
+// entered. It runs on every resync: the targets of a DaemonSet reading the
+// host's /proc, whose pids are not its own to watch.
 func (d *Daemon) Moved() bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, l := range d.live {
-		if l.exit.Done() && l.target.Netns.Changed(l.id) {
+		if !d.watched(l) && l.target.Netns.Changed(l.id) {
 			return true
 		}
 	}
@@ -530,6 +565,8 @@ func (d *Daemon) Shutdown(handover bool) error {
 			errs = append(errs, err)
 		}
 	}
+	d.mounts.Close()
+	d.mounts = nil
 	return errors.Join(errs...)
 }
 

@@ -177,14 +177,10 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 	if rd, ok := src.(Redescriber); ok {
 		redescribe = rd.RedescribeEachResync()
 	}
+	// One timer for everything periodic: an idle daemon wakes once per
+	// resync, and does as little as it can then.
 	tick := time.NewTicker(cfg.Resync)
 	defer tick.Stop()
-	// Between resyncs, a cheap look (one stat per target) for a target
-	// whose process is gone: a restart is followed well within a second
-	// even when no event says so. Targets whose process is watched through
-	// a pidfd (d.Exited) are not looked at: their exit wakes the loop.
-	probe := time.NewTicker(max(cfg.Resync/4, time.Millisecond))
-	defer probe.Stop()
 	var runErr error
 	ticks := 0
 	for running := true; running; {
@@ -198,12 +194,8 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 			}
 		case <-wake:
 			r.describe(ctx)
-		case <-d.Exited():
+		case <-d.Changed():
 			r.describe(ctx)
-		case <-probe.C:
-			if d.Moved() {
-				r.describe(ctx)
-			}
 		case <-tick.C:
 			if err := kernel.Intact(); err != nil {
 				runErr = err
@@ -213,10 +205,19 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 			r.heal()
 			// Every target is looked at again (and a Redescriber asked)
 			// on every fullEvery-th resync, and on each one while some
-			// target is not settled. In between, the probe's one stat per
-			// live target, the source's events and its own relists are
-			// what notice a change: an idle node costs little.
+			// target is not settled. In between, the probe (one stat per
+			// live target that nothing else watches), the source's events
+			// and its own relists are what notice a change: an idle node
+			// costs little.
 			if ticks++; ticks%fullEvery != 0 && d.Settled() {
+				// The probe runs once per resync: the targets it looks at
+				// (the pods of a DaemonSet reading the host's /proc) must
+				// be followed within a second of a re-created sandbox or an
+				// exit that no API event tells, and once a second is the
+				// slowest rate that keeps that.
+				if d.Moved() {
+					r.describe(ctx)
+				}
 				break
 			}
 			if redescribe {

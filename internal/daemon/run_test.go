@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"github.com/sirupsen/logrus/hooks/test"
+	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/netnsx"
@@ -388,13 +390,13 @@ func TestExitOfWatchedProcessTold(t *testing.T) {
 		t.Fatal("Moved while the process lives")
 	}
 	select {
-	case <-d.Exited():
+	case <-d.Changed():
 		t.Fatal("an exit told while the process lives")
 	default:
 	}
 	p.Kill()
 	select {
-	case <-d.Exited():
+	case <-d.Changed():
 	case <-time.After(10 * time.Second): // bounds a hang only
 		t.Fatal("the exit of the target's process was not told")
 	}
@@ -458,5 +460,68 @@ func TestSettled(t *testing.T) {
 		if got := d.Settled(); got != c.settled {
 			t.Errorf("with %s: Settled = %v, want %v", c.what, got, c.settled)
 		}
+	}
+}
+
+// TestBindMountTargetWatched: a bind-mount target (/run/netns/NAME) is not
+// probed: the watch of the mount table tells when it is unmounted and
+// mounted again over another netns (ip netns del, ip netns add), and the
+// next reconcile follows it there.
+func TestBindMountTargetWatched(t *testing.T) {
+	a, b := testenv.NewNetns(t), testenv.NewNetns(t)
+	path := filepath.Join(t.TempDir(), "ns")
+	if err := os.WriteFile(path, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bind := func(n testenv.Netns) {
+		t.Helper()
+		if err := unix.Mount(n.Path, path, "", unix.MS_BIND, ""); err != nil {
+			t.Fatalf("bind %s at %s: %v", n.Path, path, err)
+		}
+	}
+	bind(a)
+	t.Cleanup(func() {
+		for unix.Unmount(path, unix.MNT_DETACH) == nil {
+		}
+	})
+	tg, err := netnsx.ParseTarget(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := newFake()
+	d := New(k, testenv.Cookies(t), "run", quiet())
+	defer func() { _ = d.Shutdown(false) }()
+	want := []Target{{Name: path, Netns: tg, Rules: rules(t, "80=3210")}}
+	if err := d.Reconcile(want); err != nil {
+		t.Fatal(err)
+	}
+	for drained := false; !drained; { // the watch's first look, at no change
+		select {
+		case <-d.Changed():
+		case <-time.After(200 * time.Millisecond):
+			drained = true
+		}
+	}
+	if err := unix.Unmount(path, 0); err != nil {
+		t.Fatal(err)
+	}
+	bind(b)
+	select {
+	case <-d.Changed():
+	case <-time.After(10 * time.Second): // bounds a hang only
+		t.Fatal("the netns mounted anew under the target's path was not told")
+	}
+	if d.Moved() {
+		t.Error("the probe looked at a bind-mount target the mount table's watch covers")
+	}
+	if err := d.Reconcile(want); err != nil {
+		t.Fatal(err)
+	}
+	k.Lock()
+	_, old := k.Enrolled[a.Cookie(t)]
+	_, followed := k.Enrolled[b.Cookie(t)]
+	k.Unlock()
+	if old || !followed {
+		t.Errorf("after the re-mount: old netns enrolled %v, new one %v; want only the new one", old, followed)
 	}
 }

@@ -34,3 +34,9 @@ func (s *CookieSource) Pending() (int, error) {
 }
 
 func loadSpec() (*ebpf.CollectionSpec, error) { return bpfobj.LoadRedirect() }
+
+// LinkProvenAttached is the per-second check of Heal.
+func LinkProvenAttached(path string, at ebpf.AttachType) bool {
+	_, ok := pinnedCgroupLinkAttached(path, at)
+	return ok
+}

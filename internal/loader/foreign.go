@@ -29,7 +29,7 @@ import (
 // ourProgram reports whether the program id uses only maps of this state,
 // and remembers the answer for the hook when it does.
 func (l *Loader) ourProgram(h hook, id ebpf.ProgramID) (bool, error) {
-	if l.ours[h.name] == id {
+	if l.ourProg(h) == id {
 		return true, nil
 	}
 	prog, err := ebpf.NewProgramFromID(id)
@@ -39,12 +39,25 @@ func (l *Loader) ourProgram(h hook, id ebpf.ProgramID) (bool, error) {
 	defer prog.Close()
 	ok, err := l.usesOurMaps(prog)
 	if ok {
-		if l.ours == nil {
-			l.ours = map[string]ebpf.ProgramID{}
-		}
-		l.ours[h.name] = id
+		l.setOurProg(h, id)
 	}
 	return ok, err
+}
+
+// ourProg is the program last found ours on h's link, 0 if none yet.
+func (l *Loader) ourProg(h hook) ebpf.ProgramID {
+	l.oursMu.Lock()
+	defer l.oursMu.Unlock()
+	return l.ours[h.name]
+}
+
+func (l *Loader) setOurProg(h hook, id ebpf.ProgramID) {
+	l.oursMu.Lock()
+	defer l.oursMu.Unlock()
+	if l.ours == nil {
+		l.ours = map[string]ebpf.ProgramID{}
+	}
+	l.ours[h.name] = id
 }
 
 // usesOurMaps reports whether every map prog uses is one of l.maps.
@@ -129,10 +142,7 @@ func (l *Loader) restoreOurs(h hook, lnk link.Link, running ebpf.ProgramID) (boo
 	info, err := prog.Info()
 	if err == nil {
 		if id, ok := info.ID(); ok {
-			if l.ours == nil {
-				l.ours = map[string]ebpf.ProgramID{}
-			}
-			l.ours[h.name] = id
+			l.setOurProg(h, id)
 		}
 	}
 	l.log.WithFields(logrus.Fields{"hook": h.name, "foreign_prog_id": running}).Warn("our link ran a program that is not ours (an older nsredirect restarted?); put ours back")

@@ -95,12 +95,13 @@ type Loader struct {
 	// repaired names the hooks whose pinned link Attach found detached or
 	// defunct and replaced.
 	repaired []string
-	// heals counts the Heal calls that found no UDP link pinned (see
-	// healUDP).
+	// heals counts the Heal calls (see udpScanEvery).
 	heals atomic.Uint64
 	// ours is, per hook, the program last found ours on its link (see
-	// foreign.go); used with the pin dir locked.
-	ours map[string]ebpf.ProgramID
+	// foreign.go); written with the pin dir locked, read by Heal's cheap
+	// check without it: oursMu guards it.
+	oursMu sync.Mutex
+	ours   map[string]ebpf.ProgramID
 }
 
 func newLoader(dir string, log logrus.FieldLogger) *Loader {
@@ -1092,8 +1093,18 @@ func (l *Loader) PeerStorageFailures() (uint64, error) {
 // missing, or detached or defunct (bpftool link detach, a cgroup removed
 // under it), from the pinned program, at cgroup, and puts our program back
 // on one that runs a program not ours (foreign.go). It returns the hooks it
-// repaired. Links that are not ours are never touched.
+// repaired. Links and programs that are not ours are never touched.
+//
+// It runs every second. While every link is in place and runs the program
+// last found ours it takes no lock and makes two bpf(2) calls and a close
+// per link (see allAttached); only a link not proven so, and the scan for
+// UDP rules every udpScanEvery-th call, take the pin dir's lock and the
+// closer look.
 func (l *Loader) Heal(cgroup string) ([]string, error) {
+	closer, scanUDP := l.healNeeds()
+	if !closer {
+		return nil, nil
+	}
 	lk, err := lockDir(l.dir, lockEx, false)
 	if err != nil {
 		return nil, err
@@ -1105,8 +1116,37 @@ func (l *Loader) Heal(cgroup string) ([]string, error) {
 	}
 	repaired, err := l.reattachDetached(hooks, cgroup, cgroupID)
 	// The UDP hooks: attached while a UDP rule is live, gone otherwise.
-	udp, udpErr := l.healUDP()
+	var udp []string
+	var udpErr error
+	if scanUDP {
+		udp, udpErr = l.syncUDP()
+	}
 	return append(repaired, udp...), errors.Join(err, udpErr)
+}
+
+// healNeeds counts a heal and says what it must do: look closer at the
+// links (under the lock) when the UDP scan is due or a link is not proven
+// in place, and scan the rule map for UDP rules (syncUDP) every
+// udpScanEvery-th heal, and on a closer look while a UDP link is pinned.
+func (l *Loader) healNeeds() (closer, scanUDP bool) {
+	udpPinned := l.anyUDPPinned()
+	scanUDP = l.heals.Add(1)%udpScanEvery == 0
+	closer = scanUDP || !l.allAttached(hooks) || udpPinned && !l.allAttached(udpHooks)
+	return closer, scanUDP || closer && udpPinned
+}
+
+// allAttached reports whether the pinned link of every one of hs is
+// attached and runs the program last found ours on it, by the cheap check
+// (pinnedCgroupLinkAttached); false says only that one needs a closer look
+// (reattachDetached, which also learns which program is ours).
+func (l *Loader) allAttached(hs []hook) bool {
+	for _, h := range hs {
+		prog, ok := pinnedCgroupLinkAttached(l.pins.link(h), h.attach)
+		if !ok || prog == 0 || prog != l.ourProg(h) {
+			return false
+		}
+	}
+	return true
 }
 
 // reattachDetached re-creates and re-pins the link of each of hs whose

@@ -81,29 +81,15 @@ func (l *Loader) attachUDP(coll *ebpf.Collection, cgroup string, cgroupID uint64
 	return nil
 }
 
-// udpScanEvery: with no UDP link pinned, Heal looks for UDP rules only
-// every this many calls (see healUDP).
+// udpScanEvery: Heal scans the rule map for UDP rules (syncUDP) only every
+// this many calls while the UDP links are as they should be: pinned and
+// attached, or none pinned. A new UDP rule attaches the links in the
+// Enroll that adds it, and removing the last one removes them, in
+// whichever daemon does it. What is left, a link pin removed by hand under
+// a live UDP rule or a rule gone with no daemon's help, is found by the
+// scan. A pinned UDP link that is detached is re-created at the next
+// resync, like the TCP ones.
 const udpScanEvery = 10
-
-// healUDP is syncUDP for the per-second Heal, which need not scan the rule
-// map while no UDP link of ours is pinned: then there is nothing to heal or
-// remove, and a new UDP rule attaches the links in the Enroll that adds it
-// (in whichever daemon adds it). What is left, a link pin removed by hand
-// under a live UDP rule, is found by the scan every udpScanEvery calls. A
-// pinned link, attached or not, is looked at every time: a detached one
-// is re-created at the next resync.
-func (l *Loader) healUDP() ([]string, error) {
-	if !l.udpScanDue() {
-		return nil, nil
-	}
-	return l.syncUDP()
-}
-
-// udpScanDue counts a heal and reports whether it must scan the rule map:
-// always while a UDP link is pinned, every udpScanEvery-th heal otherwise.
-func (l *Loader) udpScanDue() bool {
-	return l.anyUDPPinned() || l.heals.Add(1)%udpScanEvery == 0
-}
 
 // anyUDPPinned reports whether a link of a UDP hook is pinned.
 func (l *Loader) anyUDPPinned() bool {

@@ -39,16 +39,17 @@ func TestRuleKeysCarryProtocol(t *testing.T) {
 }
 
 // The per-second heal scans the rule map for UDP rules on every call while
-// a UDP link of ours is pinned, and otherwise on every udpScanEvery-th
-// call only: a link pin removed by hand under a live UDP rule (every UDP
+// a UDP link of ours is pinned and not proven attached (these pins are
+// empty files), and otherwise on every udpScanEvery-th call only: a link pin removed by hand under a live UDP rule (every UDP
 // link gone) is found within udpScanEvery heals, and a host without UDP
 // rules does not scan every second.
 func TestHealScansForUDPRulesEveryTenthWithoutPins(t *testing.T) {
+	udpScanDue := func(l *Loader) bool { _, scan := l.healNeeds(); return scan }
 	dir := t.TempDir()
 	l := newLoader(dir, logrus.New())
 	var due []int
 	for i := 1; i <= 3*udpScanEvery; i++ {
-		if l.udpScanDue() {
+		if udpScanDue(l) {
 			due = append(due, i)
 		}
 	}
@@ -64,7 +65,7 @@ func TestHealScansForUDPRulesEveryTenthWithoutPins(t *testing.T) {
 			t.Fatal(err)
 		}
 		for i := 0; i < udpScanEvery; i++ {
-			if !l.udpScanDue() {
+			if !udpScanDue(l) {
 				t.Fatalf("with %s pinned, heal %d did not scan", l.pins.link(h), i+1)
 			}
 		}
@@ -78,7 +79,7 @@ func TestHealScansForUDPRulesEveryTenthWithoutPins(t *testing.T) {
 	}
 	scans := 0
 	for i := 0; i < udpScanEvery; i++ {
-		if l.udpScanDue() {
+		if udpScanDue(l) {
 			scans++
 		}
 	}

@@ -138,7 +138,7 @@ func (t Target) LiveID() (LiveID, error) {
 // startCache keeps the start time of the processes whose namespaces are
 // looked at, keyed by PROC/PID and valid while the inode number of PROC/PID
 // is the same (see ID.ProcIno): a look at a target costs a stat instead of
-// reading and parsing PROC/PID/stat, several times a second per target.
+// reading and parsing PROC/PID/stat, once a second per target.
 type startCache struct {
 	mu sync.Mutex
 	m  map[string]startEntry

@@ -159,7 +159,7 @@ func removeUDPLinkPins(t *testing.T, pin string, hooks ...string) {
 // UDP rule (its last reference: the link detaches) comes back. With other
 // UDP links still pinned the next heal re-creates it; with every one gone
 // the heal finds the UDP rule by its scan of the rule map, every tenth heal
-// while no UDP link is pinned (loader.healUDP). Both are logged and counted
+// while no UDP link is pinned (loader.healNeeds). Both are logged and counted
 // as repairs.
 func TestUDPLinkPinRemovedHealed(t *testing.T) {
 	pin := testenv.BPFFS(t)
