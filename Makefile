@@ -184,7 +184,7 @@ $(RUNTIMES_STAMP):
 # reproducible (tools/release, its own module so nfpm and go-containerregistry
 # stay out of the daemon's go.mod): tarballs, .debs, image tarballs and the
 # multi-arch OCI index, an SPDX SBOM and SHA256SUMS. Same VERSION and commit,
-# same bytes. release-check builds twice and compares (TestReproducible).
+# same bytes. release-check builds twice and compares (TestRelease/Reproducible).
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 .PHONY: release release-check
 release:

@@ -10,7 +10,7 @@
 //
 // Every timestamp is SOURCE_DATE_EPOCH, every owner root, every walk sorted:
 // two runs with the same VERSION and epoch give byte-identical files
-// (TestReproducible).
+// (TestRelease/Reproducible).
 package main
 
 import (
