@@ -183,13 +183,16 @@ $(RUNTIMES_STAMP):
 # Release artifacts for linux/amd64 and linux/arm64 in dist/, offline and
 # reproducible (tools/release, its own module so nfpm and go-containerregistry
 # stay out of the daemon's go.mod): tarballs, .debs, image tarballs and the
-# multi-arch OCI index, an SPDX SBOM and SHA256SUMS. Same VERSION and commit,
-# same bytes. release-check builds twice and compares (TestRelease/Reproducible).
+# multi-arch OCI index, an SPDX SBOM and SHA256SUMS. Same VERSION, commit and
+# Go toolchain, same bytes: the toolchain is the one go.mod names, exactly
+# (its go line, or a toolchain line), and tools/release refuses any other
+# (exit 2) rather than let GOTOOLCHAIN fetch one. release-check builds twice
+# and compares (TestRelease/Reproducible).
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 .PHONY: release release-check
 release:
 	@case "$(VERSION)" in v[0-9]*.[0-9]*.[0-9]*) ;; *) echo "make release: VERSION=$(VERSION): give a semantic version, e.g. make release VERSION=v1.2.3" >&2; exit 2 ;; esac
-	cd tools/release && SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(GO) run . -repo $(CURDIR) -version $(VERSION) -out $(CURDIR)/dist
+	cd tools/release && GOTOOLCHAIN=local SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(GO) run . -repo $(CURDIR) -version $(VERSION) -out $(CURDIR)/dist
 	cd dist && sha256sum -c --quiet SHA256SUMS
 
 release-check:

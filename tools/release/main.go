@@ -8,9 +8,10 @@
 //	go run . -repo ../.. -version v1.2.3 -out ../../dist   (SOURCE_DATE_EPOCH from the environment)
 //	go run . -push ghcr.io/OWNER/nsredirect -out ../../dist  (the release workflow: push the index)
 //
-// Every timestamp is SOURCE_DATE_EPOCH, every owner root, every walk sorted:
-// two runs with the same VERSION and epoch give byte-identical files
-// (TestRelease/Reproducible).
+// Every timestamp is SOURCE_DATE_EPOCH, every owner root, every walk sorted,
+// and the Go toolchain the one go.mod pins (it refuses another, exit 2:
+// toolchain.go): two runs with the same VERSION and epoch give
+// byte-identical files (TestRelease/Reproducible).
 package main
 
 import (

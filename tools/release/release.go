@@ -31,8 +31,9 @@ type release struct {
 	Image   string
 	Epoch   time.Time
 
-	work string            // scratch directory, removed at the end
-	bins map[string]string // arch -> built binary
+	goVersion string            // the pinned toolchain, checked to be the one running
+	work      string            // scratch directory, removed at the end
+	bins      map[string]string // arch -> built binary
 }
 
 // file is one entry of an archive this tool writes.
@@ -50,6 +51,9 @@ func (r *release) build() error {
 	r.Repo = repo
 	if _, err := os.Stat(filepath.Join(repo, "cmd", "nsredirect")); err != nil {
 		return fmt.Errorf("%w: -repo %s: not an nsredirect checkout (no cmd/nsredirect)", errUsage, repo)
+	}
+	if r.goVersion, err = r.toolchain(); err != nil {
+		return err
 	}
 	if r.work, err = os.MkdirTemp("", "nsr-release-"); err != nil {
 		return err
@@ -98,7 +102,7 @@ func (r *release) buildBinary(arch string) error {
 		"-ldflags", "-s -w -buildid= -X github.com/nsredirect/nsredirect/internal/cli.Version="+r.Version,
 		"-o", out, "./cmd/nsredirect")
 	cmd.Dir = r.Repo
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+arch, "GOFLAGS=-mod=readonly")
+	cmd.Env = goEnv("CGO_ENABLED=0", "GOOS=linux", "GOARCH="+arch, "GOFLAGS=-mod=readonly")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("go build linux/%s: %v\n%s", arch, err, b)
 	}

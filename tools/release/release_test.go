@@ -316,10 +316,25 @@ func checkSBOM(t *testing.T, b []byte) {
 	if doc.SPDXVersion != "SPDX-2.3" || doc.Packages[0].VersionInfo != testVersion {
 		t.Errorf("SBOM: %s, root version %q", doc.SPDXVersion, doc.Packages[0].VersionInfo)
 	}
+	// The toolchain the bytes depend on is recorded, and is the pinned one.
+	gomod, err := os.ReadFile(filepath.Join(repoRoot(t), "go.mod"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pinned, err := pinnedGo(gomod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(doc.CreationInfo.Comment, "Built with "+pinned+",") {
+		t.Errorf("SBOM creationInfo.comment = %q; want it to name %s", doc.CreationInfo.Comment, pinned)
+	}
 	var found bool
 	for _, p := range doc.Packages {
 		if p.Name == "github.com/cilium/ebpf" && p.VersionInfo != "" {
 			found = true
+		}
+		if p.Name == "stdlib" && "go"+p.VersionInfo != pinned {
+			t.Errorf("SBOM stdlib %s; the binaries must be built with %s", p.VersionInfo, pinned)
 		}
 	}
 	if !found {
@@ -497,5 +512,73 @@ func TestBadInput(t *testing.T) {
 		if !errors.Is(err, errUsage) || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("release %v (SOURCE_DATE_EPOCH=%q) = %v; want a usage error naming %s", tc.args, tc.env, err, tc.want)
 		}
+	}
+}
+
+func TestPinnedGo(t *testing.T) {
+	for _, tc := range []struct{ gomod, want string }{
+		{"module m\n\ngo 1.26.8\n", "go1.26.8"},
+		{"module m\n\ngo 1.26.0\n\ntoolchain go1.26.8\n", "go1.26.8"},
+		{"module m\n\ngo 1.26.8 // the release toolchain\n", "go1.26.8"},
+		{"module m\n\ngo 1.26.8\ntoolchain default\n", "go1.26.8"},
+	} {
+		if got, err := pinnedGo([]byte(tc.gomod)); err != nil || got != tc.want {
+			t.Errorf("pinnedGo(%q) = %q, %v; want %q", tc.gomod, got, err, tc.want)
+		}
+	}
+	if got, err := pinnedGo([]byte("module m\n")); err == nil {
+		t.Errorf("pinnedGo of a go.mod with no go line = %q, want an error", got)
+	}
+	// The checkout's own pin is a full release: a go line of "1.26" would
+	// let any 1.26.x build the bytes.
+	gomod, err := os.ReadFile(filepath.Join(repoRoot(t), "go.mod"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := pinnedGo(gomod); err != nil || strings.Count(got, ".") != 2 {
+		t.Errorf("the checkout's go.mod pins %q (%v); want a go1.X.Y release", got, err)
+	}
+}
+
+// TestToolchainRefused: another Go than the pinned one refuses the release,
+// exit 2, one line naming both versions and the fix, before anything is
+// built (a fake go in PATH that reports go1.99.0).
+func TestToolchainRefused(t *testing.T) {
+	if err := checkToolchain("go1.26.8", "go1.26.8"); err != nil {
+		t.Errorf("the pinned toolchain is refused: %v", err)
+	}
+	bin := t.TempDir()
+	fake := "#!/bin/sh\n[ \"$GOTOOLCHAIN\" = local ] || { echo \"GOTOOLCHAIN=$GOTOOLCHAIN\" >&2; exit 1; }\n" +
+		"[ \"$*\" = \"env GOVERSION\" ] && { echo go1.99.0; exit 0; }\necho \"unexpected: go $*\" >&2; exit 1\n"
+	if err := os.WriteFile(filepath.Join(bin, "go"), []byte(fake), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin+string(os.PathListSeparator)+os.Getenv("PATH"))
+	t.Setenv("GOTOOLCHAIN", "go1.26.8") // would be a download: the release forces local
+	t.Setenv("SOURCE_DATE_EPOCH", "1700000000")
+	gomod, err := os.ReadFile(filepath.Join(repoRoot(t), "go.mod"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pinned, err := pinnedGo(gomod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "dist")
+	err = run([]string{"-repo", repoRoot(t), "-version", "v1.2.3", "-out", out})
+	if !errors.Is(err, errUsage) {
+		t.Fatalf("release with go1.99.0 = %v; want a usage error (exit 2)", err)
+	}
+	msg := err.Error()
+	for _, want := range []string{"go1.99.0", pinned, "PATH"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error %q does not name %s", msg, want)
+		}
+	}
+	if strings.Contains(msg, "\n") {
+		t.Errorf("error is not one line: %q", msg)
+	}
+	if _, err := os.Stat(out); !os.IsNotExist(err) {
+		t.Errorf("the refused release created %s (%v)", out, err)
 	}
 }
