@@ -12,7 +12,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -581,4 +583,95 @@ func TestToolchainRefused(t *testing.T) {
 	if _, err := os.Stat(out); !os.IsNotExist(err) {
 		t.Errorf("the refused release created %s (%v)", out, err)
 	}
+}
+
+// TestTagTrigger: the release workflow runs on exactly the tags
+// tools/release accepts as a version. A tag that triggers it but is refused
+// would fail the release half way; one it accepts but never triggers on
+// would never be released.
+func TestTagTrigger(t *testing.T) {
+	wf, err := os.ReadFile(filepath.Join(repoRoot(t), ".github/workflows/release.yml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	globs := workflowTagFilters(t, string(wf))
+	var filters []*regexp.Regexp
+	for _, g := range globs {
+		filters = append(filters, githubFilterRE(t, g))
+	}
+	for _, tag := range []string{
+		"v1.2.3", "v0.0.0", "v10.20.30", "v1.2.3-rc1", "v1.2.3-rc.1", "v0.0.0-test.1", "v1.2.3-RC.10",
+		"v1.2.3+x", "v1.2.3-rc.1+build.5", "v1.2.3-", "v1.2.3-rc.", "v1.2.3-.1", "v1.2.3-rc..1",
+		"v1.2.3-a.b.c", "v1.2.3-rc_1", "v1.2.3-rc-1", "v1.2", "v1.2.3.4", "1.2.3", "v1.2.3x", "vX.Y.Z", "v1.2.3/x",
+	} {
+		triggers := false
+		for _, f := range filters {
+			triggers = triggers || f.MatchString(tag)
+		}
+		if accepted := versionRE.MatchString(tag); triggers != accepted {
+			t.Errorf("tag %q: triggers the release workflow %v (%v), accepted by versionRE %v", tag, triggers, globs, accepted)
+		}
+	}
+}
+
+// workflowTagFilters returns the on.push.tags list of a workflow written as
+// release.yml writes it: `tags:` then one `- "PATTERN"` per line.
+func workflowTagFilters(t *testing.T, wf string) []string {
+	t.Helper()
+	var globs []string
+	in := false
+	for _, line := range strings.Split(wf, "\n") {
+		trimmed := strings.TrimSpace(line)
+		switch {
+		case trimmed == "tags:":
+			in = true
+		case in && strings.HasPrefix(trimmed, "- "):
+			g, err := strconv.Unquote(strings.TrimPrefix(trimmed, "- "))
+			if err != nil {
+				t.Fatalf("release.yml: tag filter %s: %v", trimmed, err)
+			}
+			globs = append(globs, g)
+		case in && !strings.HasPrefix(trimmed, "#"):
+			in = false
+		}
+	}
+	if len(globs) == 0 {
+		t.Fatal("release.yml: no on.push.tags list")
+	}
+	return globs
+}
+
+// githubFilterRE translates a GitHub Actions filter pattern (the subset the
+// release workflow uses: *, +, ? and [ranges]; everything else literal) to
+// an anchored regexp.
+func githubFilterRE(t *testing.T, glob string) *regexp.Regexp {
+	t.Helper()
+	var b strings.Builder
+	b.WriteString("^")
+	for i := 0; i < len(glob); i++ {
+		switch c := glob[i]; c {
+		case '*':
+			if strings.HasPrefix(glob[i:], "**") {
+				b.WriteString(".*")
+				i++
+			} else {
+				b.WriteString("[^/]*")
+			}
+		case '+', '?':
+			b.WriteByte(c)
+		case '[':
+			j := strings.IndexByte(glob[i:], ']')
+			if j < 0 {
+				t.Fatalf("filter %q: unclosed [", glob)
+			}
+			b.WriteString(glob[i : i+j+1])
+			i += j
+		case '!', '\\':
+			t.Fatalf("filter %q: %c is not handled here", glob, c)
+		default:
+			b.WriteString(regexp.QuoteMeta(string(c)))
+		}
+	}
+	b.WriteString("$")
+	return regexp.MustCompile(b.String())
 }
