@@ -114,7 +114,7 @@ func (r *release) buildBinary(arch string) error {
 // systemd unit as the tarball ships it.
 func (r *release) docs() (map[string][]byte, error) {
 	d := map[string][]byte{}
-	for _, p := range []string{"LICENSE", "LICENSES/Apache-2.0.txt", "LICENSES/GPL-2.0-only.txt", "LICENSES/BSD-2-Clause.txt", "LICENSES/README.md", "README.md", "deploy/systemd/nsredirect.service", "packaging/nsredirect.default"} {
+	for _, p := range []string{"LICENSE", "LICENSES/Apache-2.0.txt", "LICENSES/GPL-2.0-only.txt", "LICENSES/BSD-2-Clause.txt", "LICENSES/README.md", "README.md", "deploy/systemd/nsredirect.service", "packaging/nsredirect.default", "packaging/copyright"} {
 		b, err := os.ReadFile(filepath.Join(r.Repo, p))
 		if err != nil {
 			return nil, fmt.Errorf("release needs %s: %w", p, err)

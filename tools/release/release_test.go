@@ -207,7 +207,7 @@ func checkDeb(t *testing.T, dist, arch string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{"./usr/bin/nsredirect", "./lib/systemd/system/nsredirect.service", "./etc/default/nsredirect", "./usr/share/doc/nsredirect/LICENSES/GPL-2.0-only.txt"} {
+	for _, p := range []string{"./usr/bin/nsredirect", "./lib/systemd/system/nsredirect.service", "./etc/default/nsredirect", "./usr/share/doc/nsredirect/LICENSES/GPL-2.0-only.txt", "./usr/share/doc/nsredirect/copyright"} {
 		if !strings.Contains(string(out), " "+p+"\n") {
 			t.Errorf("%s does not install %s:\n%s", filepath.Base(deb), p, out)
 		}
@@ -229,9 +229,74 @@ func checkDeb(t *testing.T, dist, arch string) {
 	if out, err := exec.Command(dpkg, "-x", deb, x).CombinedOutput(); err != nil {
 		t.Fatalf("dpkg-deb -x: %v\n%s", err, out)
 	}
+	copyright, err := os.ReadFile(filepath.Join(x, "usr/share/doc/nsredirect/copyright"))
+	if err != nil {
+		t.Errorf("%s has no /usr/share/doc/nsredirect/copyright: %v", filepath.Base(deb), err)
+	} else {
+		checkDEP5(t, string(copyright))
+	}
 	unit, _ := os.ReadFile(filepath.Join(x, "lib/systemd/system/nsredirect.service"))
 	if !strings.Contains(string(unit), "\nExecStart=/usr/bin/nsredirect docker\n") || !strings.Contains(string(unit), "EnvironmentFile=-/etc/default/nsredirect") {
 		t.Errorf("the packaged unit does not run /usr/bin/nsredirect with /etc/default/nsredirect:\n%s", unit)
+	}
+}
+
+// checkDEP5 checks a debian/copyright in the machine-readable format
+// (DEP-5): the Format header, the Go code under Apache-2.0 and the BPF C
+// under GPL-2.0-only or BSD-2-Clause, and a License paragraph with text for
+// every licence a Files paragraph names.
+func checkDEP5(t *testing.T, text string) {
+	t.Helper()
+	var paras []map[string]string
+	for _, p := range strings.Split(strings.TrimSpace(text), "\n\n") {
+		fields := map[string]string{}
+		var last string
+		for _, line := range strings.Split(p, "\n") {
+			if strings.HasPrefix(line, " ") && last != "" {
+				fields[last] += "\n" + strings.TrimSpace(line)
+				continue
+			}
+			k, v, ok := strings.Cut(line, ":")
+			if !ok || strings.ContainsAny(k, " \t") {
+				t.Fatalf("copyright: not a DEP-5 field line: %q", line)
+			}
+			last, fields[k] = k, strings.TrimSpace(v)
+		}
+		paras = append(paras, fields)
+	}
+	if paras[0]["Format"] != "https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/" {
+		t.Errorf("copyright: first paragraph has Format %q, want the DEP-5 1.0 URL", paras[0]["Format"])
+	}
+	licenceOf := map[string]string{} // a Files pattern -> its licence
+	defined := map[string]bool{}
+	for _, p := range paras[1:] {
+		name, body, _ := strings.Cut(p["License"], "\n")
+		if files, ok := p["Files"]; ok {
+			if p["Copyright"] == "" || name == "" {
+				t.Errorf("copyright: Files %q lacks Copyright or License", files)
+			}
+			for _, f := range strings.Fields(files) {
+				licenceOf[f] = name
+			}
+			continue
+		}
+		if strings.TrimSpace(body) == "" {
+			t.Errorf("copyright: License paragraph %q has no text", name)
+		}
+		defined[name] = true
+	}
+	for pattern, want := range map[string]string{"*": "Apache-2.0", "bpf/*.c": "GPL-2.0-only or BSD-2-Clause"} {
+		if got := licenceOf[pattern]; got != want {
+			t.Errorf("copyright: Files %s is under %q, want %q", pattern, got, want)
+		}
+	}
+	for pattern, l := range licenceOf {
+		l = strings.TrimSuffix(l, " with Linux-syscall-note exception")
+		for _, name := range strings.Split(l, " or ") {
+			if !defined[name] && !defined[licenceOf[pattern]] {
+				t.Errorf("copyright: Files %s names licence %q, which no License paragraph gives", pattern, name)
+			}
+		}
 	}
 }
 
@@ -674,4 +739,15 @@ func githubFilterRE(t *testing.T, glob string) *regexp.Regexp {
 	}
 	b.WriteString("$")
 	return regexp.MustCompile(b.String())
+}
+
+// TestDebCopyright checks packaging/copyright, which the .debs install as
+// /usr/share/doc/nsredirect/copyright, without building (checkDeb checks
+// that they do).
+func TestDebCopyright(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(repoRoot(t), "packaging/copyright"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkDEP5(t, string(b))
 }
