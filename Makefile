@@ -200,11 +200,22 @@ release-check:
 	cd tools/release && NSREDIRECT_REPO=$(CURDIR) $(GO) test -count=1 -v -timeout 20m ./...
 
 # The GitHub workflows cannot run here; actionlint (built from its Go
-# module) at least checks they are valid.
+# module) at least checks they are valid, and their `run:` scripts through
+# shellcheck (Debian's). actionlint skips that check silently when
+# shellcheck is missing, so the target installs it and names it.
 ACTIONLINT := github.com/rhysd/actionlint/cmd/actionlint@v1.7.12
+ACTIONLINT_STAMP := .cache/actionlint-deps.stamp
+ACTIONLINT_PACKAGES := shellcheck
 .PHONY: actionlint
-actionlint:
-	$(GO) run $(ACTIONLINT) -no-color .github/workflows/*.yml
+actionlint: $(ACTIONLINT_STAMP)
+	@command -v shellcheck >/dev/null || { echo "make actionlint: shellcheck is not installed (delete $(ACTIONLINT_STAMP) and run as root to apt-get install it)" >&2; exit 1; }
+	$(GO) run $(ACTIONLINT) -no-color -shellcheck "$$(command -v shellcheck)" .github/workflows/*.yml
+
+$(ACTIONLINT_STAMP):
+	@if [ "$$(id -u)" != 0 ]; then echo "make actionlint: run as root (sudo make actionlint) to apt-get install: $(ACTIONLINT_PACKAGES)" >&2; exit 2; fi
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(ACTIONLINT_PACKAGES)
+	@mkdir -p $(dir $@) && touch $@
 
 # A real single-node Kubernetes v1.37.2 (etcd from Debian; apiserver,
 # controller-manager, scheduler, kubelet and kubectl built from
