@@ -409,9 +409,11 @@ func checkSBOM(t *testing.T, b []byte) {
 	}
 }
 
-// checkCtrImport imports the host architecture's image tarball and the OCI
-// index into a containerd of its own (own root, state and socket, stopped
-// at cleanup by pid), as a user's `ctr images import` would.
+// checkCtrImport imports each architecture's image tarball (into a
+// namespace of its own: both carry the same tag) and the OCI index into a
+// containerd of its own (own root, state and socket, stopped at cleanup by
+// pid), as a user's `ctr images import` would, and checks the platforms ctr
+// lists for each.
 func checkCtrImport(t *testing.T, dist string) {
 	tools := needRoot(t, "ctr", "containerd")
 	ctr, containerd := tools[0], tools[1]
@@ -440,25 +442,44 @@ func checkCtrImport(t *testing.T, dist string) {
 	waitSocket(t, sock, &logs)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	ctrRun := func(args ...string) string {
-		out, err := exec.CommandContext(ctx, ctr, append([]string{"--address", sock, "--namespace", "nsr-test"}, args...)...).CombinedOutput()
+	ctrRun := func(ns string, args ...string) string {
+		out, err := exec.CommandContext(ctx, ctr, append([]string{"--address", sock, "--namespace", ns}, args...)...).CombinedOutput()
 		if err != nil {
-			t.Fatalf("ctr %s: %v\n%s\ncontainerd:\n%s", strings.Join(args, " "), err, out, logs.String())
+			t.Fatalf("ctr -n %s %s: %v\n%s\ncontainerd:\n%s", ns, strings.Join(args, " "), err, out, logs.String())
 		}
 		return string(out)
 	}
-	ctrRun("images", "import", "--platform", "linux/amd64", filepath.Join(dist, "nsredirect_"+testVersion+"_image_linux_amd64.tar"))
-	ctrRun("images", "import", "--all-platforms", "--index-name", "nsr-index:"+testVersion, filepath.Join(dist, "nsredirect_"+testVersion+"_image_oci_index.tar"))
-	ls := ctrRun("images", "ls")
-	for _, want := range []string{"ghcr.io/nsredirect/nsredirect:" + testVersion, "linux/amd64,linux/arm64"} {
-		if !strings.Contains(ls, want) {
-			t.Errorf("ctr images ls has no %q:\n%s", want, ls)
+	ref := "ghcr.io/nsredirect/nsredirect:" + testVersion
+	imported := map[string]string{} // namespace -> the platforms its images must list
+	for _, arch := range Arches {
+		ns := "nsr-test-" + arch
+		ctrRun(ns, "images", "import", "--platform", "linux/"+arch, filepath.Join(dist, "nsredirect_"+testVersion+"_image_linux_"+arch+".tar"))
+		imported[ns] = "linux/" + arch
+	}
+	ctrRun("nsr-test-index", "images", "import", "--all-platforms", "--index-name", "nsr-index:"+testVersion, filepath.Join(dist, "nsredirect_"+testVersion+"_image_oci_index.tar"))
+	imported["nsr-test-index"] = "linux/amd64,linux/arm64"
+	for ns, want := range imported {
+		ls := ctrRun(ns, "images", "ls")
+		if got := ctrPlatforms(ls, ref); got != want {
+			t.Errorf("ctr -n %s images ls: %s lists platforms %q, want %q:\n%s", ns, ref, got, want, ls)
+		}
+		// Every blob the imported images name is in the content store.
+		if out := ctrRun(ns, "images", "check"); strings.Contains(out, "incomplete") || strings.Contains(out, "missing") {
+			t.Errorf("ctr -n %s images check:\n%s", ns, out)
 		}
 	}
-	// Every blob the imported images name is in the content store.
-	if out := ctrRun("images", "check"); strings.Contains(out, "incomplete") || strings.Contains(out, "missing") {
-		t.Errorf("ctr images check:\n%s", out)
+}
+
+// ctrPlatforms returns the PLATFORMS column of ref in `ctr images ls`
+// output (REF TYPE DIGEST SIZE PLATFORMS LABELS; SIZE is two words).
+func ctrPlatforms(ls, ref string) string {
+	for _, line := range strings.Split(ls, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 6 && f[0] == ref {
+			return f[5]
+		}
 	}
+	return ""
 }
 
 // needRoot returns the path of each tool, skipping (failing under CI=true)
