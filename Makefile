@@ -185,13 +185,16 @@ $(RUNTIMES_STAMP):
 # Release artifacts for linux/amd64 and linux/arm64 in dist/, offline and
 # reproducible (tools/release, its own module so nfpm and go-containerregistry
 # stay out of the daemon's go.mod): tarballs, .debs, image tarballs and the
-# multi-arch OCI index, an SPDX SBOM and SHA256SUMS. Same VERSION and commit,
-# same bytes. release-check builds twice and compares (TestReproducible).
+# multi-arch OCI index, an SPDX SBOM and SHA256SUMS. Same VERSION, commit and
+# Go toolchain, same bytes: the toolchain is the one go.mod names, exactly
+# (its go line, or a toolchain line), and tools/release refuses any other
+# (exit 2) rather than let GOTOOLCHAIN fetch one. release-check builds twice
+# and compares (TestRelease/Reproducible).
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 .PHONY: release release-check
 release:
 	@case "$(VERSION)" in v[0-9]*.[0-9]*.[0-9]*) ;; *) echo "make release: VERSION=$(VERSION): give a semantic version, e.g. make release VERSION=v1.2.3" >&2; exit 2 ;; esac
-	cd tools/release && SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(GO) run . -repo $(CURDIR) -version $(VERSION) -out $(CURDIR)/dist
+	cd tools/release && GOTOOLCHAIN=local SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(GO) run . -repo $(CURDIR) -version $(VERSION) -out $(CURDIR)/dist
 	cd dist && sha256sum -c --quiet SHA256SUMS
 
 release-check:
@@ -199,11 +202,22 @@ release-check:
 	cd tools/release && NSREDIRECT_REPO=$(CURDIR) $(GO) test -count=1 -v -timeout 20m ./...
 
 # The GitHub workflows cannot run here; actionlint (built from its Go
-# module) at least checks they are valid.
+# module) at least checks they are valid, and their `run:` scripts through
+# shellcheck (Debian's). actionlint skips that check silently when
+# shellcheck is missing, so the target installs it and names it.
 ACTIONLINT := github.com/rhysd/actionlint/cmd/actionlint@v1.7.12
+ACTIONLINT_STAMP := .cache/actionlint-deps.stamp
+ACTIONLINT_PACKAGES := shellcheck
 .PHONY: actionlint
-actionlint:
-	$(GO) run $(ACTIONLINT) -no-color .github/workflows/*.yml
+actionlint: $(ACTIONLINT_STAMP)
+	@command -v shellcheck >/dev/null || { echo "make actionlint: shellcheck is not installed (delete $(ACTIONLINT_STAMP) and run as root to apt-get install it)" >&2; exit 1; }
+	$(GO) run $(ACTIONLINT) -no-color -shellcheck "$$(command -v shellcheck)" .github/workflows/*.yml
+
+$(ACTIONLINT_STAMP):
+	@if [ "$$(id -u)" != 0 ]; then echo "make actionlint: run as root (sudo make actionlint) to apt-get install: $(ACTIONLINT_PACKAGES)" >&2; exit 2; fi
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(ACTIONLINT_PACKAGES)
+	@mkdir -p $(dir $@) && touch $@
 
 # A real single-node Kubernetes v1.37.2 (etcd from Debian; apiserver,
 # controller-manager, scheduler, kubelet and kubectl built from

@@ -20,8 +20,30 @@ import (
 	"github.com/nsredirect/nsredirect/internal/rule"
 )
 
-// Version is set at link time (-X).
+// Version is set at link time (-X); "dev" when it was not.
 var Version = "dev"
+
+// buildVersion is the version this binary reports: the link-time Version
+// when one was set (make build, make release, the Dockerfile), else the main
+// module's version as the go command recorded it (`go install
+// .../cmd/nsredirect@v1.2.3` records v1.2.3 and sets no -X). A plain `go
+// build` in a checkout records "(devel)": that stays dev. bi is nil when the
+// binary carries no build information.
+func buildVersion(linked string, bi *debug.BuildInfo) string {
+	if linked != "" && linked != "dev" {
+		return linked
+	}
+	if bi != nil && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "dev"
+}
+
+// version is buildVersion for this binary.
+func version() string {
+	bi, _ := debug.ReadBuildInfo()
+	return buildVersion(Version, bi)
+}
 
 // Exit codes.
 const (
@@ -231,6 +253,6 @@ func versionCmd(_ context.Context, io IO, args []string) error {
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		goVersion = bi.GoVersion
 	}
-	fmt.Fprintf(io.Stdout, "nsredirect %s (%s)\n", Version, goVersion)
+	fmt.Fprintf(io.Stdout, "nsredirect %s (%s)\n", version(), goVersion)
 	return nil
 }

@@ -3,6 +3,7 @@ package cli
 import (
 	"bytes"
 	"context"
+	"runtime/debug"
 	"strings"
 	"testing"
 )
@@ -66,5 +67,33 @@ func TestHelpAndVersion(t *testing.T) {
 	}
 	if code, _, _ := run(t, nil); code != ExitUsage {
 		t.Errorf("no args: exit %d", code)
+	}
+}
+
+// The version printed: the link-time one first, else what `go install
+// module@vX` recorded as the main module's version; a checkout build
+// ("(devel)") or no build information stays dev.
+func TestBuildVersion(t *testing.T) {
+	main := func(v string) *debug.BuildInfo {
+		return &debug.BuildInfo{GoVersion: "go1.26.8", Main: debug.Module{Path: "github.com/nsredirect/nsredirect", Version: v}}
+	}
+	for _, tc := range []struct {
+		name   string
+		linked string
+		bi     *debug.BuildInfo
+		want   string
+	}{
+		{"ldflags win over build info", "v1.2.3", main("v1.0.0"), "v1.2.3"},
+		{"ldflags, no build info", "v1.2.3", nil, "v1.2.3"},
+		{"go install module@version", "dev", main("v1.4.0"), "v1.4.0"},
+		{"go install module@pseudo-version", "dev", main("v0.0.0-20261201233000-deea856aaaaa"), "v0.0.0-20261201233000-deea856aaaaa"},
+		{"empty -X counts as unset", "", main("v1.4.0"), "v1.4.0"},
+		{"go build in a checkout", "dev", main("(devel)"), "dev"},
+		{"no main module version", "dev", main(""), "dev"},
+		{"no build info", "dev", nil, "dev"},
+	} {
+		if got := buildVersion(tc.linked, tc.bi); got != tc.want {
+			t.Errorf("%s: buildVersion(%q, %v) = %q, want %q", tc.name, tc.linked, tc.bi, got, tc.want)
+		}
 	}
 }

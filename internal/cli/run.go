@@ -232,7 +232,7 @@ func serve(ctx context.Context, kf *kernelFlags, log *logrus.Logger, src daemon.
 		cfg.Holder = daemon.HostHolder(os.Getpid(), host)
 	}
 	cfg.Kernel, cfg.Cookies, cfg.Cgroup = kernel, kf.cookies.Read, kf.cgroup
-	cfg.Metrics, cfg.Version, cfg.Resync = ln, Version, resyncEvery
+	cfg.Metrics, cfg.Version, cfg.Resync = ln, version(), resyncEvery
 	cfg.Log = log.WithFields(logrus.Fields{"pin_dir": kf.pinDir, "netns_cookie": kf.cookies.Name})
 	return daemon.Run(ctx, src, cfg)
 }

@@ -20,7 +20,8 @@ func debUnit(unit []byte) []byte {
 
 // deb builds nsredirect_VERSION_ARCH.deb with nfpm: the binary, the unit
 // (installed, neither enabled nor started: the package has no maintainer
-// scripts), /etc/default/nsredirect as a conffile, and the licences.
+// scripts), /etc/default/nsredirect as a conffile, and the licences: the
+// texts and /usr/share/doc/nsredirect/copyright (packaging/copyright).
 func (r *release) deb(arch string, docs map[string][]byte) error {
 	stage := filepath.Join(r.work, "deb-"+arch)
 	if err := os.MkdirAll(stage, 0o755); err != nil {
@@ -38,6 +39,10 @@ func (r *release) deb(arch string, docs map[string][]byte) error {
 	if err != nil {
 		return err
 	}
+	copyright, err := put("copyright", docs["packaging/copyright"])
+	if err != nil {
+		return err
+	}
 	fi := func(mode os.FileMode) *files.ContentFileInfo {
 		return &files.ContentFileInfo{Owner: "root", Group: "root", Mode: mode, MTime: r.Epoch}
 	}
@@ -45,6 +50,8 @@ func (r *release) deb(arch string, docs map[string][]byte) error {
 		{Source: r.bins[arch], Destination: "/usr/bin/nsredirect", FileInfo: fi(0o755)},
 		{Source: unit, Destination: "/lib/systemd/system/nsredirect.service", FileInfo: fi(0o644)},
 		{Source: def, Destination: "/etc/default/nsredirect", Type: files.TypeConfigNoReplace, FileInfo: fi(0o644)},
+		// Debian policy 12.5: the licences, machine-readable (DEP-5).
+		{Source: copyright, Destination: "/usr/share/doc/nsredirect/copyright", FileInfo: fi(0o644)},
 	}
 	for _, p := range licenceFiles {
 		src, err := put(strings.ReplaceAll(p, "/", "_"), docs[p])

@@ -146,8 +146,8 @@ func (r *release) images(docs map[string][]byte) error {
 	return f.Close()
 }
 
-// checkImageSize fails if what a user loads (the tarball) or pulls (the
-// compressed layers) is over ImageCap.
+// checkImageSize fails unless what a user loads (the tarball) and pulls
+// (the compressed layers) stay under ImageCap.
 func checkImageSize(tarPath string, img v1.Image) error {
 	st, err := os.Stat(tarPath)
 	if err != nil {
@@ -166,9 +166,10 @@ func checkImageSize(tarPath string, img v1.Image) error {
 		pulled += n
 	}
 	fmt.Fprintf(os.Stderr, "release: %s: %.1f MB to load, %.1f MB of compressed layers to pull (cap %d MB)\n",
-		filepath.Base(tarPath), float64(st.Size())/1e6, float64(pulled)/1e6, ImageCap>>20)
-	if st.Size() > ImageCap || pulled > ImageCap {
-		return fmt.Errorf("%s: %d bytes to load, %d to pull: over the %d MB cap per architecture", filepath.Base(tarPath), st.Size(), pulled, ImageCap>>20)
+		filepath.Base(tarPath), float64(st.Size())/1e6, float64(pulled)/1e6, ImageCap/1_000_000)
+	if st.Size() >= ImageCap || pulled >= ImageCap {
+		return fmt.Errorf("%s: %d bytes to load, %d to pull: an image must stay under %d bytes (%d MB) per architecture",
+			filepath.Base(tarPath), st.Size(), pulled, ImageCap, ImageCap/1_000_000)
 	}
 	return nil
 }

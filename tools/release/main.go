@@ -8,9 +8,10 @@
 //	go run . -repo ../.. -version v1.2.3 -out ../../dist   (SOURCE_DATE_EPOCH from the environment)
 //	go run . -push ghcr.io/OWNER/nsredirect -out ../../dist  (the release workflow: push the index)
 //
-// Every timestamp is SOURCE_DATE_EPOCH, every owner root, every walk sorted:
-// two runs with the same VERSION and epoch give byte-identical files
-// (TestReproducible).
+// Every timestamp is SOURCE_DATE_EPOCH, every owner root, every walk sorted,
+// and the Go toolchain the one go.mod pins (it refuses another, exit 2:
+// toolchain.go): two runs with the same VERSION and epoch give
+// byte-identical files (TestRelease/Reproducible).
 package main
 
 import (
@@ -41,7 +42,7 @@ func main() {
 func run(args []string) error {
 	fs := flag.NewFlagSet("release", flag.ContinueOnError)
 	repo := fs.String("repo", "../..", "the nsredirect checkout to build")
-	version := fs.String("version", "", "the release version, vMAJOR.MINOR.PATCH[-PRE]")
+	version := fs.String("version", "", "the release version, vMAJOR.MINOR.PATCH[-PRE[.N]]")
 	out := fs.String("out", "dist", "output directory (replaced)")
 	image := fs.String("image", "ghcr.io/nsredirect/nsredirect", "image repository the tarballs are tagged with")
 	push := fs.String("push", "", "push the OCI index in -out to this repository (needs the registry's credentials) instead of building")
@@ -62,7 +63,12 @@ func run(args []string) error {
 	return r.build()
 }
 
-var versionRE = regexp.MustCompile(`^v[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.]+)?$`)
+// versionRE is what a release version may be: vMAJOR.MINOR.PATCH, with an
+// optional pre-release of one or two alphanumeric parts (-rc1, -rc.1). No
+// +BUILD: an image tag cannot hold a "+". The release workflow's tag
+// trigger is the same set (TestTagTrigger): GitHub's tag filters cannot say
+// more than that.
+var versionRE = regexp.MustCompile(`^v[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z]+(\.[0-9A-Za-z]+)?)?$`)
 
 func sourceDateEpoch(s string) (time.Time, error) {
 	if s == "" {

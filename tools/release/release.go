@@ -20,9 +20,10 @@ import (
 // (they agree for these two).
 var Arches = []string{"amd64", "arm64"}
 
-// ImageCap is the most an image may weigh per architecture, measured as a
-// user pulls or loads it: the compressed layers, and the tarball.
-const ImageCap = 25 << 20
+// ImageCap is what an image must stay under per architecture, measured as
+// a user pulls or loads it: the compressed layers, and the tarball. 25 MB,
+// in bytes, as `make image` and test/docker check the `docker save` archive.
+const ImageCap = 25_000_000
 
 type release struct {
 	Repo    string
@@ -31,8 +32,9 @@ type release struct {
 	Image   string
 	Epoch   time.Time
 
-	work string            // scratch directory, removed at the end
-	bins map[string]string // arch -> built binary
+	goVersion string            // the pinned toolchain, checked to be the one running
+	work      string            // scratch directory, removed at the end
+	bins      map[string]string // arch -> built binary
 }
 
 // file is one entry of an archive this tool writes.
@@ -50,6 +52,9 @@ func (r *release) build() error {
 	r.Repo = repo
 	if _, err := os.Stat(filepath.Join(repo, "cmd", "nsredirect")); err != nil {
 		return fmt.Errorf("%w: -repo %s: not an nsredirect checkout (no cmd/nsredirect)", errUsage, repo)
+	}
+	if r.goVersion, err = r.toolchain(); err != nil {
+		return err
 	}
 	if r.work, err = os.MkdirTemp("", "nsr-release-"); err != nil {
 		return err
@@ -98,7 +103,7 @@ func (r *release) buildBinary(arch string) error {
 		"-ldflags", "-s -w -buildid= -X github.com/nsredirect/nsredirect/internal/cli.Version="+r.Version,
 		"-o", out, "./cmd/nsredirect")
 	cmd.Dir = r.Repo
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+arch, "GOFLAGS=-mod=readonly")
+	cmd.Env = goEnv("CGO_ENABLED=0", "GOOS=linux", "GOARCH="+arch, "GOFLAGS=-mod=readonly")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("go build linux/%s: %v\n%s", arch, err, b)
 	}
@@ -110,7 +115,7 @@ func (r *release) buildBinary(arch string) error {
 // systemd unit as the tarball ships it.
 func (r *release) docs() (map[string][]byte, error) {
 	d := map[string][]byte{}
-	for _, p := range []string{"LICENSE", "LICENSES/Apache-2.0.txt", "LICENSES/GPL-2.0-only.txt", "LICENSES/BSD-2-Clause.txt", "LICENSES/README.md", "README.md", "deploy/systemd/nsredirect.service", "packaging/nsredirect.default"} {
+	for _, p := range []string{"LICENSE", "LICENSES/Apache-2.0.txt", "LICENSES/GPL-2.0-only.txt", "LICENSES/BSD-2-Clause.txt", "LICENSES/README.md", "README.md", "deploy/systemd/nsredirect.service", "packaging/nsredirect.default", "packaging/copyright"} {
 		b, err := os.ReadFile(filepath.Join(r.Repo, p))
 		if err != nil {
 			return nil, fmt.Errorf("release needs %s: %w", p, err)

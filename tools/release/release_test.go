@@ -12,7 +12,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -205,7 +207,7 @@ func checkDeb(t *testing.T, dist, arch string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{"./usr/bin/nsredirect", "./lib/systemd/system/nsredirect.service", "./etc/default/nsredirect", "./usr/share/doc/nsredirect/LICENSES/GPL-2.0-only.txt"} {
+	for _, p := range []string{"./usr/bin/nsredirect", "./lib/systemd/system/nsredirect.service", "./etc/default/nsredirect", "./usr/share/doc/nsredirect/LICENSES/GPL-2.0-only.txt", "./usr/share/doc/nsredirect/copyright"} {
 		if !strings.Contains(string(out), " "+p+"\n") {
 			t.Errorf("%s does not install %s:\n%s", filepath.Base(deb), p, out)
 		}
@@ -227,9 +229,74 @@ func checkDeb(t *testing.T, dist, arch string) {
 	if out, err := exec.Command(dpkg, "-x", deb, x).CombinedOutput(); err != nil {
 		t.Fatalf("dpkg-deb -x: %v\n%s", err, out)
 	}
+	copyright, err := os.ReadFile(filepath.Join(x, "usr/share/doc/nsredirect/copyright"))
+	if err != nil {
+		t.Errorf("%s has no /usr/share/doc/nsredirect/copyright: %v", filepath.Base(deb), err)
+	} else {
+		checkDEP5(t, string(copyright))
+	}
 	unit, _ := os.ReadFile(filepath.Join(x, "lib/systemd/system/nsredirect.service"))
 	if !strings.Contains(string(unit), "\nExecStart=/usr/bin/nsredirect docker\n") || !strings.Contains(string(unit), "EnvironmentFile=-/etc/default/nsredirect") {
 		t.Errorf("the packaged unit does not run /usr/bin/nsredirect with /etc/default/nsredirect:\n%s", unit)
+	}
+}
+
+// checkDEP5 checks a debian/copyright in the machine-readable format
+// (DEP-5): the Format header, the Go code under Apache-2.0 and the BPF C
+// under GPL-2.0-only or BSD-2-Clause, and a License paragraph with text for
+// every licence a Files paragraph names.
+func checkDEP5(t *testing.T, text string) {
+	t.Helper()
+	var paras []map[string]string
+	for _, p := range strings.Split(strings.TrimSpace(text), "\n\n") {
+		fields := map[string]string{}
+		var last string
+		for _, line := range strings.Split(p, "\n") {
+			if strings.HasPrefix(line, " ") && last != "" {
+				fields[last] += "\n" + strings.TrimSpace(line)
+				continue
+			}
+			k, v, ok := strings.Cut(line, ":")
+			if !ok || strings.ContainsAny(k, " \t") {
+				t.Fatalf("copyright: not a DEP-5 field line: %q", line)
+			}
+			last, fields[k] = k, strings.TrimSpace(v)
+		}
+		paras = append(paras, fields)
+	}
+	if paras[0]["Format"] != "https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/" {
+		t.Errorf("copyright: first paragraph has Format %q, want the DEP-5 1.0 URL", paras[0]["Format"])
+	}
+	licenceOf := map[string]string{} // a Files pattern -> its licence
+	defined := map[string]bool{}
+	for _, p := range paras[1:] {
+		name, body, _ := strings.Cut(p["License"], "\n")
+		if files, ok := p["Files"]; ok {
+			if p["Copyright"] == "" || name == "" {
+				t.Errorf("copyright: Files %q lacks Copyright or License", files)
+			}
+			for _, f := range strings.Fields(files) {
+				licenceOf[f] = name
+			}
+			continue
+		}
+		if strings.TrimSpace(body) == "" {
+			t.Errorf("copyright: License paragraph %q has no text", name)
+		}
+		defined[name] = true
+	}
+	for pattern, want := range map[string]string{"*": "Apache-2.0", "bpf/*.c": "GPL-2.0-only or BSD-2-Clause"} {
+		if got := licenceOf[pattern]; got != want {
+			t.Errorf("copyright: Files %s is under %q, want %q", pattern, got, want)
+		}
+	}
+	for pattern, l := range licenceOf {
+		l = strings.TrimSuffix(l, " with Linux-syscall-note exception")
+		for _, name := range strings.Split(l, " or ") {
+			if !defined[name] && !defined[licenceOf[pattern]] {
+				t.Errorf("copyright: Files %s names licence %q, which no License paragraph gives", pattern, name)
+			}
+		}
 	}
 }
 
@@ -316,10 +383,25 @@ func checkSBOM(t *testing.T, b []byte) {
 	if doc.SPDXVersion != "SPDX-2.3" || doc.Packages[0].VersionInfo != testVersion {
 		t.Errorf("SBOM: %s, root version %q", doc.SPDXVersion, doc.Packages[0].VersionInfo)
 	}
+	// The toolchain the bytes depend on is recorded, and is the pinned one.
+	gomod, err := os.ReadFile(filepath.Join(repoRoot(t), "go.mod"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pinned, err := pinnedGo(gomod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(doc.CreationInfo.Comment, "Built with "+pinned+",") {
+		t.Errorf("SBOM creationInfo.comment = %q; want it to name %s", doc.CreationInfo.Comment, pinned)
+	}
 	var found bool
 	for _, p := range doc.Packages {
 		if p.Name == "github.com/cilium/ebpf" && p.VersionInfo != "" {
 			found = true
+		}
+		if p.Name == "stdlib" && "go"+p.VersionInfo != pinned {
+			t.Errorf("SBOM stdlib %s; the binaries must be built with %s", p.VersionInfo, pinned)
 		}
 	}
 	if !found {
@@ -327,9 +409,11 @@ func checkSBOM(t *testing.T, b []byte) {
 	}
 }
 
-// checkCtrImport imports the host architecture's image tarball and the OCI
-// index into a containerd of its own (own root, state and socket, stopped
-// at cleanup by pid), as a user's `ctr images import` would.
+// checkCtrImport imports each architecture's image tarball (into a
+// namespace of its own: both carry the same tag) and the OCI index into a
+// containerd of its own (own root, state and socket, stopped at cleanup by
+// pid), as a user's `ctr images import` would, and checks the platforms ctr
+// lists for each.
 func checkCtrImport(t *testing.T, dist string) {
 	tools := needRoot(t, "ctr", "containerd")
 	ctr, containerd := tools[0], tools[1]
@@ -358,25 +442,44 @@ func checkCtrImport(t *testing.T, dist string) {
 	waitSocket(t, sock, &logs)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	ctrRun := func(args ...string) string {
-		out, err := exec.CommandContext(ctx, ctr, append([]string{"--address", sock, "--namespace", "nsr-test"}, args...)...).CombinedOutput()
+	ctrRun := func(ns string, args ...string) string {
+		out, err := exec.CommandContext(ctx, ctr, append([]string{"--address", sock, "--namespace", ns}, args...)...).CombinedOutput()
 		if err != nil {
-			t.Fatalf("ctr %s: %v\n%s\ncontainerd:\n%s", strings.Join(args, " "), err, out, logs.String())
+			t.Fatalf("ctr -n %s %s: %v\n%s\ncontainerd:\n%s", ns, strings.Join(args, " "), err, out, logs.String())
 		}
 		return string(out)
 	}
-	ctrRun("images", "import", "--platform", "linux/amd64", filepath.Join(dist, "nsredirect_"+testVersion+"_image_linux_amd64.tar"))
-	ctrRun("images", "import", "--all-platforms", "--index-name", "nsr-index:"+testVersion, filepath.Join(dist, "nsredirect_"+testVersion+"_image_oci_index.tar"))
-	ls := ctrRun("images", "ls")
-	for _, want := range []string{"ghcr.io/nsredirect/nsredirect:" + testVersion, "linux/amd64,linux/arm64"} {
-		if !strings.Contains(ls, want) {
-			t.Errorf("ctr images ls has no %q:\n%s", want, ls)
+	ref := "ghcr.io/nsredirect/nsredirect:" + testVersion
+	imported := map[string]string{} // namespace -> the platforms its images must list
+	for _, arch := range Arches {
+		ns := "nsr-test-" + arch
+		ctrRun(ns, "images", "import", "--platform", "linux/"+arch, filepath.Join(dist, "nsredirect_"+testVersion+"_image_linux_"+arch+".tar"))
+		imported[ns] = "linux/" + arch
+	}
+	ctrRun("nsr-test-index", "images", "import", "--all-platforms", "--index-name", "nsr-index:"+testVersion, filepath.Join(dist, "nsredirect_"+testVersion+"_image_oci_index.tar"))
+	imported["nsr-test-index"] = "linux/amd64,linux/arm64"
+	for ns, want := range imported {
+		ls := ctrRun(ns, "images", "ls")
+		if got := ctrPlatforms(ls, ref); got != want {
+			t.Errorf("ctr -n %s images ls: %s lists platforms %q, want %q:\n%s", ns, ref, got, want, ls)
+		}
+		// Every blob the imported images name is in the content store.
+		if out := ctrRun(ns, "images", "check"); strings.Contains(out, "incomplete") || strings.Contains(out, "missing") {
+			t.Errorf("ctr -n %s images check:\n%s", ns, out)
 		}
 	}
-	// Every blob the imported images name is in the content store.
-	if out := ctrRun("images", "check"); strings.Contains(out, "incomplete") || strings.Contains(out, "missing") {
-		t.Errorf("ctr images check:\n%s", out)
+}
+
+// ctrPlatforms returns the PLATFORMS column of ref in `ctr images ls`
+// output (REF TYPE DIGEST SIZE PLATFORMS LABELS; SIZE is two words).
+func ctrPlatforms(ls, ref string) string {
+	for _, line := range strings.Split(ls, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 6 && f[0] == ref {
+			return f[5]
+		}
 	}
+	return ""
 }
 
 // needRoot returns the path of each tool, skipping (failing under CI=true)
@@ -498,4 +601,174 @@ func TestBadInput(t *testing.T) {
 			t.Errorf("release %v (SOURCE_DATE_EPOCH=%q) = %v; want a usage error naming %s", tc.args, tc.env, err, tc.want)
 		}
 	}
+}
+
+func TestPinnedGo(t *testing.T) {
+	for _, tc := range []struct{ gomod, want string }{
+		{"module m\n\ngo 1.26.8\n", "go1.26.8"},
+		{"module m\n\ngo 1.26.0\n\ntoolchain go1.26.8\n", "go1.26.8"},
+		{"module m\n\ngo 1.26.8 // the release toolchain\n", "go1.26.8"},
+		{"module m\n\ngo 1.26.8\ntoolchain default\n", "go1.26.8"},
+	} {
+		if got, err := pinnedGo([]byte(tc.gomod)); err != nil || got != tc.want {
+			t.Errorf("pinnedGo(%q) = %q, %v; want %q", tc.gomod, got, err, tc.want)
+		}
+	}
+	if got, err := pinnedGo([]byte("module m\n")); err == nil {
+		t.Errorf("pinnedGo of a go.mod with no go line = %q, want an error", got)
+	}
+	// The checkout's own pin is a full release: a go line of "1.26" would
+	// let any 1.26.x build the bytes.
+	gomod, err := os.ReadFile(filepath.Join(repoRoot(t), "go.mod"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := pinnedGo(gomod); err != nil || strings.Count(got, ".") != 2 {
+		t.Errorf("the checkout's go.mod pins %q (%v); want a go1.X.Y release", got, err)
+	}
+}
+
+// TestToolchainRefused: another Go than the pinned one refuses the release,
+// exit 2, one line naming both versions and the fix, before anything is
+// built (a fake go in PATH that reports go1.99.0).
+func TestToolchainRefused(t *testing.T) {
+	if err := checkToolchain("go1.26.8", "go1.26.8"); err != nil {
+		t.Errorf("the pinned toolchain is refused: %v", err)
+	}
+	bin := t.TempDir()
+	fake := "#!/bin/sh\n[ \"$GOTOOLCHAIN\" = local ] || { echo \"GOTOOLCHAIN=$GOTOOLCHAIN\" >&2; exit 1; }\n" +
+		"[ \"$*\" = \"env GOVERSION\" ] && { echo go1.99.0; exit 0; }\necho \"unexpected: go $*\" >&2; exit 1\n"
+	if err := os.WriteFile(filepath.Join(bin, "go"), []byte(fake), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin+string(os.PathListSeparator)+os.Getenv("PATH"))
+	t.Setenv("GOTOOLCHAIN", "go1.26.8") // would be a download: the release forces local
+	t.Setenv("SOURCE_DATE_EPOCH", "1700000000")
+	gomod, err := os.ReadFile(filepath.Join(repoRoot(t), "go.mod"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pinned, err := pinnedGo(gomod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "dist")
+	err = run([]string{"-repo", repoRoot(t), "-version", "v1.2.3", "-out", out})
+	if !errors.Is(err, errUsage) {
+		t.Fatalf("release with go1.99.0 = %v; want a usage error (exit 2)", err)
+	}
+	msg := err.Error()
+	for _, want := range []string{"go1.99.0", pinned, "PATH"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error %q does not name %s", msg, want)
+		}
+	}
+	if strings.Contains(msg, "\n") {
+		t.Errorf("error is not one line: %q", msg)
+	}
+	if _, err := os.Stat(out); !os.IsNotExist(err) {
+		t.Errorf("the refused release created %s (%v)", out, err)
+	}
+}
+
+// TestTagTrigger: the release workflow runs on exactly the tags
+// tools/release accepts as a version. A tag that triggers it but is refused
+// would fail the release half way; one it accepts but never triggers on
+// would never be released.
+func TestTagTrigger(t *testing.T) {
+	wf, err := os.ReadFile(filepath.Join(repoRoot(t), ".github/workflows/release.yml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	globs := workflowTagFilters(t, string(wf))
+	var filters []*regexp.Regexp
+	for _, g := range globs {
+		filters = append(filters, githubFilterRE(t, g))
+	}
+	for _, tag := range []string{
+		"v1.2.3", "v0.0.0", "v10.20.30", "v1.2.3-rc1", "v1.2.3-rc.1", "v0.0.0-test.1", "v1.2.3-RC.10",
+		"v1.2.3+x", "v1.2.3-rc.1+build.5", "v1.2.3-", "v1.2.3-rc.", "v1.2.3-.1", "v1.2.3-rc..1",
+		"v1.2.3-a.b.c", "v1.2.3-rc_1", "v1.2.3-rc-1", "v1.2", "v1.2.3.4", "1.2.3", "v1.2.3x", "vX.Y.Z", "v1.2.3/x",
+	} {
+		triggers := false
+		for _, f := range filters {
+			triggers = triggers || f.MatchString(tag)
+		}
+		if accepted := versionRE.MatchString(tag); triggers != accepted {
+			t.Errorf("tag %q: triggers the release workflow %v (%v), accepted by versionRE %v", tag, triggers, globs, accepted)
+		}
+	}
+}
+
+// workflowTagFilters returns the on.push.tags list of a workflow written as
+// release.yml writes it: `tags:` then one `- "PATTERN"` per line.
+func workflowTagFilters(t *testing.T, wf string) []string {
+	t.Helper()
+	var globs []string
+	in := false
+	for _, line := range strings.Split(wf, "\n") {
+		trimmed := strings.TrimSpace(line)
+		switch {
+		case trimmed == "tags:":
+			in = true
+		case in && strings.HasPrefix(trimmed, "- "):
+			g, err := strconv.Unquote(strings.TrimPrefix(trimmed, "- "))
+			if err != nil {
+				t.Fatalf("release.yml: tag filter %s: %v", trimmed, err)
+			}
+			globs = append(globs, g)
+		case in && !strings.HasPrefix(trimmed, "#"):
+			in = false
+		}
+	}
+	if len(globs) == 0 {
+		t.Fatal("release.yml: no on.push.tags list")
+	}
+	return globs
+}
+
+// githubFilterRE translates a GitHub Actions filter pattern (the subset the
+// release workflow uses: *, +, ? and [ranges]; everything else literal) to
+// an anchored regexp.
+func githubFilterRE(t *testing.T, glob string) *regexp.Regexp {
+	t.Helper()
+	var b strings.Builder
+	b.WriteString("^")
+	for i := 0; i < len(glob); i++ {
+		switch c := glob[i]; c {
+		case '*':
+			if strings.HasPrefix(glob[i:], "**") {
+				b.WriteString(".*")
+				i++
+			} else {
+				b.WriteString("[^/]*")
+			}
+		case '+', '?':
+			b.WriteByte(c)
+		case '[':
+			j := strings.IndexByte(glob[i:], ']')
+			if j < 0 {
+				t.Fatalf("filter %q: unclosed [", glob)
+			}
+			b.WriteString(glob[i : i+j+1])
+			i += j
+		case '!', '\\':
+			t.Fatalf("filter %q: %c is not handled here", glob, c)
+		default:
+			b.WriteString(regexp.QuoteMeta(string(c)))
+		}
+	}
+	b.WriteString("$")
+	return regexp.MustCompile(b.String())
+}
+
+// TestDebCopyright checks packaging/copyright, which the .debs install as
+// /usr/share/doc/nsredirect/copyright, without building (checkDeb checks
+// that they do).
+func TestDebCopyright(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(repoRoot(t), "packaging/copyright"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkDEP5(t, string(b))
 }

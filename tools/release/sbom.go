@@ -28,6 +28,7 @@ type spdxDoc struct {
 type spdxCreation struct {
 	Created  string   `json:"created"`
 	Creators []string `json:"creators"`
+	Comment  string   `json:"comment,omitempty"`
 }
 
 type spdxPackage struct {
@@ -102,6 +103,8 @@ func (r *release) sbom() error {
 		CreationInfo: spdxCreation{
 			Created:  r.Epoch.Format("2006-01-02T15:04:05Z"),
 			Creators: []string{"Tool: nsredirect-tools-release"},
+			Comment: fmt.Sprintf("Built with %s, the toolchain the checkout's go.mod pins (tools/release refuses any other): "+
+				"the same VERSION and SOURCE_DATE_EPOCH give the same bytes only with that Go version.", r.goVersion),
 		},
 		Packages: []spdxPackage{root, {
 			SPDXID: "SPDXRef-go-stdlib", Name: "stdlib", VersionInfo: strings.TrimPrefix(bi.GoVersion, "go"),
