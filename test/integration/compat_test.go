@@ -133,8 +133,10 @@ func TestLowMemlockLimit(t *testing.T) {
 	bin := testenv.Binary(t, "NSREDIRECT_BIN", "github.com/nsredirect/nsredirect/cmd/nsredirect")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)
+	// The README's four capabilities (TestLeastPrivilege): CAP_SYS_PTRACE
+	// tells the host's netns on kernels before 6.18.
 	cmd := exec.CommandContext(ctx, prlimit, "--memlock=65536:65536", "--",
-		setpriv, "--inh-caps=-all", "--bounding-set=-all,+bpf,+net_admin,+sys_admin", "--",
+		setpriv, "--inh-caps=-all", "--bounding-set=-all,+bpf,+net_admin,+sys_admin,+sys_ptrace", "--",
 		bin, "run", "--netns", ns.Path, "--redirect", "80=3210", "--pin-dir", pin)
 	var u unix.Utsname
 	if err := unix.Uname(&u); err != nil {
