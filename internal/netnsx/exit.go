@@ -59,19 +59,39 @@ func (t Target) WatchExit(id ID, exited func()) (*ExitWatch, error) {
 	go func() {
 		// A pidfd is readable once its process has exited. Read returns
 		// then, or with an error when the watch is closed (or the fd could
-		// not join the poller: then Done, and the target is probed).
+		// not join the poller, or poll fails: then Done, and the target is
+		// probed).
+		var pollErr error
 		err := rc.Read(func(fd uintptr) bool {
-			p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-			n, err := unix.Poll(p, 0)
-			return err != nil || n > 0
+			var ready bool
+			ready, pollErr = pidfdReadable(int(fd))
+			return ready || pollErr != nil
 		})
 		w.done.Store(true)
-		if err == nil {
+		if err == nil && pollErr == nil {
 			exited()
 		}
 	}()
 	return w, nil
 }
+
+// pidfdReadable asks, without waiting, whether the pidfd fd is readable:
+// its process has exited. A signal during poll(2) (EINTR, which even a zero
+// timeout returns when one is pending, as the Go runtime's preemption
+// signals often are) is no answer: it asks again.
+func pidfdReadable(fd int) (bool, error) {
+	for {
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := poll(p, 0)
+		if err == unix.EINTR {
+			continue
+		}
+		return n > 0, err
+	}
+}
+
+// poll is poll(2); a variable, so a test can put the interruptions in.
+var poll = unix.Poll
 
 // Done reports whether the watch has ended (the process exited, the watch
 // was closed, or it could not wait): the target needs looking at again.

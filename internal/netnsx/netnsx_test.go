@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -322,6 +323,69 @@ func TestWatchExit(t *testing.T) {
 			t.Errorf("WatchExit(%s) = %v, %v; want no watch and no error", p, w, err)
 		}
 	}
+}
+
+// TestWatchExitInterruptedPoll: a signal that interrupts the watch's
+// poll(2) (EINTR, as the Go runtime's preemption signals do, often under
+// load or emulation) is not the process's exit. Before the fix, an EINTR
+// was taken for readiness and the exit told while the process lived (seen
+// as TestExitOfWatchedProcessTold failing on arm64 under qemu).
+func TestWatchExitInterruptedPoll(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("needs root; CI runs as root")
+		}
+		t.Skip("unshare -n needs CAP_SYS_ADMIN; run as root")
+	}
+	cmd, tg := unshareSleep(t)
+	id, err := tg.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var calls atomic.Int32
+	polled := make(chan struct{}, 1)
+	poll = func(fds []unix.PollFd, timeout int) (int, error) {
+		n := calls.Add(1)
+		if n <= 3 {
+			return -1, unix.EINTR
+		}
+		defer func() {
+			select {
+			case polled <- struct{}{}:
+			default:
+			}
+		}()
+		return unix.Poll(fds, timeout)
+	}
+	defer func() { poll = unix.Poll }()
+	exited := make(chan struct{}, 1)
+	w, err := tg.WatchExit(id, func() { exited <- struct{}{} })
+	if err != nil || w == nil {
+		t.Fatalf("WatchExit = %v, %v; want a watch", w, err)
+	}
+	defer w.Close()
+	select {
+	case <-exited:
+		t.Fatal("an interrupted poll was told as the exit of a live process")
+	case <-polled: // past the interruptions, a real answer given
+	case <-time.After(10 * time.Second): // bounds a hang only
+		t.Fatal("the watch never polled past the interruptions")
+	}
+	select {
+	case <-exited:
+		t.Fatal("an interrupted poll was told as the exit of a live process")
+	default:
+	}
+	if w.Done() {
+		t.Fatal("Done while the process lives")
+	}
+	_ = cmd.Process.Kill()
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second): // bounds a hang only
+		t.Fatal("the exit of the process was not told")
+	}
+	_ = cmd.Wait()
 }
 
 // unshareSleep starts `sleep 60` in a netns of its own (unshare --net) and
