@@ -133,17 +133,24 @@ func TestDefunctLinkRepaired(t *testing.T) {
 		return true
 	})
 	t.Logf("defunct links re-created %s after the cgroup came back (target: within 2 s, the next resync)", took.Round(time.Millisecond))
-	for _, h := range tcpHooks {
-		found := false
+	// The daemon logs the repairs once Heal has re-created every link, so
+	// the links can be seen back a moment before the lines are written.
+	repairLogged := func(h string) bool {
 		for _, e := range hook.AllEntries() {
 			if e.Data["hook"] == h && strings.Contains(e.Message, "re-created") {
-				found = true
+				return true
 			}
 		}
-		if !found {
-			t.Errorf("the repair of %s was not logged", h)
-		}
+		return false
 	}
+	waitFor(t, "the repair of every link logged", 10*time.Second, func() bool {
+		for _, h := range tcpHooks {
+			if !repairLogged(h) {
+				return false
+			}
+		}
+		return true
+	})
 	stop() // hands the netns over: the rules stay for the next start
 
 	makeDefunct(t, pin, cg)
