@@ -64,10 +64,12 @@ var kcases = []kcase{
 	{"connect6", "redirected hit, v4-mapped [::ffff:127.0.0.1]:80 → 3999", true, netip.MustParseAddrPort("[::ffff:127.0.0.1]:80"), 400},
 }
 
-// kcostRow holds every repeat of one case, in ns per run.
+// kcostRow holds every repeat of one case, in ns per run: the connect
+// program, and the sock_release program as each connect's socket is closed.
 type kcostRow struct {
 	kcase
-	ours, floor, over sample
+	ours, floor, over      sample
+	rel, relFloor, relOver sample
 }
 
 // kernelCost is the table's data.
@@ -103,7 +105,7 @@ func measureKernelCost(e *env) (*kernelCost, error) {
 		return nil, err
 	}
 	ours := map[string]*ebpf.Program{}
-	for _, hook := range []string{"connect4", "connect6"} {
+	for _, hook := range []string{"connect4", "connect6", "sock_release"} {
 		p, err := pinnedProgram(filepath.Join(e.pinDir, "link_"+hook))
 		if err != nil {
 			return nil, err
@@ -116,7 +118,7 @@ func measureKernelCost(e *env) (*kernelCost, error) {
 		return nil, err
 	}
 	floor := map[string]*ebpf.Program{}
-	for hook, at := range map[string]ebpf.AttachType{"connect4": ebpf.AttachCGroupInet4Connect, "connect6": ebpf.AttachCGroupInet6Connect} {
+	for hook, at := range map[string]ebpf.AttachType{"connect4": ebpf.AttachCGroupInet4Connect, "connect6": ebpf.AttachCGroupInet6Connect, "sock_release": ebpf.AttachCgroupInetSockRelease} {
 		p, l, err := attachFloor(root, at)
 		if err != nil {
 			return nil, fmt.Errorf("floor program for %s: %w", hook, err)
@@ -156,6 +158,10 @@ func measureKernelCost(e *env) (*kernelCost, error) {
 			if err != nil {
 				return nil, err
 			}
+			r0, rf0, err := snap(ours["sock_release"], floor["sock_release"])
+			if err != nil {
+				return nil, err
+			}
 			if err := refusedConnects(ns, c.dst, n); err != nil {
 				return nil, fmt.Errorf("%s: %w", c.name, err)
 			}
@@ -163,12 +169,20 @@ func measureKernelCost(e *env) (*kernelCost, error) {
 			if err != nil {
 				return nil, err
 			}
+			r1, rf1, err := snap(ours["sock_release"], floor["sock_release"])
+			if err != nil {
+				return nil, err
+			}
 			o, f := perRun(o0, o1), perRun(f0, f1)
+			r, rf := perRun(r0, r1), perRun(rf0, rf1)
 			row := &k.rows[idx]
 			row.kcase = c
 			row.ours = append(row.ours, o)
 			row.floor = append(row.floor, f)
 			row.over = append(row.over, o-f)
+			row.rel = append(row.rel, r)
+			row.relFloor = append(row.relFloor, rf)
+			row.relOver = append(row.relOver, r-rf)
 		}
 	}
 	k.missed = recursionMisses(ours) - missedBefore
@@ -260,12 +274,17 @@ func pinnedProgram(pin string) (*ebpf.Program, error) {
 	return ebpf.NewProgramFromID(info.Program)
 }
 
-// attachFloor loads an empty program for a connect hook (return 1: proceed)
-// and attaches it at root, beside ours.
+// attachFloor loads an empty program for a hook (return 1: proceed) and
+// attaches it at root, beside ours: cgroup/sock for sock_release, sock_addr
+// for the connect hooks.
 func attachFloor(root string, at ebpf.AttachType) (*ebpf.Program, link.Link, error) {
+	typ := ebpf.CGroupSockAddr
+	if at == ebpf.AttachCgroupInetSockRelease {
+		typ = ebpf.CGroupSock
+	}
 	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
 		Name:         "bench_floor",
-		Type:         ebpf.CGroupSockAddr,
+		Type:         typ,
 		AttachType:   at,
 		License:      "Dual BSD/GPL",
 		Instructions: asm.Instructions{asm.LoadImm(asm.R0, 1, asm.DWord), asm.Return()},
@@ -366,6 +385,12 @@ func renderKernelCost(k *kernelCost) string {
 		rows = append(rows, []string{r.hook, r.name, cell(r.ours, "%.0f ns"), cell(r.floor, "%.0f ns"), cell(r.over, "%+.0f ns"), goal})
 	}
 	b.WriteString(table([]string{"hook", "connect", "nsr_connect4/6", "floor", "over the floor", "goal (issue 14)"}, rows))
+	b.WriteString("\nThe close() of each of those sockets runs nsr_sock_release, which deletes a redirected socket's record (same method, its own floor):\n\n")
+	rows = nil
+	for _, r := range k.rows {
+		rows = append(rows, []string{r.hook, r.name, cell(r.rel, "%.0f ns"), cell(r.relFloor, "%.0f ns"), cell(r.relOver, "%+.0f ns")})
+	}
+	b.WriteString(table([]string{"hook", "socket closed after", "nsr_sock_release", "floor", "over the floor"}, rows))
 	if k.missed > 0 {
 		fmt.Fprintf(&b, "\n(%d runs of our programs were skipped by the kernel for recursion during the measurement.)\n", k.missed)
 	}

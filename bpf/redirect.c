@@ -9,10 +9,14 @@
  * the rest pay one hash miss, keyed by netns cookie, unless their namespace
  * has a rule for what they dialled.
  *
- * The original destination is kept in per-socket storage so getpeername()
- * reports what the application dialled; a socket that was not redirected has
- * no storage, and one whose record no longer matches its peer (it connected
- * again, elsewhere), is reported as the kernel sees it.
+ * The original destination is kept, keyed by socket cookie, in a
+ * preallocated hash (nsr_peers) so getpeername() reports what the
+ * application dialled; the socket's release deletes it. When that hash is
+ * full the record goes in the socket's own storage (nsr_sockets) instead,
+ * which is unbounded but costs two allocations per socket. A socket that
+ * was not redirected has no record, and one whose record no longer matches
+ * its peer (it connected again, elsewhere), is reported as the kernel sees
+ * it.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -24,9 +28,17 @@
  * 8 entries on average and a counter never runs out before its rule. */
 #define NSR_MAX_RULES 65536
 
+/* Redirected TCP sockets open at once whose records fit the fast store
+ * (nsr_peers); the rest keep theirs in socket storage. The hash is
+ * preallocated: a record costs no allocation, and the smaller it is the more
+ * of its buckets stay in the CPU's caches (16,384 entries: 1.5 MiB). */
+#define NSR_MAX_PEERS 16384
+
 #define SYS_PROCEED 1
 #define NSR_IPPROTO_TCP 6 /* linux/in.h, without its libc dependencies */
 #define NSR_IPPROTO_UDP 17
+#define NSR_AF_INET 2 /* linux/socket.h */
+#define NSR_AF_INET6 10
 
 /* Indexes of nsr_stats, the per-CPU event counters. */
 enum nsr_stat {
@@ -106,6 +118,15 @@ struct {
 	__type(value, struct orig_dst);
 } nsr_sockets SEC(".maps");
 
+/* Records of redirected TCP sockets by socket cookie (never reused while
+ * the host runs); nsr_sock_release deletes a socket's when it is closed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NSR_MAX_PEERS);
+	__type(key, __u64);
+	__type(value, struct orig_dst);
+} nsr_peers SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, NSR_STAT_MAX);
@@ -143,50 +164,71 @@ static __always_inline int maybe_ours4(__u32 ip4)
 	return (ip4 & bpf_htonl(NSR_NET8_MASK)) == bpf_htonl(NSR_LOOPBACK_NET) || ip4 == 0;
 }
 
-static __always_inline int maybe_ours6(const struct rule_key *key)
+static __always_inline int maybe_ours6_addr(const __u32 *addr)
 {
-	if (key->addr[0] != 0 || key->addr[1] != 0)
+	if (addr[0] != 0 || addr[1] != 0)
 		return 0;
-	if (key->addr[2] == 0) /* :: and ::1 */
-		return key->addr[3] == 0 || key->addr[3] == bpf_htonl(1);
-	if (key->addr[2] == bpf_htonl(0xffff)) /* ::ffff:a.b.c.d */
-		return maybe_ours4(key->addr[3]);
+	if (addr[2] == 0) /* :: and ::1 */
+		return addr[3] == 0 || addr[3] == bpf_htonl(1);
+	if (addr[2] == bpf_htonl(0xffff)) /* ::ffff:a.b.c.d */
+		return maybe_ours4(addr[3]);
 	return 0;
 }
 
-/* Look the dialled destination up; on a hit remember it on the socket and
+static __always_inline int maybe_ours6(const struct rule_key *key)
+{
+	return maybe_ours6_addr(key->addr);
+}
+
+/* The record of a redirect, in the NSR_REC_CHECKED form. */
+static __always_inline void fill_record(struct orig_dst *rec, const struct rule_key *key, const struct rule_val *val)
+{
+	rec->port = key->port;
+	rec->family = key->family | NSR_REC_CHECKED;
+	rec->addr[1] = (__u32)val->port;
+	if (key->family == 4) {
+		rec->addr[0] = key->addr[0];
+		rec->addr[2] = val->keep_addr ? key->addr[0] : val->addr[0];
+		rec->addr[3] = 0;
+	} else {
+		rec->addr[0] = val->keep_addr ? key->addr[3] : val->addr[3];
+		rec->addr[2] = key->addr[2];
+		rec->addr[3] = key->addr[3];
+	}
+}
+
+/* Look the dialled destination up; on a hit remember it for the socket and
  * return the rule. A miss calls no helper beyond the lookup: a record the
  * socket may keep from an earlier connect is stale, and the getpeername
  * programs see that from the peer (record_matches*), so there is nothing to
- * delete on the path every loopback connect of the host takes. */
+ * delete on the path every loopback connect of the host takes.
+ *
+ * The record goes in nsr_peers: a preallocated element, no allocation. An
+ * update of a socket's existing entry (a second redirected connect) cannot
+ * fail; a new one fails only when the hash is full, and the record goes in
+ * the socket's storage then. */
 static __always_inline const struct rule_val *lookup(struct bpf_sock_addr *ctx, struct rule_key *key)
 {
 	const struct rule_val *val;
-	struct orig_dst *orig;
+	struct orig_dst rec = {}, *orig;
+	__u64 sock;
 
 	key->netns_cookie = bpf_get_netns_cookie(ctx);
 	val = bpf_map_lookup_elem(&nsr_rules, key);
 	if (!val)
 		return 0;
 
-	orig = bpf_sk_storage_get(&nsr_sockets, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (orig) {
-		orig->port = key->port;
-		orig->family = key->family | NSR_REC_CHECKED;
-		orig->addr[1] = (__u32)val->port;
-		if (key->family == 4) {
-			orig->addr[0] = key->addr[0];
-			orig->addr[2] = val->keep_addr ? key->addr[0] : val->addr[0];
-			orig->addr[3] = 0;
-		} else {
-			orig->addr[0] = val->keep_addr ? key->addr[3] : val->addr[3];
-			orig->addr[2] = key->addr[2];
-			orig->addr[3] = key->addr[3];
-		}
-	} else {
-		/* Out of memory for socket storage: the connect is still
-		 * redirected, but getpeername will show the new port. */
-		count_stat(NSR_STAT_PEER_STORAGE_FAIL);
+	fill_record(&rec, key, val);
+	sock = bpf_get_socket_cookie(ctx);
+	if (bpf_map_update_elem(&nsr_peers, &sock, &rec, BPF_ANY) != 0) {
+		orig = bpf_sk_storage_get(&nsr_sockets, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (orig)
+			*orig = rec;
+		else
+			/* Out of memory for socket storage: the connect is
+			 * still redirected, but getpeername will show the new
+			 * port. */
+			count_stat(NSR_STAT_PEER_STORAGE_FAIL);
 	}
 	count(key->netns_cookie, val->index);
 	return val;
@@ -285,18 +327,67 @@ static __always_inline int record_matches6(const struct orig_dst *orig, const __
 	return (__u16)orig->addr[1] == (__u16)port && (orig->addr[0] == 0 || orig->addr[0] == ip6[3]);
 }
 
+/* The socket's record of the given family that describes its connection
+ * now: its nsr_peers entry, else its socket storage (the hash was full, or
+ * an older build made it). A stale one (the socket connected again,
+ * elsewhere) is dropped. Only a socket with a loopback peer can have a live
+ * record (every rule redirects to loopback), so the rest of the host's
+ * getpeername calls return before any helper. */
+static __always_inline struct orig_dst *live_record4(struct bpf_sock_addr *ctx, __u32 ip4, __u32 port)
+{
+	struct orig_dst *orig;
+	__u64 sock;
+
+	if (!peer_is_loopback4(ip4))
+		return 0;
+	sock = bpf_get_socket_cookie(ctx);
+	orig = bpf_map_lookup_elem(&nsr_peers, &sock);
+	if (orig) {
+		if (orig->family == (4 | NSR_REC_CHECKED) && record_matches4(orig, ip4, port))
+			return orig;
+		bpf_map_delete_elem(&nsr_peers, &sock);
+	}
+	orig = bpf_sk_storage_get(&nsr_sockets, ctx->sk, 0, 0);
+	if (!orig || (orig->family & ~NSR_REC_CHECKED) != 4)
+		return 0;
+	if (!record_matches4(orig, ip4, port)) {
+		bpf_sk_storage_delete(&nsr_sockets, ctx->sk);
+		return 0;
+	}
+	return orig;
+}
+
+static __always_inline struct orig_dst *live_record6(struct bpf_sock_addr *ctx, const __u32 *ip6, __u32 port)
+{
+	struct orig_dst *orig;
+	__u64 sock;
+
+	if (!peer_is_loopback6(ip6))
+		return 0;
+	sock = bpf_get_socket_cookie(ctx);
+	orig = bpf_map_lookup_elem(&nsr_peers, &sock);
+	if (orig) {
+		if (orig->family == (6 | NSR_REC_CHECKED) && record_matches6(orig, ip6, port))
+			return orig;
+		bpf_map_delete_elem(&nsr_peers, &sock);
+	}
+	orig = bpf_sk_storage_get(&nsr_sockets, ctx->sk, 0, 0);
+	if (!orig || (orig->family & ~NSR_REC_CHECKED) != 6)
+		return 0;
+	if (!record_matches6(orig, ip6, port)) {
+		bpf_sk_storage_delete(&nsr_sockets, ctx->sk);
+		return 0;
+	}
+	return orig;
+}
+
 SEC("cgroup/getpeername4")
 int nsr_getpeername4(struct bpf_sock_addr *ctx)
 {
-	struct orig_dst *orig = bpf_sk_storage_get(&nsr_sockets, ctx->sk, 0, 0);
+	struct orig_dst *orig = live_record4(ctx, ctx->user_ip4, ctx->user_port);
 
-	if (!orig || (orig->family & ~NSR_REC_CHECKED) != 4)
+	if (!orig)
 		return SYS_PROCEED;
-	if (!record_matches4(orig, ctx->user_ip4, ctx->user_port)) {
-		/* Stale: the socket connected again, elsewhere. */
-		bpf_sk_storage_delete(&nsr_sockets, ctx->sk);
-		return SYS_PROCEED;
-	}
 	ctx->user_ip4 = orig->addr[0];
 	ctx->user_port = (__u32)orig->port;
 	return SYS_PROCEED;
@@ -305,19 +396,16 @@ int nsr_getpeername4(struct bpf_sock_addr *ctx)
 SEC("cgroup/getpeername6")
 int nsr_getpeername6(struct bpf_sock_addr *ctx)
 {
-	struct orig_dst *orig = bpf_sk_storage_get(&nsr_sockets, ctx->sk, 0, 0);
+	struct orig_dst *orig;
 	__u32 peer[4];
 
-	if (!orig || (orig->family & ~NSR_REC_CHECKED) != 6)
-		return SYS_PROCEED;
 	peer[0] = ctx->user_ip6[0];
 	peer[1] = ctx->user_ip6[1];
 	peer[2] = ctx->user_ip6[2];
 	peer[3] = ctx->user_ip6[3];
-	if (!record_matches6(orig, peer, ctx->user_port)) {
-		bpf_sk_storage_delete(&nsr_sockets, ctx->sk);
+	orig = live_record6(ctx, peer, ctx->user_port);
+	if (!orig)
 		return SYS_PROCEED;
-	}
 	if (orig->family == 6) { /* an older build's record: addr as dialled */
 		ctx->user_ip6[0] = orig->addr[0];
 		ctx->user_ip6[1] = orig->addr[1];
@@ -328,6 +416,49 @@ int nsr_getpeername6(struct bpf_sock_addr *ctx)
 	ctx->user_ip6[2] = orig->addr[2];
 	ctx->user_ip6[3] = orig->addr[3];
 	ctx->user_port = (__u32)orig->port;
+	return SYS_PROCEED;
+}
+
+/* close() of a TCP socket (its last reference from userspace): its
+ * nsr_peers entry, if any, goes; nothing can ask its peer any more. Every
+ * inet socket of the host is released through here, so anything whose peer
+ * is not loopback or unspecified (a failed or undone connect leaves 0)
+ * returns on the fields alone. An entry is left behind only by a socket
+ * released while this program was not attached, or after its netns was
+ * unenrolled, or by one whose redirected connect failed and that then
+ * connected to a non-loopback address: it only
+ * takes room (cookies are never reused, so no socket ever reads it), and a
+ * full hash sends new records to socket storage. */
+SEC("cgroup/sock_release")
+int nsr_sock_release(struct bpf_sock *sk)
+{
+	struct counter_key ck = {.index = 0};
+	__u32 ip6[4];
+	__u64 sock;
+
+	if (sk->protocol != NSR_IPPROTO_TCP)
+		return SYS_PROCEED;
+	if (sk->family == NSR_AF_INET) {
+		if (!maybe_ours4(sk->dst_ip4))
+			return SYS_PROCEED;
+	} else if (sk->family == NSR_AF_INET6) {
+		ip6[0] = sk->dst_ip6[0];
+		ip6[1] = sk->dst_ip6[1];
+		ip6[2] = sk->dst_ip6[2];
+		ip6[3] = sk->dst_ip6[3];
+		if (!maybe_ours6_addr(ip6))
+			return SYS_PROCEED;
+	} else {
+		return SYS_PROCEED;
+	}
+	/* Only a netns with rules makes records, and every enrolled netns has
+	 * the counter of its first spec: a loopback socket of any other netns
+	 * (most of them) pays one lookup, not a socket cookie and a delete. */
+	ck.netns_cookie = bpf_get_netns_cookie(sk);
+	if (!bpf_map_lookup_elem(&nsr_counters, &ck))
+		return SYS_PROCEED;
+	sock = bpf_get_socket_cookie(sk);
+	bpf_map_delete_elem(&nsr_peers, &sock);
 	return SYS_PROCEED;
 }
 

@@ -70,6 +70,7 @@ type RedirectUdpPeer struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	RedirectMapNsrCounters      = "nsr_counters"
+	RedirectMapNsrPeers         = "nsr_peers"
 	RedirectMapNsrRules         = "nsr_rules"
 	RedirectMapNsrSockets       = "nsr_sockets"
 	RedirectMapNsrStats         = "nsr_stats"
@@ -82,6 +83,7 @@ const (
 	RedirectProgNsrRecvmsg6     = "nsr_recvmsg6"
 	RedirectProgNsrSendmsg4     = "nsr_sendmsg4"
 	RedirectProgNsrSendmsg6     = "nsr_sendmsg6"
+	RedirectProgNsrSockRelease  = "nsr_sock_release"
 	RedirectProgNsrUdpConnect4  = "nsr_udp_connect4"
 	RedirectProgNsrUdpConnect6  = "nsr_udp_connect6"
 )
@@ -136,6 +138,7 @@ type RedirectProgramSpecs struct {
 	NsrRecvmsg6     *ebpf.ProgramSpec `ebpf:"nsr_recvmsg6"`
 	NsrSendmsg4     *ebpf.ProgramSpec `ebpf:"nsr_sendmsg4"`
 	NsrSendmsg6     *ebpf.ProgramSpec `ebpf:"nsr_sendmsg6"`
+	NsrSockRelease  *ebpf.ProgramSpec `ebpf:"nsr_sock_release"`
 	NsrUdpConnect4  *ebpf.ProgramSpec `ebpf:"nsr_udp_connect4"`
 	NsrUdpConnect6  *ebpf.ProgramSpec `ebpf:"nsr_udp_connect6"`
 }
@@ -145,6 +148,7 @@ type RedirectProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type RedirectMapSpecs struct {
 	NsrCounters *ebpf.MapSpec `ebpf:"nsr_counters"`
+	NsrPeers    *ebpf.MapSpec `ebpf:"nsr_peers"`
 	NsrRules    *ebpf.MapSpec `ebpf:"nsr_rules"`
 	NsrSockets  *ebpf.MapSpec `ebpf:"nsr_sockets"`
 	NsrStats    *ebpf.MapSpec `ebpf:"nsr_stats"`
@@ -178,6 +182,7 @@ func (o *RedirectObjects) Close() error {
 // It can be passed to LoadRedirectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RedirectMaps struct {
 	NsrCounters *ebpf.Map `ebpf:"nsr_counters"`
+	NsrPeers    *ebpf.Map `ebpf:"nsr_peers"`
 	NsrRules    *ebpf.Map `ebpf:"nsr_rules"`
 	NsrSockets  *ebpf.Map `ebpf:"nsr_sockets"`
 	NsrStats    *ebpf.Map `ebpf:"nsr_stats"`
@@ -187,6 +192,7 @@ type RedirectMaps struct {
 func (m *RedirectMaps) Close() error {
 	return _RedirectClose(
 		m.NsrCounters,
+		m.NsrPeers,
 		m.NsrRules,
 		m.NsrSockets,
 		m.NsrStats,
@@ -212,6 +218,7 @@ type RedirectPrograms struct {
 	NsrRecvmsg6     *ebpf.Program `ebpf:"nsr_recvmsg6"`
 	NsrSendmsg4     *ebpf.Program `ebpf:"nsr_sendmsg4"`
 	NsrSendmsg6     *ebpf.Program `ebpf:"nsr_sendmsg6"`
+	NsrSockRelease  *ebpf.Program `ebpf:"nsr_sock_release"`
 	NsrUdpConnect4  *ebpf.Program `ebpf:"nsr_udp_connect4"`
 	NsrUdpConnect6  *ebpf.Program `ebpf:"nsr_udp_connect6"`
 }
@@ -226,6 +233,7 @@ func (p *RedirectPrograms) Close() error {
 		p.NsrRecvmsg6,
 		p.NsrSendmsg4,
 		p.NsrSendmsg6,
+		p.NsrSockRelease,
 		p.NsrUdpConnect4,
 		p.NsrUdpConnect6,
 	)

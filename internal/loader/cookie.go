@@ -18,7 +18,7 @@ const (
 	// CookieSockopt reads getsockopt(SO_NETNS_COOKIE), Linux >= 5.14.
 	CookieSockopt = "sockopt"
 	// CookieBPFProbe asks the kernel through the probe program in
-	// bpf/netns_cookie.c, for Linux 5.8 to 5.13.
+	// bpf/netns_cookie.c, for Linux 5.9 to 5.13.
 	CookieBPFProbe = "bpf-probe"
 )
 

@@ -86,7 +86,7 @@ func (l *Loader) usesOurMaps(prog *ebpf.Program) (bool, error) {
 func (l *Loader) programMaps() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
 		"nsr_counters": l.maps.NsrCounters, "nsr_rules": l.maps.NsrRules, "nsr_sockets": l.maps.NsrSockets,
-		"nsr_stats": l.maps.NsrStats, "nsr_udp_peers": l.maps.NsrUdpPeers,
+		"nsr_stats": l.maps.NsrStats, "nsr_udp_peers": l.maps.NsrUdpPeers, "nsr_peers": l.maps.NsrPeers,
 	}
 }
 

@@ -41,7 +41,11 @@ type hook struct {
 	name   string
 }
 
+// hooks are attached (and healed) in this order: sock_release first, so a
+// record the connect programs make is never left by a socket closed before
+// the program that deletes it was on.
 var hooks = []hook{
+	{bpfobj.RedirectProgNsrSockRelease, ebpf.AttachCgroupInetSockRelease, "sock_release"},
 	{bpfobj.RedirectProgNsrConnect4, ebpf.AttachCGroupInet4Connect, "connect4"},
 	{bpfobj.RedirectProgNsrConnect6, ebpf.AttachCGroupInet6Connect, "connect6"},
 	{bpfobj.RedirectProgNsrGetpeername4, ebpf.AttachCgroupInet4GetPeername, "getpeername4"},
@@ -139,12 +143,16 @@ type layout int
 const (
 	layoutNone layout = iota
 	layoutV1
+	layoutV2
 	layoutCurrent
 )
 
 func (l *Loader) layout() layout {
 	if _, err := os.Stat(l.pins.stateDir()); err == nil {
 		return layoutCurrent
+	}
+	if _, err := os.Stat(l.pins.mapIn(l.pins.v2Dir(), recordsMap)); err == nil {
+		return layoutV2
 	}
 	if _, err := os.Stat(l.pins.v1Map(v1EnrollMap)); err == nil {
 		return layoutV1
@@ -161,8 +169,11 @@ func (l *Loader) attach(cgroup string) error {
 	if err != nil {
 		return fmt.Errorf("cgroup %s: %w", cgroup, err)
 	}
-	if l.layout() == layoutV1 {
+	switch l.layout() {
+	case layoutV1:
 		return l.migrateV1(spec, cgroup, cgroupID)
+	case layoutV2:
+		return l.migrateV2(spec, cgroup, cgroupID)
 	}
 	if err := os.MkdirAll(l.pins.stateDir(), 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", l.pins.stateDir(), err)
@@ -190,6 +201,8 @@ func (l *Loader) attach(cgroup string) error {
 	for _, name := range v1Maps {
 		_ = os.Remove(l.pins.v1Map(name))
 	}
+	_ = os.RemoveAll(l.pins.v2Dir())
+	_ = os.RemoveAll(l.pins.v2StagingDir())
 	_ = os.RemoveAll(l.pins.stagingDir())
 	return nil
 }
@@ -342,8 +355,8 @@ func OpenPinned(dir string, log logrus.FieldLogger) (*Loader, error) {
 	switch l.layout() {
 	case layoutNone:
 		return nil, fmt.Errorf("%w at %s", ErrNotPinned, dir)
-	case layoutV1:
-		return nil, fmt.Errorf("the state pinned at %s has layout version 1 (an older nsredirect); start a daemon of this version to migrate it in place, or use the older version's command", dir)
+	case layoutV1, layoutV2:
+		return nil, fmt.Errorf("the state pinned at %s has layout version %d (an older nsredirect); start a daemon of this version to migrate it in place, or use the older version's command", dir, l.layout())
 	}
 	spec, err := bpfobj.LoadRedirect()
 	if err != nil {
@@ -369,6 +382,7 @@ func OpenPinned(dir string, log logrus.FieldLogger) (*Loader, error) {
 		bpfobj.RedirectMapNsrCounters: &l.maps.NsrCounters,
 		bpfobj.RedirectMapNsrSockets:  &l.maps.NsrSockets,
 		bpfobj.RedirectMapNsrStats:    &l.maps.NsrStats,
+		bpfobj.RedirectMapNsrPeers:    &l.maps.NsrPeers,
 	}
 	for name, dst := range maps {
 		m, err := open(name, spec.Maps[name])
@@ -845,7 +859,7 @@ func (l *Loader) Live(cookie uint64) (Record, error) {
 		}
 		hs := hooks
 		if rule.HasUDP(r.Rules) {
-			hs = append(append([]hook(nil), hooks...), udpHooks...)
+			hs = allHooks()
 		}
 		for _, h := range hs {
 			ok, err := linkAttached(l.pins.link(h))
@@ -921,7 +935,7 @@ func (l *Loader) RemoveAllIfUnused() (bool, error) {
 }
 
 // anyEnrolled reports whether some netns is enrolled, in this layout or in
-// a version 1 layout not migrated yet.
+// an older one not migrated yet.
 func (l *Loader) anyEnrolled() bool {
 	var k uint64
 	var v []byte
@@ -935,6 +949,12 @@ func (l *Loader) anyEnrolled() bool {
 	}
 	if records != nil && records.Iterate().Next(&k, &v) {
 		return true
+	}
+	if m, err := ebpf.LoadPinnedMap(l.pins.mapIn(l.pins.v2Dir(), recordsMap), nil); err == nil {
+		defer m.Close()
+		if m.Iterate().Next(&k, &v) {
+			return true
+		}
 	}
 	if m, err := ebpf.LoadPinnedMap(l.pins.v1Map(v1EnrollMap), nil); err == nil {
 		defer m.Close()
@@ -950,11 +970,13 @@ func (l *Loader) removeAllIfUnused() bool {
 		return false
 	}
 	// Links first: unpinning the last reference to a link detaches it.
-	for _, h := range append(append([]hook(nil), hooks...), udpHooks...) {
+	for _, h := range allHooks() {
 		_ = os.Remove(l.pins.link(h))
 		_ = os.Remove(l.pins.prog(h))
 	}
 	_ = os.RemoveAll(l.pins.stateDir())
+	_ = os.RemoveAll(l.pins.v2Dir())
+	_ = os.RemoveAll(l.pins.v2StagingDir())
 	_ = os.RemoveAll(l.pins.stagingDir())
 	for _, name := range v1Maps {
 		_ = os.Remove(l.pins.v1Map(name))
@@ -1043,7 +1065,7 @@ func (l *Loader) Fill() ([]MapFill, error) {
 	maps := []struct {
 		name string
 		m    *ebpf.Map
-	}{{"rules", l.maps.NsrRules}, {"counters", l.maps.NsrCounters}, {"enrollments", l.records}}
+	}{{"rules", l.maps.NsrRules}, {"counters", l.maps.NsrCounters}, {"enrollments", l.records}, {"peers", l.maps.NsrPeers}}
 	out := make([]MapFill, 0, len(maps))
 	for _, x := range maps {
 		n, err := countKeys(x.m)

@@ -94,34 +94,18 @@ func (l *Loader) migrateV1(spec *ebpf.CollectionSpec, cgroup string, cgroupID ui
 		return err
 	}
 	defer coll.Close()
-	oldProgs := map[string]*ebpf.Program{}
-	defer func() {
-		for _, p := range oldProgs {
-			p.Close()
-		}
-	}()
-	for _, h := range hooks {
-		if p, err := ebpf.LoadPinnedProgram(l.pins.prog(h), nil); err == nil {
-			oldProgs[h.name] = p
-		}
-	}
-	for i, h := range hooks {
-		if err := l.attachHook(h, coll.Programs[h.prog], cgroup, cgroupID); err != nil {
-			l.putBack(hooks[:i], oldProgs, cgroup, cgroupID)
-			return err
-		}
-	}
-	// Version 1 had no UDP rules: this only pins the UDP programs.
-	if err := l.attachUDP(coll, cgroup, cgroupID); err != nil {
-		l.putBack(hooks, oldProgs, cgroup, cgroupID)
+	// Version 1 had no UDP rules: only the UDP programs are pinned.
+	b, err := l.swapPrograms(coll, cgroup, cgroupID)
+	if err != nil {
 		return err
 	}
+	defer b.close()
 	// After the swap: counts the old programs made up to it are kept.
 	if _, err := copyMap(old[bpfobj.RedirectMapNsrCounters], repl[bpfobj.RedirectMapNsrCounters]); err != nil {
 		l.log.WithError(err).Warn("migration: redirect counters not carried over; they restart at zero")
 	}
 	if err := os.Rename(staging, l.pins.stateDir()); err != nil {
-		l.putBack(hooks, oldProgs, cgroup, cgroupID)
+		l.putBack(allHooks(), b, cgroup, cgroupID)
 		return fmt.Errorf("rename %s into place: %w", staging, err)
 	}
 	for _, name := range v1Maps {
@@ -139,12 +123,166 @@ func (l *Loader) migrateV1(spec *ebpf.CollectionSpec, cgroup string, cgroupID ui
 	return nil
 }
 
-// putBack restores the programs that were on the links of hs before a
-// migration that failed.
-func (l *Loader) putBack(hs []hook, progs map[string]*ebpf.Program, cgroup string, cgroupID uint64) {
+// migrateV2 moves the state of layout version 2 (version 3 without
+// nsr_peers) to this build's, in place, while connects keep being
+// redirected. Every map of version 2 is carried over as it is (the same
+// kernel map, pinned again under the staging dir): rules, records, counters
+// and socket storage need no copy, and a daemon of version 2 still running
+// keeps redirecting through them until it finds its state gone. Then, as in
+// migrateV1, the programs are loaded on the maps and swapped in with
+// link.Update (sock_release gets a link of its own), the staging dir is
+// renamed into place and the old pins are removed. A failure before the
+// rename puts the old programs back, removes what was added and leaves
+// version 2 as it was.
+func (l *Loader) migrateV2(spec *ebpf.CollectionSpec, cgroup string, cgroupID uint64) (err error) {
+	staging := l.pins.stagingDir()
+	_ = os.RemoveAll(staging) // an earlier attempt that crashed
+	if err := os.MkdirAll(staging, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", staging, err)
+	}
+	defer func() {
+		if err != nil {
+			_ = os.RemoveAll(staging)
+			err = fmt.Errorf("migrate the pinned state at %s from layout version 2 to %d (it is left as it was): %w", l.dir, layoutVersion, err)
+		}
+	}()
+
+	carry := func(name string, ms *ebpf.MapSpec) (*ebpf.Map, error) {
+		old := l.pins.mapIn(l.pins.v2Dir(), name)
+		m, err := ebpf.LoadPinnedMap(old, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			return openOrCreateMap(l.pins.mapIn(staging, name), ms)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("open %s: %w", old, err)
+		}
+		if err := ms.Compatible(m); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("pinned map %s is not the version 2 map this build knows (%v); stop all instances and run `nsredirect cleanup --all`", old, err)
+		}
+		if err := pinAtomically(m, l.pins.mapIn(staging, name)); err != nil {
+			m.Close()
+			return nil, err
+		}
+		return m, nil
+	}
+	repl := map[string]*ebpf.Map{}
+	defer closeAll(repl)
+	for name, ms := range spec.Maps {
+		m, err := carry(name, ms)
+		if err != nil {
+			return err
+		}
+		repl[name] = m
+	}
+	records, err := carry(recordsMap, recordsSpec())
+	if err != nil {
+		return err
+	}
+	l.records = records
+	var live []uint32
+	var cookie uint64
+	var raw []byte
+	n := 0
+	for it := records.Iterate(); it.Next(&cookie, &raw); n++ {
+		if ownerAlive(l.dir, cookie) {
+			if r, err := decodeRecord(raw); err == nil {
+				live = append(live, r.OwnerPID)
+			}
+		}
+	}
+
+	coll, err := l.load(spec, repl)
+	if err != nil {
+		return err
+	}
+	defer coll.Close()
+	b, err := l.swapPrograms(coll, cgroup, cgroupID)
+	if err != nil {
+		return err
+	}
+	defer b.close()
+	if err := os.Rename(staging, l.pins.stateDir()); err != nil {
+		l.putBack(allHooks(), b, cgroup, cgroupID)
+		return fmt.Errorf("rename %s into place: %w", staging, err)
+	}
+	_ = os.RemoveAll(l.pins.v2Dir())
+	fields := logrus.Fields{"pin_dir": l.dir, "from": 2, "to": layoutVersion, "enrollments": n}
+	if len(live) > 0 {
+		fields["older_daemons"] = live
+		l.log.WithFields(fields).Warn("migrated the pinned state; the older daemons still running find their state gone and must be restarted with this version (their rules keep working meanwhile)")
+	} else {
+		l.log.WithFields(fields).Info("migrated the pinned state to this version's layout")
+	}
+	return nil
+}
+
+// swapPrograms puts the programs of coll on every hook and returns what
+// each had, for putBack should the migration fail after it (the caller
+// closes it); when the swap itself fails it puts that back.
+func (l *Loader) swapPrograms(coll *ebpf.Collection, cgroup string, cgroupID uint64) (before, error) {
+	b := l.takeBefore(allHooks())
+	for i, h := range hooks {
+		if err := l.attachHook(h, coll.Programs[h.prog], cgroup, cgroupID); err != nil {
+			l.putBack(hooks[:i+1], b, cgroup, cgroupID)
+			b.close()
+			return before{}, err
+		}
+	}
+	if err := l.attachUDP(coll, cgroup, cgroupID); err != nil {
+		l.putBack(allHooks(), b, cgroup, cgroupID)
+		b.close()
+		return before{}, err
+	}
+	return b, nil
+}
+
+func allHooks() []hook { return append(append([]hook(nil), hooks...), udpHooks...) }
+
+// before is what the hooks had before a migration: the pinned program of
+// each, and whether it had a pinned link (a UDP hook has none while no UDP
+// rule is live).
+type before struct {
+	progs map[string]*ebpf.Program
+	links map[string]bool
+}
+
+func (l *Loader) takeBefore(hs []hook) before {
+	b := before{progs: map[string]*ebpf.Program{}, links: map[string]bool{}}
 	for _, h := range hs {
-		p := progs[h.name]
+		if p, err := ebpf.LoadPinnedProgram(l.pins.prog(h), nil); err == nil {
+			b.progs[h.name] = p
+		}
+		if _, err := os.Lstat(l.pins.link(h)); err == nil {
+			b.links[h.name] = true
+		}
+	}
+	return b
+}
+
+func (b before) close() {
+	for _, p := range b.progs {
+		p.Close()
+	}
+}
+
+// putBack restores the programs that were on the hooks hs before a
+// migration that failed; a hook that had no link loses the one the
+// migration gave it, and one the old layout did not have loses its pins.
+func (l *Loader) putBack(hs []hook, b before, cgroup string, cgroupID uint64) {
+	for _, h := range hs {
+		p := b.progs[h.name]
+		if p == nil || !b.links[h.name] {
+			_ = os.Remove(l.pins.link(h))
+		}
 		if p == nil {
+			_ = os.Remove(l.pins.prog(h))
+			continue
+		}
+		if !b.links[h.name] {
+			if err := pinAtomically(p, l.pins.prog(h)); err != nil {
+				l.log.WithError(err).WithField("hook", h.name).Error("migration failed and the old program could not be pinned back")
+			}
 			continue
 		}
 		if err := l.attachHook(h, p, cgroup, cgroupID); err != nil {

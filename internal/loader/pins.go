@@ -10,23 +10,26 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Pin directory layout (version 2). Everything of ours lives here and
+// Pin directory layout (version 3). Everything of ours lives here and
 // nothing else does.
 //
-//	v2/nsr_rules v2/nsr_counters v2/nsr_sockets v2/nsr_stats   maps the programs use
-//	v2/nsr_records                                            enrollments, userspace only
-//	prog_connect4 ... prog_getpeername6                       programs, for bpftool
-//	link_connect4 ... link_getpeername6                       bpf_links at the cgroup2 root
+//	v3/nsr_rules v3/nsr_counters v3/nsr_peers v3/nsr_sockets   maps the programs use
+//	v3/nsr_stats v3/nsr_udp_peers
+//	v3/nsr_records                                            enrollments, userspace only
+//	prog_connect4 ... prog_sock_release                       programs, for bpftool
+//	link_connect4 ... link_sock_release                       bpf_links at the cgroup2 root
 //	owners/<cookie>/                                          flocked by the live owner of a netns
 //
 // The maps live in a directory named after the layout version, so a build
 // whose maps differ finds the older layout and migrates it (migrate.go);
-// links, programs and owner locks do not depend on the layout. Version 1 is
-// the layout before versioning: the same maps at the top, nsr_enroll instead
-// of nsr_records. The pin directory itself is flocked: exclusively while
-// state changes, shared while it is read.
+// links, programs and owner locks do not depend on the layout. Version 2 is
+// version 3 without nsr_peers (and the sock_release program that empties
+// it): records of redirected sockets were all in socket storage. Version 1
+// is the layout before versioning: the maps of version 2 but nsr_udp_peers
+// at the top, nsr_enroll instead of nsr_records. The pin directory itself
+// is flocked: exclusively while state changes, shared while it is read.
 const (
-	layoutVersion = 2
+	layoutVersion = 3
 	ownersDir     = "owners"
 	recordsMap    = "nsr_records"
 	// v1EnrollMap is where version 1 kept its enrollment records.
@@ -38,6 +41,12 @@ type pins struct{ dir string }
 
 // stateDir holds the maps of the current layout.
 func (p pins) stateDir() string { return filepath.Join(p.dir, fmt.Sprintf("v%d", layoutVersion)) }
+
+// v2Dir holds the maps of layout version 2; v2StagingDir is where a build
+// of layout 2 staged its migration from version 1 (one that crashed leaves
+// it).
+func (p pins) v2Dir() string        { return filepath.Join(p.dir, "v2") }
+func (p pins) v2StagingDir() string { return filepath.Join(p.dir, "tmp_v2") }
 
 // stagingDir is where a migration builds the next state dir before renaming
 // it into place (bpffs refuses dots in names).

@@ -116,9 +116,17 @@ func kernelProbes(q kernelQueries) []kernelProbe {
 		// UDP: sendmsg (4.18) and recvmsg (5.2), attached only while a UDP
 		// rule is live, but probed up front like the rest.
 		{"cgroup/recvmsg4 and recvmsg6 hooks for UDP (Linux >= 5.2)", hooks(ebpf.AttachCGroupUDP4Recvmsg, ebpf.AttachCGroupUDP6Recvmsg)},
-		// The last feature to arrive; cgroup bpf_links and link.Update (5.7)
-		// come with it.
+		// cgroup bpf_links and link.Update (5.7) come with it.
 		{"cgroup/getpeername4 and getpeername6 hooks (Linux >= 5.8)", hooks(ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInet6GetPeername)},
+		{"bpf_get_socket_cookie and bpf_get_netns_cookie in cgroup/sock programs (Linux >= 5.8)", func() error {
+			if err := q.helper(ebpf.CGroupSock, asm.FnGetSocketCookie); err != nil {
+				return err
+			}
+			return q.helper(ebpf.CGroupSock, asm.FnGetNetnsCookie)
+		}},
+		// The last feature to arrive: what deletes the record of a
+		// redirected socket when it is closed.
+		{"cgroup/sock_release hook (Linux >= 5.9)", hooks(ebpf.AttachCgroupInetSockRelease)},
 	}
 }
 
@@ -135,7 +143,7 @@ func checkProbes(probes []kernelProbe) error {
 	for _, p := range probes {
 		if err := p.err(); err != nil {
 			if errors.Is(err, ebpf.ErrNotSupported) {
-				return envErr("this kernel (%s) lacks %s; nsredirect needs Linux >= 5.8, upgrade the kernel", kernelRelease(), p.what)
+				return envErr("this kernel (%s) lacks %s; nsredirect needs Linux >= %s, upgrade the kernel", kernelRelease(), p.what, MinLinux)
 			}
 			if errors.Is(err, unix.EPERM) {
 				return envErr("probing %s: permission denied; run as root with CAP_BPF and CAP_NET_ADMIN", p.what)
@@ -155,11 +163,19 @@ func removeMemlock() error {
 	return nil
 }
 
-// probeHook loads a do-nothing cgroup sock_addr program for attach type at:
-// a kernel that lacks the hook refuses the expected attach type at load.
+// MinLinux is the oldest Linux with every feature the probes ask for.
+const MinLinux = "5.9"
+
+// probeHook loads a do-nothing cgroup program for attach type at (a
+// cgroup/sock one for sock_release, sock_addr for the rest): a kernel that
+// lacks the hook refuses the expected attach type at load.
 func probeHook(at ebpf.AttachType) error {
+	typ := ebpf.CGroupSockAddr
+	if at == ebpf.AttachCgroupInetSockRelease {
+		typ = ebpf.CGroupSock
+	}
 	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type:       ebpf.CGroupSockAddr,
+		Type:       typ,
 		AttachType: at,
 		License:    "Dual BSD/GPL",
 		Instructions: asm.Instructions{

@@ -71,7 +71,7 @@ func TestCheckProbesNamesFirstMissingFeature(t *testing.T) {
 		t.Fatalf("checkProbes = %v after %d probes; want ErrEnvironment after 2", err, ran)
 	}
 	msg := err.Error()
-	for _, want := range []string{"lacks cgroup/getpeername4 and getpeername6 hooks (Linux >= 5.8)", "needs Linux >= 5.8", "(Linux "} {
+	for _, want := range []string{"lacks cgroup/getpeername4 and getpeername6 hooks (Linux >= 5.8)", "needs Linux >= 5.9", "(Linux "} {
 		if !strings.Contains(msg, want) {
 			t.Errorf("%q lacks %q", msg, want)
 		}
@@ -201,28 +201,33 @@ func (k *askedKernel) queries() kernelQueries {
 	}
 }
 
-// The probes ask for both recvmsg hooks the UDP rules attach, and a kernel
-// that lacks either is refused with one line naming the recvmsg hooks (and
-// the version that added them), not a load error when the first UDP rule
-// comes.
-func TestKernelProbesNameMissingRecvmsg(t *testing.T) {
+// The probes ask for both recvmsg hooks the UDP rules attach and for the
+// sock_release hook, and a kernel that lacks one is refused with one line
+// naming it (and the version that added it), not a load error when the
+// first UDP rule comes or at attach.
+func TestKernelProbesNameMissingHooks(t *testing.T) {
 	all := &askedKernel{asked: map[ebpf.AttachType]bool{}}
 	if err := checkProbes(kernelProbes(all.queries())); err != nil {
 		t.Fatalf("a kernel with every feature: %v", err)
 	}
-	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupUDP4Recvmsg, ebpf.AttachCGroupUDP6Recvmsg, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInet6GetPeername} {
+	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupUDP4Recvmsg, ebpf.AttachCGroupUDP6Recvmsg, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInet6GetPeername, ebpf.AttachCgroupInetSockRelease} {
 		if !all.asked[at] {
 			t.Errorf("the probes never ask for the %s hook (asked: %v)", at, all.asked)
 		}
 	}
-	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupUDP4Recvmsg, ebpf.AttachCGroupUDP6Recvmsg} {
+	named := map[ebpf.AttachType]string{
+		ebpf.AttachCGroupUDP4Recvmsg:     "lacks cgroup/recvmsg4 and recvmsg6 hooks for UDP (Linux >= 5.2)",
+		ebpf.AttachCGroupUDP6Recvmsg:     "lacks cgroup/recvmsg4 and recvmsg6 hooks for UDP (Linux >= 5.2)",
+		ebpf.AttachCgroupInetSockRelease: "lacks cgroup/sock_release hook (Linux >= 5.9)",
+	}
+	for at, what := range named {
 		k := &askedKernel{lacks: map[ebpf.AttachType]bool{at: true}, asked: map[ebpf.AttachType]bool{}}
 		err := checkProbes(kernelProbes(k.queries()))
 		if !errors.Is(err, ErrEnvironment) {
 			t.Fatalf("a kernel without %s: %v; want ErrEnvironment", at, err)
 		}
 		msg := err.Error()
-		for _, want := range []string{"lacks cgroup/recvmsg4 and recvmsg6 hooks for UDP (Linux >= 5.2)", "needs Linux >= 5.8"} {
+		for _, want := range []string{what, "needs Linux >= 5.9"} {
 			if !strings.Contains(msg, want) {
 				t.Errorf("a kernel without %s: %q lacks %q", at, msg, want)
 			}
@@ -233,7 +238,7 @@ func TestKernelProbesNameMissingRecvmsg(t *testing.T) {
 	}
 }
 
-// On this kernel the real probes pass (the minimum is 5.8; CI's kernels
+// On this kernel the real probes pass (the minimum is 5.9; CI's kernels
 // are newer), each one loading what it names.
 func TestKernelProbesPassHere(t *testing.T) {
 	if os.Geteuid() != 0 {

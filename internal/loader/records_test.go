@@ -77,16 +77,16 @@ func TestRecordTooLongRefused(t *testing.T) {
 // every map.
 func TestPinPaths(t *testing.T) {
 	p := pins{"/sys/fs/bpf/nsredirect"}
-	if got := p.mapPath("nsr_rules"); got != "/sys/fs/bpf/nsredirect/v2/nsr_rules" {
+	if got := p.mapPath("nsr_rules"); got != "/sys/fs/bpf/nsredirect/v3/nsr_rules" {
 		t.Errorf("mapPath = %s", got)
 	}
-	if got := MapPin(p.dir, recordsMap); got != "/sys/fs/bpf/nsredirect/v2/nsr_records" {
+	if got := MapPin(p.dir, recordsMap); got != "/sys/fs/bpf/nsredirect/v3/nsr_records" {
 		t.Errorf("MapPin = %s", got)
 	}
 	if got := p.v1Map(v1EnrollMap); got != "/sys/fs/bpf/nsredirect/nsr_enroll" {
 		t.Errorf("v1Map = %s", got)
 	}
-	if got := p.link(hooks[0]); got != "/sys/fs/bpf/nsredirect/link_connect4" {
+	if got := p.link(hooks[1]); got != "/sys/fs/bpf/nsredirect/link_connect4" {
 		t.Errorf("link = %s", got)
 	}
 }

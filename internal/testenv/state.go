@@ -80,13 +80,22 @@ type PinnedLink struct {
 	ProgID int `json:"prog_id"`
 }
 
-// Links returns the four links pinned in pinDir, read by bpftool, an
-// outside witness.
+// Hooks are the hooks whose links are pinned whatever the rules, in the
+// order the loader attaches them: the one that drops a closed socket's
+// record, then the TCP programs.
+var Hooks = []string{"sock_release", "connect4", "connect6", "getpeername4", "getpeername6"}
+
+// Links returns the links of Hooks pinned in pinDir, in that order, read by
+// bpftool, an outside witness. A hook an older layout did not have
+// (sock_release, before layout 3) is left out when its link is not pinned.
 func Links(t testing.TB, pinDir string) []PinnedLink {
 	t.Helper()
 	bpftool := Tool(t, "bpftool")
 	var links []PinnedLink
-	for _, h := range []string{"connect4", "connect6", "getpeername4", "getpeername6"} {
+	for _, h := range Hooks {
+		if _, err := os.Lstat(filepath.Join(pinDir, "link_"+h)); h == "sock_release" && os.IsNotExist(err) {
+			continue
+		}
 		out, err := exec.Command(bpftool, "link", "show", "pinned", filepath.Join(pinDir, "link_"+h), "--json").CombinedOutput()
 		if err != nil {
 			t.Fatalf("bpftool link show %s: %v\n%s", h, err, out)
@@ -98,6 +107,18 @@ func Links(t testing.TB, pinDir string) []PinnedLink {
 		links = append(links, l)
 	}
 	return links
+}
+
+// LinkOf returns the pinned link of hook.
+func LinkOf(t testing.TB, pinDir, hook string) PinnedLink {
+	t.Helper()
+	for i, l := range Links(t, pinDir) {
+		if Hooks[i] == hook {
+			return l
+		}
+	}
+	t.Fatalf("no link of %s pinned in %s", hook, pinDir)
+	return PinnedLink{}
 }
 
 // ProgIDs returns the program IDs behind the pinned links.
@@ -123,6 +144,7 @@ func LinkIDs(t testing.TB, pinDir string) []int {
 var ourHooks = map[ebpf.AttachType]bool{
 	ebpf.AttachCGroupInet4Connect: true, ebpf.AttachCGroupInet6Connect: true,
 	ebpf.AttachCgroupInet4GetPeername: true, ebpf.AttachCgroupInet6GetPeername: true,
+	ebpf.AttachCgroupInetSockRelease: true,
 }
 
 // AttachedAtRoot returns every program attached at the cgroup2 root, by ID,

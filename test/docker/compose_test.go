@@ -201,7 +201,7 @@ func TestCompose(t *testing.T) {
 	if res.Failed != 0 || res.OK < 50 {
 		t.Errorf("recreating nsredirect: %d ok, %d failed (first: %v); want zero failures", res.OK, res.Failed, res.FirstErr)
 	}
-	if got := testenv.ProgIDs(t, pin); len(got) != 4 {
+	if got := testenv.ProgIDs(t, pin); len(got) != len(testenv.Hooks) {
 		t.Errorf("after the upgrade: links %v", got)
 	} else {
 		progs = append(progs, got...) // link.Update swapped the programs in place

@@ -272,6 +272,7 @@ func TestStatusShowsMapFill(t *testing.T) {
 		"rules":       {n * perNetns, capOf("nsr_rules")},
 		"counters":    {n * len(rules), capOf("nsr_counters")},
 		"enrollments": {n, capOf("nsr_records")},
+		"peers":       {0, capOf("nsr_peers")},
 	}
 	// The kernel's own count, as a witness of what status should say.
 	var inKernel int

@@ -20,8 +20,6 @@ import (
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
-var tcpHooks = []string{"connect4", "connect6", "getpeername4", "getpeername6"}
-
 // makeDefunct removes the cgroup cg our links are attached at and waits
 // until the kernel has made them defunct: no cgroup, and link.Update
 // answering ENOLINK (not merely detached). Then it re-creates cg: a new
@@ -34,7 +32,7 @@ func makeDefunct(t *testing.T, pin, cg string) {
 	})
 	// The kernel releases a removed cgroup's programs from a work item.
 	took := waitFor(t, "our links defunct", 10*time.Second, func() bool {
-		for _, h := range tcpHooks {
+		for _, h := range testenv.Hooks {
 			if linkAttachedAt(t, pin, h) {
 				return false
 			}
@@ -125,7 +123,7 @@ func TestDefunctLinkRepaired(t *testing.T) {
 		t.Fatal(err)
 	}
 	took := waitFor(t, "every link re-created at the new cgroup", 10*time.Second, func() bool {
-		for _, h := range tcpHooks {
+		for _, h := range testenv.Hooks {
 			if linkCgroupID(t, pin, h) != newID {
 				return false
 			}
@@ -144,7 +142,7 @@ func TestDefunctLinkRepaired(t *testing.T) {
 		return false
 	}
 	waitFor(t, "the repair of every link logged", 10*time.Second, func() bool {
-		for _, h := range tcpHooks {
+		for _, h := range testenv.Hooks {
 			if !repairLogged(h) {
 				return false
 			}
@@ -166,10 +164,10 @@ func TestDefunctLinkRepaired(t *testing.T) {
 		_, _ = l2.Cleanup(true)
 		l2.Close()
 	})
-	if got := l2.StartupRepairs(); strings.Join(got, ",") != strings.Join(tcpHooks, ",") {
-		t.Errorf("StartupRepairs = %v; want %v", got, tcpHooks)
+	if got := l2.StartupRepairs(); strings.Join(got, ",") != strings.Join(testenv.Hooks, ",") {
+		t.Errorf("StartupRepairs = %v; want %v", got, testenv.Hooks)
 	}
-	for _, h := range tcpHooks {
+	for _, h := range testenv.Hooks {
 		if id := linkCgroupID(t, pin, h); id != newID {
 			t.Errorf("%s: attached at cgroup id %d after the start; want %d", h, id, newID)
 		}

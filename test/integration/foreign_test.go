@@ -91,13 +91,13 @@ func TestForeignProgramOnOurLinkSwappedBack(t *testing.T) {
 		}
 		lnk.Close()
 		took := waitFor(t, "our program back on our connect4 link", 10*time.Second, func() bool {
-			return testenv.Links(t, pin)[0].ProgID != progID(t, foreign)
+			return testenv.LinkOf(t, pin, "connect4").ProgID != progID(t, foreign)
 		})
 		t.Logf("round %d (foreign program also pinned: %v): ours back after %s (target: the next resync, within 2 s)", round, alsoPin, took.Round(time.Millisecond))
 		if peer := hostPeer(ns, "127.0.0.1:80"); peer != "127.0.0.1:80" {
 			t.Errorf("round %d: redirect after the swap back: %s", round, peer)
 		}
-		if got, pinned := testenv.Links(t, pin)[0].ProgID, pinnedProgID(t, progPin); got != pinned {
+		if got, pinned := testenv.LinkOf(t, pin, "connect4").ProgID, pinnedProgID(t, progPin); got != pinned {
 			t.Errorf("round %d: link runs program %d, the pinned one is %d", round, got, pinned)
 		}
 		_, body := testenv.HTTPGet(t, url+"/metrics")

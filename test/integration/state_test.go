@@ -279,23 +279,24 @@ func TestRecordsKeepIDHolderAndLongNames(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]int{"rules": 65536, "counters": 65536, "enrollments": loader.MaxEnrollments}
+	want := map[string]int{"rules": 65536, "counters": 65536, "enrollments": loader.MaxEnrollments, "peers": 16384}
 	rules, counters := cookieKeys(t, pin, e.Cookie)
-	got := map[string]int{"rules": rules, "counters": counters, "enrollments": 1}
+	got := map[string]int{"rules": rules, "counters": counters, "enrollments": 1, "peers": 0}
 	for _, f := range fill {
 		if f.Capacity != want[f.Name] || f.Entries != got[f.Name] {
 			t.Errorf("fill of %s: %d of %d, want %d of %d", f.Name, f.Entries, f.Capacity, got[f.Name], want[f.Name])
 		}
 	}
-	if len(fill) != 3 {
-		t.Errorf("fill reports %d maps, want 3", len(fill))
+	if len(fill) != len(want) {
+		t.Errorf("fill reports %d maps, want %d", len(fill), len(want))
 	}
 }
 
-// TestPeerStorageFailuresCounted (item 11): when the socket storage cannot
-// be allocated (here: optmem_max of the netns is 0, which the storage is
-// charged against), the connect is still redirected, getpeername shows the
-// new port, and the per-CPU failure counter says how often.
+// TestPeerStorageFailuresCounted (item 11): when neither nsr_peers (full
+// here) nor the socket storage (optmem_max of the netns is 0 here, which
+// the storage is charged against) can take the record, the connect is still
+// redirected, getpeername shows the new port, and the per-CPU failure
+// counter says how often.
 func TestPeerStorageFailuresCounted(t *testing.T) {
 	pin := testenv.BPFFS(t)
 	ns := testenv.NewNetns(t)
@@ -310,6 +311,7 @@ func TestPeerStorageFailuresCounted(t *testing.T) {
 	if out, err := exec.Command("ip", "netns", "exec", ns.Name, "sh", "-c", "test -w /proc/sys/net/core/optmem_max && echo 0 > /proc/sys/net/core/optmem_max").CombinedOutput(); err != nil {
 		t.Skipf("net.core.optmem_max is not per netns on this kernel (Linux < 6.8), so storage failure cannot be provoked in a test netns alone: %v %s", err, out)
 	}
+	fillPeers(t, openPinnedMap(t, loader.MapPin(pin, "nsr_peers")))
 	const dials = 5
 	for i := range dials {
 		peer, err := ns.Dial("tcp", "127.0.0.1:80")
@@ -330,7 +332,7 @@ func TestPeerStorageFailuresCounted(t *testing.T) {
 func detachLink(t *testing.T, pin, hook string) int {
 	t.Helper()
 	var id int
-	for i, h := range []string{"connect4", "connect6", "getpeername4", "getpeername6"} {
+	for i, h := range testenv.Hooks {
 		if h == hook {
 			id = testenv.LinkIDs(t, pin)[i]
 		}
@@ -379,7 +381,7 @@ func TestHealReattachesDetachedLink(t *testing.T) {
 	if err != nil || len(repaired) != 1 || repaired[0] != "connect4" {
 		t.Fatalf("Heal = %v, %v; want [connect4]", repaired, err)
 	}
-	if !linkAttachedAt(t, pin, "connect4") || testenv.LinkIDs(t, pin)[0] == old {
+	if !linkAttachedAt(t, pin, "connect4") || testenv.LinkOf(t, pin, "connect4").ID == old {
 		t.Fatal("Heal did not pin a new attached link")
 	}
 	if peer := hostPeer(ns, "127.0.0.1:80"); peer != "127.0.0.1:80" {
@@ -541,7 +543,7 @@ func TestMigratesV1LayoutUnderLoad(t *testing.T) {
 	pinV1State(t, pin, cookie, "v1-netns", "80=3210")
 	t.Cleanup(func() {
 		// Whatever the test reached: unpin everything (links first).
-		for _, h := range []string{"connect4", "connect6", "getpeername4", "getpeername6"} {
+		for _, h := range testenv.Hooks {
 			_ = os.Remove(filepath.Join(pin, "link_"+h))
 		}
 	})
@@ -597,10 +599,11 @@ func TestMigratesV1LayoutUnderLoad(t *testing.T) {
 			t.Errorf("version 1 pin %s left after the migration (%v)", name, err)
 		}
 	}
-	if got := testenv.LinkIDs(t, pin); !equalInts(got, linksBefore) {
-		t.Errorf("links %v after the migration, want the same %v (programs swapped in place)", got, linksBefore)
+	// Version 1 had no sock_release hook: its link is new (Hooks[0]).
+	if got := testenv.LinkIDs(t, pin); len(got) != len(testenv.Hooks) || !equalInts(got[1:], linksBefore) {
+		t.Errorf("links %v after the migration, want the same %v (programs swapped in place) and sock_release's", got, linksBefore)
 	}
-	for i, id := range testenv.ProgIDs(t, pin) {
+	for i, id := range testenv.ProgIDs(t, pin)[1:] {
 		if id == progsBefore[i] {
 			t.Errorf("hook %d still runs the version 1 program %d", i, id)
 		}
