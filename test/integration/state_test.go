@@ -553,46 +553,7 @@ func TestMigratesV1LayoutUnderLoad(t *testing.T) {
 	linksBefore := testenv.LinkIDs(t, pin)
 	progsBefore := testenv.ProgIDs(t, pin)
 
-	var ok, failed atomic.Int64
-	var lastErr atomic.Value
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		deadline := time.Now().Add(60 * time.Second)
-		for i := 0; i < 100000 && time.Now().Before(deadline); i++ {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if _, err := testenv.DialIn(ns.Target(), "tcp", "127.0.0.1:80", 2*time.Second); err != nil {
-				failed.Add(1)
-				lastErr.Store(err.Error())
-			} else {
-				ok.Add(1)
-			}
-		}
-	}()
-	waitFor(t, "connects before the migration", 20*time.Second, func() bool { return ok.Load() >= 50 })
-	l, err := loader.Attach(pin, testenv.RootCgroup(t), quietLogger())
-	if err != nil {
-		close(stop)
-		<-done
-		t.Fatalf("attach over the version 1 state: %v", err)
-	}
-	t.Cleanup(func() {
-		_, _ = l.Cleanup(true)
-		l.Close()
-	})
-	atMigration := ok.Load()
-	waitFor(t, "connects after the migration", 20*time.Second, func() bool { return ok.Load() >= atMigration+50 })
-	close(stop)
-	<-done
-	t.Logf("%d connects, %d refused, across the migration", ok.Load(), failed.Load())
-	if failed.Load() != 0 {
-		t.Errorf("%d connects refused across the migration (last: %v)", failed.Load(), lastErr.Load())
-	}
+	l := attachUnderLoad(t, ns, pin, "1")
 
 	for _, name := range []string{"nsr_rules", "nsr_counters", "nsr_sockets", "nsr_enroll"} {
 		if _, err := os.Stat(filepath.Join(pin, name)); !os.IsNotExist(err) {
@@ -632,6 +593,54 @@ func TestMigratesV1LayoutUnderLoad(t *testing.T) {
 		t.Fatal(err)
 	}
 	testenv.AssertGone(t, pin, ids)
+}
+
+// attachUnderLoad starts a loader over the older state in pin (layout
+// version) while a connect loop runs in ns, and fails the test if a connect
+// is refused across the migration.
+func attachUnderLoad(t *testing.T, ns testenv.Netns, pin, version string) *loader.Loader {
+	t.Helper()
+	var ok, failed atomic.Int64
+	var lastErr atomic.Value
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		deadline := time.Now().Add(60 * time.Second)
+		for i := 0; i < 100000 && time.Now().Before(deadline); i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := testenv.DialIn(ns.Target(), "tcp", "127.0.0.1:80", 2*time.Second); err != nil {
+				failed.Add(1)
+				lastErr.Store(err.Error())
+			} else {
+				ok.Add(1)
+			}
+		}
+	}()
+	waitFor(t, "connects before the migration", 20*time.Second, func() bool { return ok.Load() >= 50 })
+	l, err := loader.Attach(pin, testenv.RootCgroup(t), quietLogger())
+	if err != nil {
+		close(stop)
+		<-done
+		t.Fatalf("attach over the version %s state: %v", version, err)
+	}
+	t.Cleanup(func() {
+		_, _ = l.Cleanup(true)
+		l.Close()
+	})
+	atMigration := ok.Load()
+	waitFor(t, "connects after the migration", 20*time.Second, func() bool { return ok.Load() >= atMigration+50 })
+	close(stop)
+	<-done
+	t.Logf("%d connects, %d refused, across the migration", ok.Load(), failed.Load())
+	if failed.Load() != 0 {
+		t.Errorf("%d connects refused across the migration (last: %v)", failed.Load(), lastErr.Load())
+	}
+	return l
 }
 
 func equalInts(a, b []int) bool {
