@@ -120,8 +120,8 @@ case $cache/ in
 esac
 # The engines and systemd take longer to start under TCG than the suite.
 [ -n "$timeout_min" ] || { timeout_min=20; [ "$runtimes" = 0 ] || timeout_min=40; [ "$kube" = 0 ] || timeout_min=60; }
-if ! [[ $timeout_min =~ ^[0-9]+$ ]] || [ "$timeout_min" -lt 2 ]; then
-	die "--timeout $timeout_min: give whole minutes, at least 2, e.g. --timeout 20"
+if ! [[ $timeout_min =~ ^[0-9]+$ ]] || [ "$timeout_min" -lt 4 ]; then
+	die "--timeout $timeout_min: give whole minutes, at least 4 (2 go to booting and powering off), e.g. --timeout 20"
 fi
 # arch_of SERIES: the Debian architecture of a series (arm64-6.12 -> arm64).
 arch_of() { case $1 in arm64-*) echo arm64 ;; *) echo amd64 ;; esac; }
@@ -367,6 +367,11 @@ export HOME=/root TMPDIR=/tmp CI=true
 export NSREDIRECT_BIN=$bindir/nsredirect DEMO_BACKEND_BIN=$bindir/demo-backend
 ip link set lo up
 echo "guest: \$(uname -r), \$(nproc) cpus"
+# Each test binary gets what is left of the guest's budget as its Go
+# -test.timeout, so a hang ends in Go's "test timed out" with the running
+# tests named, before the host's timeout ends qemu: the budget is
+# --timeout less a margin for booting and powering off.
+nsr_end=\$((\$(date +%s) + $((timeout_min * 60 - 120))))
 EOF
 	if [ "$runtimes" = 1 ]; then
 		# The engines' sockets and data roots outside /tmp and /var/tmp,
@@ -405,8 +410,19 @@ EOF
 		cat <<EOF
 echo "=== NSR-PKG $name"
 start=\$(date +%s)
-(cd $dir && $bindir/$name.test -test.v -test.count=1 -test.timeout=$((timeout_min - 1))m ${run_re:+-test.run $(printf %q "$run_re")}) 2>&1 | tee $res/$name.log
-echo \$? >$res/$name.rc
+left=\$((nsr_end - \$(date +%s)))
+if [ "\$left" -lt 30 ]; then
+	echo "--- NSR-NOTIME: \${left}s of the --timeout ${timeout_min}m budget left; $name not run" | tee $res/$name.log
+	echo 124 >$res/$name.rc
+else
+	(cd $dir && $bindir/$name.test -test.v -test.count=1 -test.timeout=\${left}s ${run_re:+-test.run $(printf %q "$run_re")}) 2>&1 | tee $res/$name.log
+	echo \${PIPESTATUS[0]} >$res/$name.rc
+	# A hang: the kernel's view of every blocked task (sysrq w), for a
+	# task stuck in the kernel that no Go stack shows.
+	if grep -q '^panic: test timed out\|after SIGKILL' $res/$name.log; then
+		echo w >/proc/sysrq-trigger && dmesg | tail -n 400 | tee $res/$name.blocked
+	fi
+fi
 echo "=== NSR-PKG-END $name rc=\$(cat $res/$name.rc) \$((\$(date +%s) - start))s"
 EOF
 	done <"$bindir/tests"
@@ -476,6 +492,13 @@ for series in $kernels; do
 	note=""
 	if [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then
 		result=FAIL note=" (timed out after ${timeout_min}m)"
+		# The tests that had started and not ended when qemu was ended.
+		for log in "$res"/*.log; do
+			case $(basename "$log") in console.log | exec.out) continue ;; esac
+			while read -r t; do
+				details+=("- $series $t: still running when qemu was ended after ${timeout_min}m")
+			done < <(awk '/^=== RUN / {run[$3]=1; order[++n]=$3} /^ *--- (PASS|FAIL|SKIP): / {delete run[$3]} END {for (i = 1; i <= n; i++) if (order[i] in run) {print order[i]; delete run[order[i]]}}' "$log")
+		done
 	elif ! grep -q 'NSR-INIT-DONE' "$res/console.log"; then
 		result=FAIL note=" (guest did not finish: see $res/console.log)"
 	fi
@@ -498,6 +521,14 @@ for series in $kernels; do
 				END {print out}' "$log")
 			details+=("- $series $t: ${line:-see $log}")
 		done < <(sed -n 's/^--- FAIL: \([^ ]*\) .*/\1/p' "$log")
+		# A test binary that ran out of its -test.timeout: Go names the
+		# tests that were running, with how long each had run.
+		while read -r t; do
+			details+=("- $series $t: still running when $(basename "$log" .log) timed out ($(grep -m1 '^panic: test timed out' "$log" | sed 's/^panic: //'))")
+		done < <(awk '/^panic: test timed out/ {p=1; next} p && /^\trunning tests:/ {r=1; next} r && /^\t\t/ {sub(/^\t\t/, ""); print; next} r {exit}' "$log")
+		while read -r l; do
+			details+=("- $series: $l")
+		done < <(sed -n 's/^--- NSR-NOTIME: //p' "$log")
 	done
 done
 

@@ -255,6 +255,9 @@ func Start(t testing.TB, cmd *exec.Cmd) *Proc {
 	p := &Proc{Cmd: cmd, out: &syncBuffer{}, done: make(chan struct{})}
 	cmd.Stdout = p.out
 	cmd.Stderr = p.out
+	// A child that inherited the output pipe and outlives the process
+	// would otherwise keep Wait (and every Stop) waiting for EOF.
+	cmd.WaitDelay = 5 * time.Second
 	// No Pdeathsig: it fires when the forking OS thread exits, and threads
 	// that entered a netns are discarded on purpose (netnsx.Target.Do).
 	if err := cmd.Start(); err != nil {
@@ -285,16 +288,47 @@ func (p *Proc) Stop(sig syscall.Signal, timeout time.Duration) error {
 	select {
 	case <-p.done:
 	case <-time.After(timeout):
-		_ = p.Cmd.Process.Kill()
-		<-p.done
+		p.Kill()
 	}
 	return p.err
 }
 
-// Kill ends the process with SIGKILL and waits for it.
+// killBound is how long a SIGKILLed process may take to be gone. Only a
+// task stuck in the kernel takes longer.
+const killBound = 30 * time.Second
+
+// Kill ends the process with SIGKILL and waits for it. A process still
+// there killBound later is stuck in the kernel: Kill panics with its
+// kernel stack, naming the test, rather than waiting until the binary's
+// -test.timeout (or a qemu guest's) ends everything with no word of why.
 func (p *Proc) Kill() {
 	_ = p.Cmd.Process.Kill()
-	<-p.done
+	select {
+	case <-p.done:
+	case <-time.After(killBound):
+		pid := p.Cmd.Process.Pid
+		panic(fmt.Sprintf("pid %d (%s) still there %s after SIGKILL: %s", pid, p.Cmd.Args[0], killBound, kernelState(pid)))
+	}
+}
+
+// kernelState is where a task waits in the kernel: its state, wchan and
+// the kernel stacks of its threads, as /proc shows them to root.
+func kernelState(pid int) string {
+	var b strings.Builder
+	if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid)); err == nil {
+		for _, l := range strings.Split(string(st), "\n") {
+			if strings.HasPrefix(l, "State:") {
+				b.WriteString(strings.Join(strings.Fields(l), " "))
+			}
+		}
+	}
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*", pid))
+	for _, task := range tasks {
+		wchan, _ := os.ReadFile(filepath.Join(task, "wchan"))
+		stack, _ := os.ReadFile(filepath.Join(task, "stack"))
+		fmt.Fprintf(&b, "; thread %s wchan %s stack %s", filepath.Base(task), wchan, strings.Join(strings.Fields(string(stack)), " "))
+	}
+	return b.String()
 }
 
 // Exited reports whether the process has ended.
