@@ -30,17 +30,11 @@ import (
 // staging dir: the old layout stays as it was, and the next start tries
 // again. A crash after it leaves old pins that the next start removes.
 func (l *Loader) migrateV1(spec *ebpf.CollectionSpec, cgroup string, cgroupID uint64) (err error) {
-	staging := l.pins.stagingDir()
-	_ = os.RemoveAll(staging) // an earlier attempt that crashed
-	if err := os.MkdirAll(staging, 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", staging, err)
+	staging, end, err := l.beginMigration(1)
+	if err != nil {
+		return err
 	}
-	defer func() {
-		if err != nil {
-			_ = os.RemoveAll(staging)
-			err = fmt.Errorf("migrate the pinned state at %s from layout version 1 to %d (it is left as it was): %w", l.dir, layoutVersion, err)
-		}
-	}()
+	defer end(&err)
 
 	old := map[string]*ebpf.Map{}
 	defer closeAll(old)
@@ -113,14 +107,38 @@ func (l *Loader) migrateV1(spec *ebpf.CollectionSpec, cgroup string, cgroupID ui
 	}
 	// The maps were opened at their staging paths; their pins moved with
 	// the directory, the handles stay valid.
-	fields := logrus.Fields{"pin_dir": l.dir, "from": 1, "to": layoutVersion, "rules": nRules, "enrollments": nRecords}
+	l.logMigrated(logrus.Fields{"from": 1, "rules": nRules, "enrollments": nRecords}, live)
+	return nil
+}
+
+// beginMigration makes an empty staging dir for a migration from layout
+// version from (removing what an earlier attempt that crashed left);
+// end, deferred with the migration's error, removes the dir again when
+// it failed and says the old layout is left as it was.
+func (l *Loader) beginMigration(from int) (staging string, end func(*error), err error) {
+	staging = l.pins.stagingDir()
+	_ = os.RemoveAll(staging)
+	if err := os.MkdirAll(staging, 0o700); err != nil {
+		return "", nil, fmt.Errorf("create %s: %w", staging, err)
+	}
+	return staging, func(errp *error) {
+		if *errp != nil {
+			_ = os.RemoveAll(staging)
+			*errp = fmt.Errorf("migrate the pinned state at %s from layout version %d to %d (it is left as it was): %w", l.dir, from, layoutVersion, *errp)
+		}
+	}, nil
+}
+
+// logMigrated logs a migration that is done; older daemons still running
+// (live, by pid) make it a warning.
+func (l *Loader) logMigrated(fields logrus.Fields, live []uint32) {
+	fields["pin_dir"], fields["to"] = l.dir, layoutVersion
 	if len(live) > 0 {
 		fields["older_daemons"] = live
 		l.log.WithFields(fields).Warn("migrated the pinned state; the older daemons still running find their state gone and must be restarted with this version (their rules keep working meanwhile)")
-	} else {
-		l.log.WithFields(fields).Info("migrated the pinned state to this version's layout")
+		return
 	}
-	return nil
+	l.log.WithFields(fields).Info("migrated the pinned state to this version's layout")
 }
 
 // migrateV2 moves the state of layout version 2 (version 3 without
@@ -135,17 +153,11 @@ func (l *Loader) migrateV1(spec *ebpf.CollectionSpec, cgroup string, cgroupID ui
 // rename puts the old programs back, removes what was added and leaves
 // version 2 as it was.
 func (l *Loader) migrateV2(spec *ebpf.CollectionSpec, cgroup string, cgroupID uint64) (err error) {
-	staging := l.pins.stagingDir()
-	_ = os.RemoveAll(staging) // an earlier attempt that crashed
-	if err := os.MkdirAll(staging, 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", staging, err)
+	staging, end, err := l.beginMigration(2)
+	if err != nil {
+		return err
 	}
-	defer func() {
-		if err != nil {
-			_ = os.RemoveAll(staging)
-			err = fmt.Errorf("migrate the pinned state at %s from layout version 2 to %d (it is left as it was): %w", l.dir, layoutVersion, err)
-		}
-	}()
+	defer end(&err)
 
 	carry := func(name string, ms *ebpf.MapSpec) (*ebpf.Map, error) {
 		old := l.pins.mapIn(l.pins.v2Dir(), name)
@@ -207,13 +219,7 @@ func (l *Loader) migrateV2(spec *ebpf.CollectionSpec, cgroup string, cgroupID ui
 		return fmt.Errorf("rename %s into place: %w", staging, err)
 	}
 	_ = os.RemoveAll(l.pins.v2Dir())
-	fields := logrus.Fields{"pin_dir": l.dir, "from": 2, "to": layoutVersion, "enrollments": n}
-	if len(live) > 0 {
-		fields["older_daemons"] = live
-		l.log.WithFields(fields).Warn("migrated the pinned state; the older daemons still running find their state gone and must be restarted with this version (their rules keep working meanwhile)")
-	} else {
-		l.log.WithFields(fields).Info("migrated the pinned state to this version's layout")
-	}
+	l.logMigrated(logrus.Fields{"from": 2, "enrollments": n}, live)
 	return nil
 }
 

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
@@ -217,42 +216,9 @@ const v2Object = "../../internal/loader/testdata/redirect_v2_bpfel.o"
 // UDP programs pinned unattached.
 func pinV2State(t *testing.T, pin string, cookie uint64, name, specs string) {
 	t.Helper()
-	spec, err := ebpf.LoadCollectionSpec(v2Object)
-	if err != nil {
-		t.Fatal(err)
-	}
-	coll, err := ebpf.NewCollection(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer coll.Close()
 	dir := filepath.Join(pin, "v2")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	for name, m := range coll.Maps {
-		if err := m.Pin(filepath.Join(dir, name)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	rules := mustRules(t, specs)
-	for i, r := range rules {
-		for _, x := range r.Expand() {
-			k, v := v1RuleEntry(cookie, uint32(i), x)
-			k[27] = 6 // rule_key.proto: TCP
-			if err := coll.Maps["nsr_rules"].Put(k, v); err != nil {
-				t.Fatal(err)
-			}
-		}
-		ck := make([]byte, 16)
-		binary.NativeEndian.PutUint64(ck, cookie)
-		binary.NativeEndian.PutUint32(ck[8:], uint32(i))
-		perCPU := make([]uint64, len(mustPossibleCPUs(t)))
-		perCPU[0] = 1000 + uint64(i)
-		if err := coll.Maps["nsr_counters"].Put(ck, perCPU); err != nil {
-			t.Fatal(err)
-		}
-	}
+	coll, _ := pinOldState(t, v2Object, pin, dir, cookie, specs, 6) // rule_key.proto: TCP
+	defer coll.Close()
 	records, err := ebpf.NewMap(&ebpf.MapSpec{Name: "nsr_records", Type: ebpf.Hash, KeySize: 8, ValueSize: 2048, MaxEntries: 8192, Flags: unix.BPF_F_NO_PREALLOC})
 	if err != nil {
 		t.Fatal(err)
@@ -270,24 +236,6 @@ func pinV2State(t *testing.T, pin string, cookie uint64, name, specs string) {
 	copy(rec[4:], doc)
 	if err := records.Put(cookie, rec); err != nil {
 		t.Fatal(err)
-	}
-	attach := map[string]ebpf.AttachType{
-		"connect4": ebpf.AttachCGroupInet4Connect, "connect6": ebpf.AttachCGroupInet6Connect,
-		"getpeername4": ebpf.AttachCgroupInet4GetPeername, "getpeername6": ebpf.AttachCgroupInet6GetPeername,
-	}
-	for hook, typ := range attach {
-		prog := coll.Programs["nsr_"+hook]
-		lnk, err := link.AttachCgroup(link.CgroupOptions{Path: testenv.RootCgroup(t), Attach: typ, Program: prog})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := lnk.Pin(filepath.Join(pin, "link_"+hook)); err != nil {
-			t.Fatal(err)
-		}
-		lnk.Close()
-		if err := prog.Pin(filepath.Join(pin, "prog_"+hook)); err != nil {
-			t.Fatal(err)
-		}
 	}
 	for _, hook := range []string{"udp_connect4", "udp_connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"} {
 		if err := coll.Programs["nsr_"+hook].Pin(filepath.Join(pin, "prog_"+hook)); err != nil {

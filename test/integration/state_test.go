@@ -429,7 +429,35 @@ const v1Object = "../../internal/loader/testdata/redirect_v1_bpfel.o"
 // records in nsr_enroll, its programs on pinned links at the root.
 func pinV1State(t *testing.T, pin string, cookie uint64, name, specs string) {
 	t.Helper()
-	spec, err := ebpf.LoadCollectionSpec(v1Object)
+	coll, nRules := pinOldState(t, v1Object, pin, pin, cookie, specs, 0)
+	defer coll.Close()
+	rec := struct {
+		NetnsIno, EnrolledUnixNs uint64
+		OwnerPid, RuleCount      uint32
+		Owner                    [32]byte
+		Name                     [128]byte
+		Specs                    [512]byte
+	}{NetnsIno: 7, EnrolledUnixNs: uint64(time.Now().UnixNano()), OwnerPid: 4242, RuleCount: uint32(nRules)}
+	copy(rec.Owner[:], "run")
+	copy(rec.Name[:], name)
+	copy(rec.Specs[:], specs)
+	var buf bytes.Buffer
+	if err := binary.Write(&buf, binary.NativeEndian, rec); err != nil {
+		t.Fatal(err)
+	}
+	if err := coll.Maps["nsr_enroll"].Put(cookie, buf.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// pinOldState loads the programs' object of an older layout and leaves in
+// pin what all of them had: its maps pinned in mapDir, the rules of specs
+// for cookie (proto, when not 0, in rule_key.proto) with their counters,
+// and the TCP programs on pinned links at the root. It returns the
+// collection, for the caller to close, and the number of rules.
+func pinOldState(t *testing.T, object, pin, mapDir string, cookie uint64, specs string, proto byte) (*ebpf.Collection, int) {
+	t.Helper()
+	spec, err := ebpf.LoadCollectionSpec(object)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -437,12 +465,17 @@ func pinV1State(t *testing.T, pin string, cookie uint64, name, specs string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer coll.Close()
-	if err := os.MkdirAll(pin, 0o700); err != nil {
+	ok := false
+	defer func() {
+		if !ok {
+			coll.Close()
+		}
+	}()
+	if err := os.MkdirAll(mapDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
 	for name, m := range coll.Maps {
-		if err := m.Pin(filepath.Join(pin, name)); err != nil {
+		if err := m.Pin(filepath.Join(mapDir, name)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -450,6 +483,9 @@ func pinV1State(t *testing.T, pin string, cookie uint64, name, specs string) {
 	for i, r := range rules {
 		for _, x := range r.Expand() {
 			k, v := v1RuleEntry(cookie, uint32(i), x)
+			if proto != 0 {
+				k[27] = proto
+			}
 			if err := coll.Maps["nsr_rules"].Put(k, v); err != nil {
 				t.Fatal(err)
 			}
@@ -462,23 +498,6 @@ func pinV1State(t *testing.T, pin string, cookie uint64, name, specs string) {
 		if err := coll.Maps["nsr_counters"].Put(ck, perCPU); err != nil {
 			t.Fatal(err)
 		}
-	}
-	rec := struct {
-		NetnsIno, EnrolledUnixNs uint64
-		OwnerPid, RuleCount      uint32
-		Owner                    [32]byte
-		Name                     [128]byte
-		Specs                    [512]byte
-	}{NetnsIno: 7, EnrolledUnixNs: uint64(time.Now().UnixNano()), OwnerPid: 4242, RuleCount: uint32(len(rules))}
-	copy(rec.Owner[:], "run")
-	copy(rec.Name[:], name)
-	copy(rec.Specs[:], specs)
-	var buf bytes.Buffer
-	if err := binary.Write(&buf, binary.NativeEndian, rec); err != nil {
-		t.Fatal(err)
-	}
-	if err := coll.Maps["nsr_enroll"].Put(cookie, buf.Bytes()); err != nil {
-		t.Fatal(err)
 	}
 	attach := map[string]ebpf.AttachType{
 		"connect4": ebpf.AttachCGroupInet4Connect, "connect6": ebpf.AttachCGroupInet6Connect,
@@ -498,6 +517,8 @@ func pinV1State(t *testing.T, pin string, cookie uint64, name, specs string) {
 			t.Fatal(err)
 		}
 	}
+	ok = true
+	return coll, len(rules)
 }
 
 // v1RuleEntry lays a rule entry out as version 1 did (the layout of
