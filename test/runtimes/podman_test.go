@@ -19,6 +19,10 @@ import (
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
+// dpkgQueryShim puts a dpkg-query that answers nothing first in the
+// service's PATH (see startPodman); the qemu guest sets it.
+var dpkgQueryShim bool
+
 // podman is one `podman system service` with its own configuration,
 // storage, run and tmp dirs (none of the machine's defaults are touched),
 // as root or as a rootless user.
@@ -201,8 +205,23 @@ runroot = "%[1]s/run/storage"
 			t.Fatal(err)
 		}
 	}
+	path := os.Getenv("PATH")
+	if dpkgQueryShim {
+		// podman info (behind /version) runs `dpkg -S` for runc and
+		// conmon; over the guest's shared root under TCG that reads every
+		// dpkg .list file for minutes, and the API's answers wait for it.
+		// A dpkg-query that knows nothing makes it say "Unknown" at once.
+		shim := filepath.Join(dir, "shim")
+		if err := os.MkdirAll(shim, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(shim, "dpkg-query"), []byte("#!/bin/sh\nexit 1\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		path = shim + ":" + path
+	}
 	p.env = []string{
-		"PATH=" + os.Getenv("PATH"),
+		"PATH=" + path,
 		"HOME=" + filepath.Join(dir, "home"),
 		"XDG_RUNTIME_DIR=" + filepath.Join(dir, "run"),
 		"XDG_CONFIG_HOME=" + filepath.Join(dir, "home", ".config"),

@@ -1,0 +1,5 @@
+//go:build runtimes && guest
+
+package runtimes_test
+
+func init() { dpkgQueryShim = true }
