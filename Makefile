@@ -5,9 +5,17 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/nsredirect/nsredirect/internal/cli.Version=$(VERSION)
 BIN := bin/nsredirect
-DEPS_STAMP := .cache/deps.stamp
+# Caches outside the checkout, shared by every clone on the machine: Debian
+# kernels, apt indexes, built Go tools and engines, keyed by what they are
+# built from. NSREDIRECT_TEST_CACHE moves it (the guests' own /tmp and /run
+# hide those: use e.g. /var/tmp/...).
+NSREDIRECT_TEST_CACHE ?= /var/cache/nsredirect-test
+override NSREDIRECT_TEST_CACHE := $(abspath $(NSREDIRECT_TEST_CACHE))
+export NSREDIRECT_TEST_CACHE
+STATICCHECK = $$(scripts/gotool.sh honnef.co/go/tools/cmd/staticcheck@v0.8.2)
 DEB_PACKAGES := clang-14 llvm-14 libbpf-dev bpftool iproute2 curl socat dnsutils wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
 
+.PHONY: deps-kernels deps-runtimes deps-actionlint deps-kube
 .PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick bench-scale image test-docker clean soak test-kernels test-runtimes-kube
 
 all: build
@@ -22,14 +30,10 @@ bin/demo-backend: $(shell find cmd/demo-backend -name '*.go')
 
 # Installs the Debian packages the tests, demo and benchmark use, and the
 # compiler internal/bpfobj/gen.go pins (clang-14, llvm-strip-14: Debian 12's
-# clang-14 and llvm-14), so `make check-generate` builds with it. Skipped
-# once done (delete .cache/deps.stamp to force).
-deps: $(DEPS_STAMP)
-$(DEPS_STAMP):
-	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root (sudo make deps) to apt-get install: $(DEB_PACKAGES)" >&2; exit 2; fi
-	apt-get update
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(DEB_PACKAGES)
-	@mkdir -p $(dir $@) && touch $@
+# clang-14 and llvm-14), so `make check-generate` builds with it. Installs
+# only what dpkg says is missing: a second run is one dpkg-query.
+deps:
+	@scripts/need-packages.sh deps $(DEB_PACKAGES)
 
 # Regenerates the eBPF objects and Go bindings; they are committed, and CI
 # checks this reproduces them byte for byte. The compiler is pinned in
@@ -45,9 +49,9 @@ check-generate: generate
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting" >&2; exit 1; }
 	$(GO) vet ./...
-	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+	sc=$(STATICCHECK) && $$sc ./...
 	cd test/deploy && $(GO) vet ./...
-	cd test/deploy && $(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+	sc=$(STATICCHECK) && cd test/deploy && $$sc ./...
 
 # Everything: unit tests (with the fuzz seed corpora) under the race
 # detector, then the privileged suites against the real kernel, in
@@ -116,21 +120,17 @@ test-docker: deps build
 		$(GO) test -count=1 -v -timeout 10m ./test/docker/
 
 # The privileged suite on Debian's 5.10, 6.1 and 6.12 kernels under qemu
-# (TCG, no KVM needed): one table, also in .cache/kernels/results.md.
+# (TCG, no KVM needed): one table, also in $NSREDIRECT_TEST_CACHE/kernels/results.md.
 # KERNELS="6.1" and RUN=REGEX narrow it; KERNELS="arm64-6.1 arm64-6.12"
 # boots Debian's arm64 kernels under qemu-system-aarch64 with the suite
 # built for arm64; see scripts/test-kernels.sh.
-KERNELS_STAMP := .cache/kernels-deps.stamp
 KERNELS_PACKAGES := qemu-system-x86 qemu-system-arm busybox-static
 KERNELS ?= 5.10 6.1 6.12
-test-kernels: deps build $(KERNELS_STAMP)
+test-kernels: deps build deps-kernels
 	./scripts/test-kernels.sh --repo $(CURDIR) --kernels "$(KERNELS)" $(if $(RUN),--run '$(RUN)')
 
-$(KERNELS_STAMP):
-	@if [ "$$(id -u)" != 0 ]; then echo "make test-kernels: run as root (sudo make test-kernels) to apt-get install: $(KERNELS_PACKAGES)" >&2; exit 2; fi
-	apt-get update
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(KERNELS_PACKAGES)
-	@mkdir -p $(dir $@) && touch $@
+deps-kernels:
+	@scripts/need-packages.sh test-kernels $(KERNELS_PACKAGES)
 
 # Real container engines on this host: Docker Engine 29 (dockerd from the
 # moby/moby/v2 module) with Docker Compose v5 (as the `docker compose` plugin
@@ -141,12 +141,11 @@ $(KERNELS_STAMP):
 # go.mod/go.sum change). RUN=REGEX narrows the tests.
 .PHONY: test-runtimes
 RUNTIMES_BIN := .cache/runtimes/bin
-RUNTIMES_STAMP := .cache/runtimes-deps.stamp
 RUNTIMES_PACKAGES := podman uidmap passwd containerd runc
 RUNTIMES_TOOLS := test/runtimes/tools
 DOCKERD_VERSION := 29.8.0
 COMPOSE_VERSION := v5.6.0
-test-runtimes: deps build $(RUNTIMES_STAMP) $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-compose
+test-runtimes: deps build deps-runtimes $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-compose
 	$(GO) vet -tags runtimes ./test/runtimes/
 	NSREDIRECT_BIN=$(CURDIR)/$(BIN) DEMO_BACKEND_BIN=$(CURDIR)/bin/demo-backend \
 		NSREDIRECT_RUNTIMES_BIN=$(CURDIR)/$(RUNTIMES_BIN) NSREDIRECT_RUNTIMES_RESULTS=$(CURDIR)/.cache/runtimes/results.md \
@@ -157,9 +156,9 @@ test-runtimes: deps build $(RUNTIMES_STAMP) $(RUNTIMES_BIN)/dockerd $(RUNTIMES_B
 # TCG, as `make test-kernels` boots it) that runs systemd as PID 1 on a pure
 # cgroup2 hierarchy, with Docker Engine 29 + compose v5 and the shipped
 # systemd unit installed as the README says; one table, also in
-# .cache/kernels/results-runtimes.md. RUN=REGEX narrows the tests.
+# $NSREDIRECT_TEST_CACHE/kernels/results-runtimes.md. RUN=REGEX narrows the tests.
 .PHONY: test-runtimes-guest
-test-runtimes-guest: deps build $(KERNELS_STAMP) $(RUNTIMES_STAMP) $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-compose
+test-runtimes-guest: deps build deps-kernels deps-runtimes $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-compose
 	$(GO) vet -tags 'runtimes guest' ./test/runtimes/
 	./scripts/test-kernels.sh --runtimes --repo $(CURDIR) --kernels 6.12 $(if $(RUN),--run '$(RUN)')
 
@@ -176,11 +175,8 @@ $(RUNTIMES_BIN)/docker-compose: $(RUNTIMES_TOOLS)/compose/go.mod $(RUNTIMES_TOOL
 		-ldflags '-s -w -X github.com/docker/compose/v5/internal.Version=$(COMPOSE_VERSION)' \
 		-o $(CURDIR)/$@ github.com/docker/compose/v5/cmd
 
-$(RUNTIMES_STAMP):
-	@if [ "$$(id -u)" != 0 ]; then echo "make test-runtimes: run as root (sudo make test-runtimes) to apt-get install: $(RUNTIMES_PACKAGES)" >&2; exit 2; fi
-	apt-get update
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(RUNTIMES_PACKAGES)
-	@mkdir -p $(dir $@) && touch $@
+deps-runtimes:
+	@scripts/need-packages.sh test-runtimes $(RUNTIMES_PACKAGES)
 
 # Release artifacts for linux/amd64 and linux/arm64 in dist/, offline and
 # reproducible (tools/release, its own module so nfpm and go-containerregistry
@@ -198,7 +194,7 @@ release:
 	cd dist && sha256sum -c --quiet SHA256SUMS
 
 release-check:
-	cd tools/release && $(GO) vet ./... && $(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+	sc=$(STATICCHECK) && cd tools/release && $(GO) vet ./... && $$sc ./...
 	cd tools/release && NSREDIRECT_REPO=$(CURDIR) $(GO) test -count=1 -v -timeout 20m ./...
 
 # The GitHub workflows cannot run here; actionlint (built from its Go
@@ -206,18 +202,13 @@ release-check:
 # shellcheck (Debian's). actionlint skips that check silently when
 # shellcheck is missing, so the target installs it and names it.
 ACTIONLINT := github.com/rhysd/actionlint/cmd/actionlint@v1.7.12
-ACTIONLINT_STAMP := .cache/actionlint-deps.stamp
 ACTIONLINT_PACKAGES := shellcheck
 .PHONY: actionlint
-actionlint: $(ACTIONLINT_STAMP)
-	@command -v shellcheck >/dev/null || { echo "make actionlint: shellcheck is not installed (delete $(ACTIONLINT_STAMP) and run as root to apt-get install it)" >&2; exit 1; }
-	$(GO) run $(ACTIONLINT) -no-color -shellcheck "$$(command -v shellcheck)" .github/workflows/*.yml
+actionlint: deps-actionlint
+	"$$(scripts/gotool.sh $(ACTIONLINT))" -no-color -shellcheck "$$(command -v shellcheck)" .github/workflows/*.yml
 
-$(ACTIONLINT_STAMP):
-	@if [ "$$(id -u)" != 0 ]; then echo "make actionlint: run as root (sudo make actionlint) to apt-get install: $(ACTIONLINT_PACKAGES)" >&2; exit 2; fi
-	apt-get update
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(ACTIONLINT_PACKAGES)
-	@mkdir -p $(dir $@) && touch $@
+deps-actionlint:
+	@scripts/need-packages.sh actionlint $(ACTIONLINT_PACKAGES)
 
 # A real single-node Kubernetes v1.37.2 (etcd from Debian; apiserver,
 # controller-manager, scheduler, kubelet and kubectl built from
@@ -231,22 +222,18 @@ $(ACTIONLINT_STAMP):
 # 51-84 s. Its table: .cache/kubernetes/results.md; a failed run's logs:
 # .cache/kubernetes/logs.
 KUBE_PACKAGES := containerd runc containernetworking-plugins openssl bpftool python3
-KUBE_STAMP := .cache/kube-deps.stamp
-test-runtimes-kube: deps build $(KUBE_STAMP)
+test-runtimes-kube: deps build deps-kube
 	test/runtimes/kubernetes/build.sh $(CURDIR)/.cache/kubernetes/bin
 	test/runtimes/kubernetes/cluster.sh --repo $(CURDIR) --bin $(CURDIR)/.cache/kubernetes/bin --tools $(CURDIR)/.cache/kubernetes/bin/images
 
 # The same cell in the pure-cgroup2 column: a qemu 6.12 guest (TCG) booting
 # systemd as PID 1, with kubelet and containerd on the systemd cgroup driver
 # (kubelet's supported path); the binaries are the ones test-runtimes-kube
-# builds. Its table: .cache/kernels/results-kube.md.
+# builds. Its table: $NSREDIRECT_TEST_CACHE/kernels/results-kube.md.
 .PHONY: test-runtimes-guest-kube
-test-runtimes-guest-kube: deps build $(KERNELS_STAMP) $(KUBE_STAMP)
+test-runtimes-guest-kube: deps build deps-kernels deps-kube
 	test/runtimes/kubernetes/build.sh $(CURDIR)/.cache/kubernetes/bin
 	./scripts/test-kernels.sh --kube --repo $(CURDIR) --kernels 6.12
 
-$(KUBE_STAMP):
-	@if [ "$$(id -u)" != 0 ]; then echo "make test-runtimes-kube: run as root (sudo make test-runtimes-kube) to apt-get install: $(KUBE_PACKAGES)" >&2; exit 2; fi
-	apt-get update
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(KUBE_PACKAGES)
-	@mkdir -p $(dir $@) && touch $@
+deps-kube:
+	@scripts/need-packages.sh test-runtimes-kube $(KUBE_PACKAGES)

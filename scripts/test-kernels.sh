@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the privileged suite of a checkout on Debian's own kernels under qemu
 # (TCG: no KVM needed) and prints one markdown table, also written to
-# .cache/kernels/results.md. Exits non-zero if any kernel fails.
+# $NSREDIRECT_TEST_CACHE/kernels/results.md (the test cache, by default
+# /var/cache/nsredirect-test; NSR_KERNELS_CACHE overrides the kernels'
+# directory alone). Exits non-zero if any kernel fails.
 #
 #   scripts/test-kernels.sh [--repo DIR] [--kernels "5.10 6.1 6.12 arm64-6.1 arm64-6.12"] [--run REGEX]
 #                           [--pkgs "./internal/... ./test/integration"] [--timeout MIN] [--refresh]
@@ -26,7 +28,7 @@
 # the host's root read-only over 9p under a tmpfs overlay, chroots into it
 # and runs the test binaries built here from --repo with CI=true, so a
 # privileged test that cannot run fails. Debs, extracted kernels, modules
-# and initramfs images (keyed by content hash) are cached in .cache/kernels;
+# and initramfs images (keyed by content hash) are cached there, outside the checkout;
 # a second run downloads and rebuilds nothing that did not change.
 #
 # --runtimes is the pure-cgroup2 column of the runtime matrix (`make
@@ -36,14 +38,14 @@
 # with the tags runtimes and guest: Docker Engine 29 + compose v5 from the
 # checkout's .cache/runtimes/bin (`make test-runtimes` builds them) and the
 # shipped systemd unit installed as the README says. amd64 only (the
-# engines are built for the host). Its table is .cache/kernels/results-runtimes.md.
+# engines are built for the host). Its table is $NSREDIRECT_TEST_CACHE/kernels/results-runtimes.md.
 #
 # --kube is the Kubernetes cell of that column (`make
 # test-runtimes-guest-kube`): the same systemd guest runs
 # test/runtimes/kubernetes/cluster.sh with kubelet's and containerd's systemd
 # cgroup driver, from the binaries `make test-runtimes-kube` builds in
 # .cache/kubernetes/bin (amd64 only). Its table is
-# .cache/kernels/results-kube.md.
+# $NSREDIRECT_TEST_CACHE/kernels/results-kube.md.
 set -euo pipefail
 export PATH=/usr/local/go/bin:$PATH
 
@@ -59,7 +61,7 @@ refresh=0
 runtimes=0
 kube=0
 tags=""
-cache=$(realpath -m "${NSR_KERNELS_CACHE:-$harness/.cache/kernels}")
+cache=$(realpath -m "${NSR_KERNELS_CACHE:-${NSREDIRECT_TEST_CACHE:-/var/cache/nsredirect-test}/kernels}")
 
 usage() {
 	sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
