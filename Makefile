@@ -80,6 +80,39 @@ demo: deps build
 clean:
 	rm -rf bin .cache
 
+# The two fuzz targets, bounded by count (not by -fuzztime=DURATION: Go
+# 1.26's fuzz coordinator can report its own wall-clock deadline as a
+# failure with no crasher, golang/go#75804, fixed in 1.27); -timeout caps a
+# hang. `fuzz` is the gate's (200,000 executions each), `fuzz-full` the
+# test-all cell's (2,000,000 each).
+FUZZ_EXECS ?= 200000
+.PHONY: fuzz fuzz-full
+fuzz:
+	$(GO) test ./internal/rule -run=NONE -fuzz='^FuzzParse$$' -fuzztime=$(FUZZ_EXECS)x -timeout=10m
+	$(GO) test ./internal/rule -run=NONE -fuzz='^FuzzParseList$$' -fuzztime=$(FUZZ_EXECS)x -timeout=10m
+
+fuzz-full:
+	$(MAKE) --no-print-directory fuzz FUZZ_EXECS=2000000
+
+# Every cell the gate (.ci/run) does not run, each under its own bound, one
+# after the other; a cell that fails or hangs is named and the others still
+# run. CELLS="kernel-6.1 soak" runs some (test-all-list lists them). Writes
+# test/results/record.json and README.md: commit them with the change that
+# ran the cells. Exits non-zero if a cell failed.
+.PHONY: test-all test-all-list
+test-all: deps build
+	$(GO) run ./tools/testall $(if $(CELLS),-cells '$(CELLS)')
+
+test-all-list:
+	@$(GO) run ./tools/testall -list
+
+# The cells docs/development.md's table asks of the changes since SINCE
+# (default origin/main, else main).
+SINCE ?= $(shell git rev-parse -q --verify origin/main >/dev/null && echo origin/main || echo main)
+.PHONY: test-changed
+test-changed: deps build
+	$(GO) run ./tools/testall -since '$(SINCE)'
+
 # Minutes of connect load in 20 netns with daemons killed and restarted and
 # netns coming and going (NSREDIRECT_SOAK_DURATION, default 5m).
 # Direct vs nsredirect vs socat vs iptables REDIRECT, in throwaway netns on
@@ -136,21 +169,20 @@ deps-kernels:
 # moby/moby/v2 module) with Docker Compose v5 (as the `docker compose` plugin
 # and as `docker-compose`), and Podman's Docker-compatible API (Debian's 4.3),
 # each on its own socket, data root and exec root; one table, also in
-# .cache/runtimes/results.md. The engines are built from the Go modules pinned
-# in test/runtimes/tools/ into .cache/runtimes/bin (rebuilt only when those
-# go.mod/go.sum change). RUN=REGEX narrows the tests.
+# $NSREDIRECT_TEST_CACHE/runtimes/results.md. The engines are built from the
+# Go modules pinned in test/runtimes/tools/ by its build.sh, into the test
+# cache, keyed by those modules (a second run builds nothing). RUN=REGEX
+# narrows the tests.
 .PHONY: test-runtimes
-RUNTIMES_BIN := .cache/runtimes/bin
 RUNTIMES_PACKAGES := podman uidmap passwd containerd runc
-RUNTIMES_TOOLS := test/runtimes/tools
-DOCKERD_VERSION := 29.8.0
-COMPOSE_VERSION := v5.6.0
-test-runtimes: deps build deps-runtimes $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-compose
+test-runtimes: deps build deps-runtimes
 	$(GO) vet -tags runtimes ./test/runtimes/
-	NSREDIRECT_BIN=$(CURDIR)/$(BIN) DEMO_BACKEND_BIN=$(CURDIR)/bin/demo-backend \
-		NSREDIRECT_RUNTIMES_BIN=$(CURDIR)/$(RUNTIMES_BIN) NSREDIRECT_RUNTIMES_RESULTS=$(CURDIR)/.cache/runtimes/results.md \
+	@mkdir -p $(NSREDIRECT_TEST_CACHE)/runtimes
+	rbin=$$(test/runtimes/tools/build.sh) && \
+		NSREDIRECT_BIN=$(CURDIR)/$(BIN) DEMO_BACKEND_BIN=$(CURDIR)/bin/demo-backend \
+		NSREDIRECT_RUNTIMES_BIN=$$rbin NSREDIRECT_RUNTIMES_RESULTS=$(NSREDIRECT_TEST_CACHE)/runtimes/results.md \
 		$(GO) test -tags runtimes -count=1 -p 1 -v -timeout 30m $(if $(RUN),-run '$(RUN)') ./test/runtimes/
-	@cat .cache/runtimes/results.md
+	@cat $(NSREDIRECT_TEST_CACHE)/runtimes/results.md
 
 # The pure-cgroup2 column of the same matrix: a qemu guest (Debian's 6.12,
 # TCG, as `make test-kernels` boots it) that runs systemd as PID 1 on a pure
@@ -158,22 +190,10 @@ test-runtimes: deps build deps-runtimes $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/
 # systemd unit installed as the README says; one table, also in
 # $NSREDIRECT_TEST_CACHE/kernels/results-runtimes.md. RUN=REGEX narrows the tests.
 .PHONY: test-runtimes-guest
-test-runtimes-guest: deps build deps-kernels deps-runtimes $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-compose
+test-runtimes-guest: deps build deps-kernels deps-runtimes
 	$(GO) vet -tags 'runtimes guest' ./test/runtimes/
-	./scripts/test-kernels.sh --runtimes --repo $(CURDIR) --kernels 6.12 $(if $(RUN),--run '$(RUN)')
-
-$(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-proxy &: $(RUNTIMES_TOOLS)/dockerd/go.mod $(RUNTIMES_TOOLS)/dockerd/go.sum
-	@mkdir -p $(RUNTIMES_BIN)
-	cd $(RUNTIMES_TOOLS)/dockerd && CGO_ENABLED=0 $(GO) build -trimpath -tags 'netgo osusergo static_build nri_no_wasm' \
-		-ldflags '-s -w -X github.com/moby/moby/v2/dockerversion.Version=$(DOCKERD_VERSION)' \
-		-o $(CURDIR)/$(RUNTIMES_BIN)/ github.com/moby/moby/v2/cmd/dockerd github.com/moby/moby/v2/cmd/docker-proxy
-	@touch $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-proxy
-
-$(RUNTIMES_BIN)/docker-compose: $(RUNTIMES_TOOLS)/compose/go.mod $(RUNTIMES_TOOLS)/compose/go.sum
-	@mkdir -p $(RUNTIMES_BIN)
-	cd $(RUNTIMES_TOOLS)/compose && CGO_ENABLED=0 $(GO) build -trimpath \
-		-ldflags '-s -w -X github.com/docker/compose/v5/internal.Version=$(COMPOSE_VERSION)' \
-		-o $(CURDIR)/$@ github.com/docker/compose/v5/cmd
+	rbin=$$(test/runtimes/tools/build.sh) && NSREDIRECT_RUNTIMES_BIN=$$rbin \
+		./scripts/test-kernels.sh --runtimes --repo $(CURDIR) --kernels 6.12 $(if $(RUN),--run '$(RUN)')
 
 deps-runtimes:
 	@scripts/need-packages.sh test-runtimes $(RUNTIMES_PACKAGES)
@@ -215,16 +235,14 @@ deps-actionlint:
 # k8s.io/kubernetes in test/runtimes/kubernetes/go.mod, helm from
 # test/deploy's; containerd 1.6, runc and the CNI plugins from Debian), and
 # nsredirect installed on it with `kubectl apply -k` and `helm install` as the
-# README says. .ci/run runs it after test-runtimes. Builds are cached in
-# .cache/kubernetes/bin; cold (their modules not yet downloaded), on a shared
-# 2-core machine, the five Kubernetes binaries and helm took 11 min 35 s wall
-# and the whole target 13 min 25 s; with the builds cached a run takes
-# 51-84 s. Its table: .cache/kubernetes/results.md; a failed run's logs:
-# .cache/kubernetes/logs.
+# README says. Builds are cached in the test cache, keyed by the modules they
+# come from (test/runtimes/kubernetes/build.sh). Its table:
+# $NSREDIRECT_TEST_CACHE/kubernetes/results.md; a failed run's logs:
+# $NSREDIRECT_TEST_CACHE/kubernetes/logs.
 KUBE_PACKAGES := containerd runc containernetworking-plugins openssl bpftool python3
 test-runtimes-kube: deps build deps-kube
-	test/runtimes/kubernetes/build.sh $(CURDIR)/.cache/kubernetes/bin
-	test/runtimes/kubernetes/cluster.sh --repo $(CURDIR) --bin $(CURDIR)/.cache/kubernetes/bin --tools $(CURDIR)/.cache/kubernetes/bin/images
+	kbin=$$(test/runtimes/kubernetes/build.sh) && \
+		test/runtimes/kubernetes/cluster.sh --repo $(CURDIR) --bin $$kbin --tools $$kbin/images
 
 # The same cell in the pure-cgroup2 column: a qemu 6.12 guest (TCG) booting
 # systemd as PID 1, with kubelet and containerd on the systemd cgroup driver
@@ -232,8 +250,8 @@ test-runtimes-kube: deps build deps-kube
 # builds. Its table: $NSREDIRECT_TEST_CACHE/kernels/results-kube.md.
 .PHONY: test-runtimes-guest-kube
 test-runtimes-guest-kube: deps build deps-kernels deps-kube
-	test/runtimes/kubernetes/build.sh $(CURDIR)/.cache/kubernetes/bin
-	./scripts/test-kernels.sh --kube --repo $(CURDIR) --kernels 6.12
+	kbin=$$(test/runtimes/kubernetes/build.sh) && NSREDIRECT_KUBE_BIN=$$kbin \
+		./scripts/test-kernels.sh --kube --repo $(CURDIR) --kernels 6.12
 
 deps-kube:
 	@scripts/need-packages.sh test-runtimes-kube $(KUBE_PACKAGES)

@@ -36,7 +36,7 @@
 # systemd, on a target of its own that runs the suite and powers off, so
 # none of the host's enabled services start) and runs ./test/runtimes built
 # with the tags runtimes and guest: Docker Engine 29 + compose v5 from the
-# checkout's .cache/runtimes/bin (`make test-runtimes` builds them) and the
+# test cache (test/runtimes/tools/build.sh builds them) and the
 # shipped systemd unit installed as the README says. amd64 only (the
 # engines are built for the host). Its table is $NSREDIRECT_TEST_CACHE/kernels/results-runtimes.md.
 #
@@ -44,7 +44,7 @@
 # test-runtimes-guest-kube`): the same systemd guest runs
 # test/runtimes/kubernetes/cluster.sh with kubelet's and containerd's systemd
 # cgroup driver, from the binaries `make test-runtimes-kube` builds in
-# .cache/kubernetes/bin (amd64 only). Its table is
+# the test cache (test/runtimes/kubernetes/build.sh; amd64 only). Its table is
 # $NSREDIRECT_TEST_CACHE/kernels/results-kube.md.
 set -euo pipefail
 export PATH=/usr/local/go/bin:$PATH
@@ -87,11 +87,16 @@ done
 log() { echo "test-kernels: $*" >&2; }
 die() { log "$*"; exit 2; }
 
-kbin=$repo/.cache/kubernetes/bin
+# The engines and Kubernetes binaries, built into the test cache by
+# test/runtimes/tools/build.sh and test/runtimes/kubernetes/build.sh (the
+# make targets run them and pass their directories here).
+kbin=${NSREDIRECT_KUBE_BIN:-}
+rbin=${NSREDIRECT_RUNTIMES_BIN:-}
 if [ "$kube" = 1 ]; then
 	for k in $kernels; do
 		case $k in arm64-*) die "--kube --kernels $k: the binaries in $kbin are amd64; give amd64 series (e.g. 6.12)" ;; esac
 	done
+	[ -n "$kbin" ] || die "--kube: NSREDIRECT_KUBE_BIN is not set: \`make test-runtimes-guest-kube\` builds the binaries and sets it"
 	for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl etcd helm images/pause images/dialer images/ociimage; do
 		[ -x "$kbin/$b" ] || die "$kbin/$b is missing: \`make test-runtimes-guest-kube\` builds it (test/runtimes/kubernetes/build.sh)"
 	done
@@ -103,10 +108,11 @@ elif [ "$runtimes" = 1 ]; then
 	pkgs=./test/runtimes tags="runtimes guest"
 	[ -n "$run_re" ] || run_re='^(TestDocker29|TestSystemdUnit)'
 	for k in $kernels; do
-		case $k in arm64-*) die "--runtimes --kernels $k: the engines in .cache/runtimes/bin are amd64; give amd64 series (e.g. 6.12)" ;; esac
+		case $k in arm64-*) die "--runtimes --kernels $k: the engines are built for amd64; give amd64 series (e.g. 6.12)" ;; esac
 	done
+	[ -n "$rbin" ] || die "--runtimes: NSREDIRECT_RUNTIMES_BIN is not set: \`make test-runtimes-guest\` builds the engines and sets it"
 	for b in dockerd docker-proxy docker-compose; do
-		[ -x "$repo/.cache/runtimes/bin/$b" ] || die "$repo/.cache/runtimes/bin/$b is missing: \`make test-runtimes-guest\` builds it (as \`make test-runtimes\` does)"
+		[ -x "$rbin/$b" ] || die "$rbin/$b is missing: \`make test-runtimes-guest\` builds it (test/runtimes/tools/build.sh)"
 	done
 	[ -x /lib/systemd/systemd ] || die "/lib/systemd/systemd is missing: --runtimes boots the host's systemd in the guest (apt-get install systemd)"
 fi
@@ -120,6 +126,11 @@ esac
 case $cache/ in
 /tmp/* | /run/*) die "NSR_KERNELS_CACHE=$cache: the guest has its own /tmp and /run; use e.g. /var/tmp/nsr-kernels" ;;
 esac
+for d in "$rbin" "$kbin"; do
+	case $d/ in
+	/tmp/* | /run/*) die "$d: the guest has its own /tmp and /run; set NSREDIRECT_TEST_CACHE elsewhere (e.g. /var/tmp/nsr-test)" ;;
+	esac
+done
 # The engines and systemd take longer to start under TCG than the suite.
 [ -n "$timeout_min" ] || { timeout_min=20; [ "$runtimes" = 0 ] || timeout_min=40; [ "$kube" = 0 ] || timeout_min=60; }
 if ! [[ $timeout_min =~ ^[0-9]+$ ]] || [ "$timeout_min" -lt 4 ]; then
@@ -212,6 +223,12 @@ fetch_kernel() {
 	# networks of Docker's compose projects (--runtimes).
 	local want="virtio_pci 9pnet_virtio 9p overlay veth bridge"
 	if [ "$(cat "$dir/modules.want" 2>/dev/null)" != "$want" ]; then rm -f "$dir/.done"; fi
+	# .done holds the sha256 of every file the guest boots from: a cache
+	# truncated or altered since is extracted again, not trusted.
+	if [ -f "$dir/.done" ] && ! (cd "$dir" && sha256sum --quiet -c .done >/dev/null 2>&1); then
+		log "$series: $dir does not match its checksums; extracting it again"
+		rm -f "$dir/.done"
+	fi
 	if [ ! -f "$dir/.done" ]; then
 		deb=$(find "$aptdir/archives" -maxdepth 1 -name "${pkg}_*.deb" | sort -V | tail -1)
 		if [ -z "$deb" ]; then
@@ -221,7 +238,14 @@ fetch_kernel() {
 		fi
 		log "$series: extracting $(basename "$deb")"
 		tmp=$(mktemp -d "$cache/extract.XXXXXX")
-		dpkg-deb -x "$deb" "$tmp"
+		if ! dpkg-deb -x "$deb" "$tmp" 2>/dev/null; then
+			# A partial or corrupt download: fetch it again, once.
+			log "$series: $(basename "$deb") is corrupt; downloading it again"
+			rm -f "$deb" && rm -rf "$tmp" && tmp=$(mktemp -d "$cache/extract.XXXXXX")
+			(cd "$aptdir/archives" && apt-get "${apt_opts[@]}" -qq download "$pkg:$arch=$ver" >&2)
+			deb=$(find "$aptdir/archives" -maxdepth 1 -name "${pkg}_*.deb" | sort -V | tail -1)
+			dpkg-deb -x "$deb" "$tmp"
+		fi
 		kver=$(basename "$(find "$tmp/lib/modules" -mindepth 1 -maxdepth 1 -type d | head -1)")
 		rm -rf "$dir" && mkdir -p "$dir/modules"
 		cp "$tmp/boot/vmlinuz-$kver" "$dir/vmlinuz"
@@ -251,7 +275,7 @@ fetch_kernel() {
 		echo "$want" >"$dir/modules.want"
 		echo "$kver" >"$dir/kver"
 		rm -rf "$tmp"
-		touch "$dir/.done"
+		(cd "$dir" && sha256sum vmlinuz config modules.order modules/*.ko >.done)
 	fi
 	echo "$pkg $ver $dir"
 }
@@ -261,6 +285,11 @@ fetch_kernel() {
 # the suite runs (ip, curl, node, python3, dig, bpftool, setpriv/nsenter/
 # prlimit/unshare), with busybox-static for the initramfs.
 rootfs_pkgs="bash dash coreutils grep sed iproute2 curl nodejs python3 dnsutils bpftool util-linux mount procps busybox-static base-passwd"
+
+# rootfs_digest DIR: a digest of every path under DIR with its type and size.
+rootfs_digest() {
+	(cd "$1" && find . -path ./.done -prune -o -printf '%P %y %s\n' | LC_ALL=C sort | sha256sum | cut -c1-32)
+}
 
 # build_rootfs ARCH: prints the path of a root unpacked from bookworm's
 # ARCH .debs: the packages above and everything they depend on, resolved
@@ -284,6 +313,12 @@ build_rootfs() {
 	# The recipe below is part of the key: changing it rebuilds the root.
 	key=$( (printf '%s\n' "${debs[@]}" && declare -f build_rootfs) | sha256sum | cut -c1-16)
 	dir=$cache/rootfs/$arch-$key
+	# .done holds a digest of the root's file list and sizes: a root that
+	# lost or truncated files since is unpacked again.
+	if [ -f "$dir/.done" ] && [ "$(cat "$dir/.done")" != "$(rootfs_digest "$dir")" ]; then
+		log "$arch: $dir does not match its digest; unpacking it again"
+		rm -f "$dir/.done"
+	fi
 	if [ ! -f "$dir/.done" ]; then
 		log "$arch: unpacking ${#debs[@]} bookworm .debs into a root"
 		tmp=$(mktemp -d "$cache/rootfs.XXXXXX")
@@ -301,7 +336,7 @@ build_rootfs() {
 		printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n' >"$tmp/etc/hosts"
 		echo nsr-guest >"$tmp/etc/hostname"
 		rm -rf "$dir" && mkdir -p "$(dirname "$dir")" && mv "$tmp" "$dir"
-		touch "$dir/.done"
+		rootfs_digest "$dir" >"$dir/.done"
 		# Roots of older package sets or recipes are never used again.
 		find "$cache/rootfs" -mindepth 1 -maxdepth 1 -name "$arch-*" ! -name "$(basename "$dir")" -exec rm -rf {} +
 	fi
@@ -314,6 +349,10 @@ build_initramfs() {
 	local kdir=$1 busybox_bin=$2 key out tmp
 	key=$(cat "$here/kernels/init" "$busybox_bin" "$kdir/modules.order" "$kdir"/modules/*.ko | sha256sum | cut -c1-16)
 	out=$cache/initramfs/$key.cpio.gz
+	if [ -f "$out" ] && ! (cd "$(dirname "$out")" && sha256sum --quiet -c "$key.sha256" >/dev/null 2>&1); then
+		log "initramfs $key does not match its checksum; building it again"
+		rm -f "$out"
+	fi
 	if [ ! -f "$out" ]; then
 		log "building initramfs $key"
 		tmp=$(mktemp -d "$cache/initramfs.XXXXXX")
@@ -325,6 +364,7 @@ build_initramfs() {
 		mkdir -p "$(dirname "$out")"
 		(cd "$tmp" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1 >"$out.tmp")
 		mv "$out.tmp" "$out"
+		(cd "$(dirname "$out")" && sha256sum "$key.cpio.gz" >"$key.sha256")
 		rm -rf "$tmp"
 	fi
 	echo "$out"
@@ -382,7 +422,7 @@ EOF
 		# there the bound only caps a hang, and the table has the figure.
 		cat <<EOF
 mkdir -p /run/nsr-tmp && export TMPDIR=/run/nsr-tmp
-export NSREDIRECT_RUNTIMES_BIN=$repo/.cache/runtimes/bin NSREDIRECT_RUNTIMES_RESULTS=$res/runtimes.md
+export NSREDIRECT_RUNTIMES_BIN=$rbin NSREDIRECT_RUNTIMES_RESULTS=$res/runtimes.md
 export NSREDIRECT_RUNTIMES_FOLLOW_BOUND=60s NSREDIRECT_RUNTIMES_DIAL_TIMEOUT=10s
 echo "guest: PID 1 is \$(cat /proc/1/comm), \$(systemctl --version | head -1)"
 # What a systemd host runs, and Podman talks to (systemd is its cgroup manager there).

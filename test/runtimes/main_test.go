@@ -8,8 +8,9 @@
 // (the machine's own /var/run/docker.sock, if any, is never used), is
 // stopped by its pid, and its directories are removed, also when a test
 // fails. The Docker Engine and Compose binaries come from the Go modules
-// pinned in tools/ (`make test-runtimes` builds them into
-// .cache/runtimes/bin, NSREDIRECT_RUNTIMES_BIN); Podman is Debian's.
+// pinned in tools/ (`make test-runtimes` builds them with tools/build.sh into
+// the test cache and passes the directory as NSREDIRECT_RUNTIMES_BIN);
+// Podman is Debian's.
 //
 // The build tag keeps these tests out of `go test ./...` and `make test`:
 // they need the engines, and minutes. Each test adds rows to one table
@@ -71,13 +72,11 @@ func need(t *testing.T, ok bool, why string) {
 
 // runtimesBin is the directory holding dockerd, docker-proxy and
 // docker-compose as `make test-runtimes` built them:
-// NSREDIRECT_RUNTIMES_BIN, by default the repository's .cache/runtimes/bin.
+// NSREDIRECT_RUNTIMES_BIN (tools/build.sh prints it).
 func runtimesBin(t *testing.T) string {
 	t.Helper()
 	dir := os.Getenv("NSREDIRECT_RUNTIMES_BIN")
-	if dir == "" {
-		dir = filepath.Join(repoDir(t), ".cache", "runtimes", "bin")
-	}
+	need(t, dir != "", "NSREDIRECT_RUNTIMES_BIN is not set: run `sudo make test-runtimes`, which builds the engines and sets it")
 	for _, b := range []string{"dockerd", "docker-proxy", "docker-compose"} {
 		_, err := os.Stat(filepath.Join(dir, b))
 		need(t, err == nil, fmt.Sprintf("%s/%s is missing: run `sudo make test-runtimes`, which builds it", dir, b))

@@ -56,8 +56,8 @@ systemd)
 	;;
 *) echo "cluster.sh: --cgroup-driver $driver: give cgroupfs or systemd" >&2; exit 2 ;;
 esac
-results=${results:-$repo/.cache/kubernetes/results.md}
-keep=${keep:-$repo/.cache/kubernetes/logs} # a failed run's logs, kept until the next run
+results=${results:-${NSREDIRECT_TEST_CACHE:-/var/cache/nsredirect-test}/kubernetes/results.md}
+keep=${keep:-${NSREDIRECT_TEST_CACHE:-/var/cache/nsredirect-test}/kubernetes/logs} # a failed run's logs, kept until the next run
 here=$(cd "$(dirname "$0")" && pwd)
 
 NODE=nsr-node
