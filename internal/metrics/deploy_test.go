@@ -1,0 +1,57 @@
+package metrics_test
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/nsredirect/nsredirect/internal/metrics"
+	"github.com/nsredirect/nsredirect/internal/promsel"
+)
+
+// TargetLabels are what Prometheus adds to every series of a daemon: job
+// and instance, and node, which the Helm chart's PodMonitor and
+// ServiceMonitor relabel in from the pod's node.
+var TargetLabels = []string{"job", "instance", "node"}
+
+// Every query of the Grafana dashboard and every alert rule names only
+// metrics and labels this registry exports (with one sample of each), so a
+// renamed metric or label fails here, without root. test/integration's
+// TestObservabilityQueriesLive checks the same against a running daemon.
+func TestDeployQueriesUseExportedMetrics(t *testing.T) {
+	reg := metrics.Registry(func() metrics.Snapshot {
+		return metrics.Snapshot{
+			Rules:        []metrics.RuleStat{{Netns: "shop/web", Rule: "80=3210", Redirects: 1}},
+			EnrollErrors: map[string]uint64{"shop/broken": 1},
+			LinkRepairs:  map[string]uint64{"connect4": 1},
+			Maps:         []metrics.MapFill{{Map: "rules", Entries: 6, Capacity: 65536}},
+		}
+	}, "test")
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	exported := promsel.FromFamilies(fams)
+	root := filepath.Join("..", "..", "deploy")
+	for _, f := range []struct {
+		path  string
+		parse func([]byte) ([]promsel.Query, error)
+	}{
+		{filepath.Join(root, "grafana", "nsredirect.json"), promsel.DashboardQueries},
+		{filepath.Join(root, "prometheus", "nsredirect-rules.yaml"), promsel.RuleQueries},
+	} {
+		b, err := os.ReadFile(f.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		qs, err := f.parse(b)
+		if err != nil {
+			t.Fatalf("%s: %v", f.path, err)
+		}
+		for _, q := range qs {
+			for _, err := range promsel.Check(q.Expr, exported, TargetLabels) {
+				t.Errorf("%s, %s: %v", f.path, q.Where, err)
+			}
+		}
+	}
+}
