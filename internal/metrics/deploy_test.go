@@ -9,10 +9,10 @@ import (
 	"github.com/nsredirect/nsredirect/internal/promsel"
 )
 
-// TargetLabels are what Prometheus adds to every series of a daemon: job
+// targetLabels are what Prometheus adds to every series of a daemon: job
 // and instance, and node, which the Helm chart's PodMonitor and
 // ServiceMonitor relabel in from the pod's node.
-var TargetLabels = []string{"job", "instance", "node"}
+var targetLabels = []string{"job", "instance", "node"}
 
 // Every query of the Grafana dashboard and every alert rule names only
 // metrics and labels this registry exports (with one sample of each), so a
@@ -49,7 +49,7 @@ func TestDeployQueriesUseExportedMetrics(t *testing.T) {
 			t.Fatalf("%s: %v", f.path, err)
 		}
 		for _, q := range qs {
-			for _, err := range promsel.Check(q.Expr, exported, TargetLabels) {
+			for _, err := range promsel.Check(q.Expr, exported, targetLabels) {
 				t.Errorf("%s, %s: %v", f.path, q.Where, err)
 			}
 		}
