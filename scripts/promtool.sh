@@ -8,9 +8,16 @@
 #
 #   "$(scripts/promtool.sh)" check rules deploy/prometheus/nsredirect-rules.yaml
 set -euo pipefail
-ver=$(apt-cache policy prometheus 2>/dev/null | sed -n 's/^ *Candidate: //p')
+candidate() { apt-cache policy prometheus 2>/dev/null | sed -n 's/^ *Candidate: //p'; }
+ver=$(candidate)
+# A machine with every package of `make deps` installed may have no apt
+# indexes (container images drop them): root fetches them.
+if { [ -z "$ver" ] || [ "$ver" = "(none)" ]; } && [ "$(id -u)" = 0 ]; then
+	apt-get update -qq >&2
+	ver=$(candidate)
+fi
 if [ -z "$ver" ] || [ "$ver" = "(none)" ]; then
-	echo "promtool.sh: apt knows no prometheus package; run apt-get update (Debian 12 has it)" >&2
+	echo "promtool.sh: apt knows no prometheus package; run apt-get update as root (Debian 12 has it)" >&2
 	exit 1
 fi
 cache=${NSREDIRECT_TEST_CACHE:-/var/cache/nsredirect-test}
