@@ -3,6 +3,10 @@ package metrics_test
 import (
 	"os"
 	"path/filepath"
+	"reflect"
+	"regexp"
+	"sort"
+	"strings"
 	"testing"
 
 	"github.com/nsredirect/nsredirect/internal/metrics"
@@ -19,19 +23,7 @@ var targetLabels = []string{"job", "instance", "node"}
 // renamed metric or label fails here, without root. test/integration's
 // TestObservabilityQueriesLive checks the same against a running daemon.
 func TestDeployQueriesUseExportedMetrics(t *testing.T) {
-	reg := metrics.Registry(func() metrics.Snapshot {
-		return metrics.Snapshot{
-			Rules:        []metrics.RuleStat{{Netns: "shop/web", Rule: "80=3210", Redirects: 1}},
-			EnrollErrors: map[string]uint64{"shop/broken": 1},
-			LinkRepairs:  map[string]uint64{"connect4": 1},
-			Maps:         []metrics.MapFill{{Map: "rules", Entries: 6, Capacity: 65536}},
-		}
-	}, "test")
-	fams, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	exported := promsel.FromFamilies(fams)
+	exported := exportedWithOneOfEach(t)
 	root := filepath.Join("..", "..", "deploy")
 	for _, f := range []struct {
 		path  string
@@ -54,4 +46,67 @@ func TestDeployQueriesUseExportedMetrics(t *testing.T) {
 			}
 		}
 	}
+}
+
+// exportedWithOneOfEach is what the registry exports with one sample of
+// every nsredirect series.
+func exportedWithOneOfEach(t *testing.T) promsel.Exported {
+	t.Helper()
+	reg := metrics.Registry(func() metrics.Snapshot {
+		return metrics.Snapshot{
+			Rules:        []metrics.RuleStat{{Netns: "shop/web", Rule: "80=3210", Redirects: 1}},
+			EnrollErrors: map[string]uint64{"shop/broken": 1},
+			LinkRepairs:  map[string]uint64{"connect4": 1},
+			Maps:         []metrics.MapFill{{Map: "rules", Entries: 6, Capacity: 65536}},
+		}
+	}, "test")
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return promsel.FromFamilies(fams)
+}
+
+var backticked = regexp.MustCompile("`([a-z_]+)`")
+
+// docs/observability.md's table of metrics lists every nsredirect_ metric
+// with its labels, and nothing else.
+func TestObservabilityDocListsMetrics(t *testing.T) {
+	want := map[string][]string{}
+	for name, labels := range exportedWithOneOfEach(t) {
+		if strings.HasPrefix(name, "nsredirect_") {
+			want[name] = sortedKeys(labels)
+		}
+	}
+	doc, err := os.ReadFile(filepath.Join("..", "..", "docs", "observability.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string][]string{}
+	for _, line := range strings.Split(string(doc), "\n") {
+		cells := strings.Split(line, "|")
+		if len(cells) < 4 || !strings.HasPrefix(strings.TrimSpace(cells[1]), "`nsredirect_") {
+			continue
+		}
+		var labels []string
+		for _, m := range backticked.FindAllStringSubmatch(cells[2], -1) {
+			labels = append(labels, m[1])
+		}
+		sort.Strings(labels)
+		for _, m := range backticked.FindAllStringSubmatch(cells[1], -1) {
+			got[m[1]] = labels
+		}
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("docs/observability.md lists metrics and labels\n%v\nthe daemon exports\n%v", got, want)
+	}
+}
+
+func sortedKeys(m map[string]bool) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
 }
