@@ -256,6 +256,13 @@ func TestChartServiceMonitor(t *testing.T) {
 		t.Errorf("Service port %+v and ServiceMonitor port %q, want port metrics 9100 to the container's metrics port", sp, e.Port)
 	}
 	checkEndpoint(t, "ServiceMonitor", e, "")
+
+	// Helm's longest release name (53 characters) still names a Service
+	// within the 63 characters of a DNS label.
+	long, _ := chartBundle(t, strings.Repeat("r", 53), map[string]any{"serviceMonitor": map[string]any{"enabled": true}})
+	if n := long.metricsService.Name; len(n) > 63 || strings.HasSuffix(n, "-") {
+		t.Errorf("Service name %q under a 53-character release: not a DNS label", n)
+	}
 }
 
 // Both monitors at once would scrape every daemon twice: the install fails
