@@ -70,9 +70,12 @@ test-unit:
 # in-process as `kubectl apply -k` and `helm install` would, decoded strictly
 # into k8s.io/api types and checked field by field, and their flags checked
 # against `bin/nsredirect kube`. Its own module (test/deploy/go.mod), so helm
-# and kustomize stay out of the daemon's go.mod.
+# and kustomize stay out of the daemon's go.mod. The Prometheus rules go
+# through `promtool check rules` and `promtool test rules`, with the promtool
+# of Debian's prometheus package, extracted without installing the server.
 test-deploy: $(BIN)
-	cd test/deploy && NSREDIRECT_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 ./...
+	promtool=$$(scripts/promtool.sh) && cd test/deploy && \
+		NSREDIRECT_BIN=$(CURDIR)/$(BIN) PROMTOOL=$$promtool $(GO) test -count=1 ./...
 
 demo: deps build
 	./scripts/demo.sh

@@ -50,6 +50,12 @@ type bundle struct {
 	role      *rbacv1.ClusterRole
 	binding   *rbacv1.ClusterRoleBinding
 	daemonSet *appsv1.DaemonSet
+
+	// Only with the chart's Prometheus Operator options (observe_test.go).
+	metricsService *corev1.Service
+	podMonitor     *podMonitor
+	serviceMonitor *serviceMonitor
+	prometheusRule *prometheusRule
 }
 
 // strictJSON decodes JSON the way the API server does with
@@ -92,6 +98,14 @@ func decodeStrict(doc []byte) (any, error) {
 		obj = &rbacv1.ClusterRoleBinding{}
 	case "apps/v1 DaemonSet":
 		obj = &appsv1.DaemonSet{}
+	case "v1 Service":
+		obj = &corev1.Service{}
+	case monitoringV1 + " PodMonitor":
+		obj = &podMonitor{}
+	case monitoringV1 + " ServiceMonitor":
+		obj = &serviceMonitor{}
+	case monitoringV1 + " PrometheusRule":
+		obj = &prometheusRule{}
 	default:
 		return nil, fmt.Errorf("unexpected object apiVersion %q kind %q", head.APIVersion, head.Kind)
 	}
@@ -117,6 +131,14 @@ func (b *bundle) add(obj any) error {
 		dup, b.binding = b.binding != nil, o
 	case *appsv1.DaemonSet:
 		dup, b.daemonSet = b.daemonSet != nil, o
+	case *corev1.Service:
+		dup, b.metricsService = b.metricsService != nil, o
+	case *podMonitor:
+		dup, b.podMonitor = b.podMonitor != nil, o
+	case *serviceMonitor:
+		dup, b.serviceMonitor = b.serviceMonitor != nil, o
+	case *prometheusRule:
+		dup, b.prometheusRule = b.prometheusRule != nil, o
 	default:
 		return fmt.Errorf("unexpected object %T", obj)
 	}

@@ -309,6 +309,11 @@ func TestChartRefusesBadValues(t *testing.T) {
 		{"logFormat=xml", "logFormat"},
 		{"cgroup2HostPath=sys/fs/cgroup", "cgroup2HostPath"},
 		{"image.pullPolicy=Sometimes", "pullPolicy"},
+		{"podMonitor.enable=true", "enable"},
+		{"podMonitor.interval=30", "interval"},
+		{"serviceMonitor.scrapeTimeout=10sec", "scrapeTimeout"},
+		{"prometheusRule.enabled=yes", "enabled"},
+		{"prometheusRule.labels.release=1", "release"},
 	} {
 		t.Run(c.set, func(t *testing.T) {
 			vals, err := strvals.Parse(c.set)
