@@ -102,6 +102,8 @@ var pathRules = []pathRule{
 		Why:   "a real node with kubectl apply -k and helm install; kube-guest (pure cgroup2, systemd driver) before a release"},
 	{Paths: []string{"internal/cli/"},
 		Why: "preflight and flags are covered by make test"},
+	{Paths: []string{"deploy/prometheus/", "deploy/grafana/"},
+		Why: "make test checks every query and alert against a live /metrics and runs promtool"},
 	{Paths: []string{"internal/rule/"},
 		Cells: []string{"fuzz"},
 		Why:   "the parsers' full fuzz beside the gate's bounded one"},
