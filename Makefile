@@ -35,16 +35,20 @@ bin/demo-backend: $(shell find cmd/demo-backend -name '*.go')
 deps:
 	@scripts/need-packages.sh deps $(DEB_PACKAGES)
 
-# Regenerates the eBPF objects and Go bindings; they are committed, and CI
+# Regenerates the eBPF objects and Go bindings, and the references the code
+# gives about itself (docs/cli.md from the commands' flags, docs/metrics.md
+# from the metrics collector: internal/docgen). They are committed, and CI
 # checks this reproduces them byte for byte. The compiler is pinned in
 # internal/bpfobj/gen.go and the headers are vendored in bpf/include, so the
 # output is the same on any machine.
+GENERATED := internal/bpfobj docs/cli.md docs/metrics.md
 generate:
 	cd internal/bpfobj && $(GO) generate ./...
+	$(GO) generate ./internal/docgen
 
 check-generate: generate
-	git diff --exit-code -- internal/bpfobj
-	@test -z "$$(git status --porcelain -- internal/bpfobj)" || { git status --porcelain -- internal/bpfobj; echo "check-generate: files above are not committed" >&2; exit 1; }
+	@git diff --exit-code -- $(GENERATED) || { echo "check-generate: the files above differ from what \`make generate\` writes: run it and commit them" >&2; exit 1; }
+	@test -z "$$(git status --porcelain -- $(GENERATED))" || { git status --porcelain -- $(GENERATED); echo "check-generate: files above are not committed" >&2; exit 1; }
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting" >&2; exit 1; }
