@@ -13,10 +13,10 @@ NSREDIRECT_TEST_CACHE ?= /var/cache/nsredirect-test
 override NSREDIRECT_TEST_CACHE := $(abspath $(NSREDIRECT_TEST_CACHE))
 export NSREDIRECT_TEST_CACHE
 STATICCHECK = $$(scripts/gotool.sh honnef.co/go/tools/cmd/staticcheck@v0.8.2)
-DEB_PACKAGES := clang-14 llvm-14 libbpf-dev bpftool iproute2 curl socat dnsutils wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
+DEB_PACKAGES := clang-14 llvm-14 libbpf-dev bpftool iproute2 curl socat dnsutils wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin mkdocs mkdocs-material
 
 .PHONY: deps-kernels deps-runtimes deps-actionlint deps-kube
-.PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick bench-scale image test-docker clean soak test-kernels test-runtimes-kube
+.PHONY: all build generate check-generate docs test test-unit test-privileged test-deploy demo deps lint bench bench-quick bench-scale image test-docker clean soak test-kernels test-runtimes-kube
 
 all: build
 
@@ -50,6 +50,16 @@ check-generate: generate
 	@git diff --exit-code -- $(GENERATED) || { echo "check-generate: the files above differ from what \`make generate\` writes: run it and commit them" >&2; exit 1; }
 	@test -z "$$(git status --porcelain -- $(GENERATED))" || { git status --porcelain -- $(GENERATED); echo "check-generate: files above are not committed" >&2; exit 1; }
 
+# The manual as a site (mkdocs and mkdocs-material from Debian, through
+# `make deps`) into site/, with --strict so a broken link or anchor fails;
+# then scripts/check-docs.sh: every page of docs/ is in mkdocs.yml's nav
+# (mkdocs 1.4 only logs one that is not) and every relative link of
+# README.md resolves.
+docs:
+	@scripts/need-packages.sh docs mkdocs mkdocs-material
+	mkdocs build --strict --site-dir site
+	scripts/check-docs.sh
+
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting" >&2; exit 1; }
 	$(GO) vet ./...
@@ -82,7 +92,7 @@ demo: deps build
 	./scripts/demo.sh
 
 clean:
-	rm -rf bin .cache
+	rm -rf bin .cache site
 
 # Minutes of connect load in 20 netns with daemons killed and restarted and
 # netns coming and going (NSREDIRECT_SOAK_DURATION, default 5m).
