@@ -51,10 +51,11 @@ check-generate: generate
 	@test -z "$$(git status --porcelain -- $(GENERATED))" || { git status --porcelain -- $(GENERATED); echo "check-generate: files above are not committed" >&2; exit 1; }
 
 # The manual as a site (mkdocs and mkdocs-material from Debian, through
-# `make deps`) into site/, with --strict so a broken link or anchor fails;
+# `make deps`) into site/, with --strict so a link to a missing page fails;
 # then scripts/check-docs.sh: every page of docs/ is in mkdocs.yml's nav
-# (mkdocs 1.4 only logs one that is not) and every relative link of
-# README.md resolves.
+# (mkdocs 1.4 only logs one that is not), every relative link of README.md
+# resolves, and every #anchor between pages names a heading (1.4 does not
+# look).
 docs:
 	@scripts/need-packages.sh docs mkdocs mkdocs-material
 	mkdocs build --strict --site-dir site
