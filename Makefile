@@ -170,7 +170,7 @@ test-runtimes: deps build deps-runtimes $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/
 # The pure-cgroup2 column of the same matrix: a qemu guest (Debian's 6.12,
 # TCG, as `make test-kernels` boots it) that runs systemd as PID 1 on a pure
 # cgroup2 hierarchy, with Docker Engine 29 + compose v5 and the shipped
-# systemd unit installed as the README says; one table, also in
+# systemd unit installed as docs/docker.md says; one table, also in
 # $NSREDIRECT_TEST_CACHE/kernels/results-runtimes.md. RUN=REGEX narrows the tests.
 .PHONY: test-runtimes-guest
 test-runtimes-guest: deps build deps-kernels deps-runtimes $(RUNTIMES_BIN)/dockerd $(RUNTIMES_BIN)/docker-compose
@@ -229,8 +229,8 @@ deps-actionlint:
 # controller-manager, scheduler, kubelet and kubectl built from
 # k8s.io/kubernetes in test/runtimes/kubernetes/go.mod, helm from
 # test/deploy's; containerd 1.6, runc and the CNI plugins from Debian), and
-# nsredirect installed on it with `kubectl apply -k` and `helm install` as the
-# README says. .ci/run runs it after test-runtimes. Builds are cached in
+# nsredirect installed on it with `kubectl apply -k` and `helm install` as
+# docs/kubernetes.md says. .ci/run runs it after test-runtimes. Builds are cached in
 # .cache/kubernetes/bin; cold (their modules not yet downloaded), on a shared
 # 2-core machine, the five Kubernetes binaries and helm took 11 min 35 s wall
 # and the whole target 13 min 25 s; with the builds cached a run takes
