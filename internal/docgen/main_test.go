@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
@@ -22,7 +23,7 @@ func TestCLIMarkdownHasEveryFlag(t *testing.T) {
 		}
 	}
 	for _, e := range cli.ExitCodes() {
-		if !strings.Contains(md, "| `"+string(rune('0'+e.Code))+"` |") {
+		if !strings.Contains(md, fmt.Sprintf("| `%d` |", e.Code)) {
 			t.Errorf("exit code %d missing", e.Code)
 		}
 	}
