@@ -13,10 +13,10 @@ NSREDIRECT_TEST_CACHE ?= /var/cache/nsredirect-test
 override NSREDIRECT_TEST_CACHE := $(abspath $(NSREDIRECT_TEST_CACHE))
 export NSREDIRECT_TEST_CACHE
 STATICCHECK = $$(scripts/gotool.sh honnef.co/go/tools/cmd/staticcheck@v0.8.2)
-DEB_PACKAGES := clang-14 llvm-14 libbpf-dev bpftool iproute2 curl socat dnsutils wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin
+DEB_PACKAGES := clang-14 llvm-14 libbpf-dev bpftool iproute2 curl socat dnsutils wrk iperf3 iptables docker.io docker-compose util-linux libcap2-bin mkdocs mkdocs-material
 
 .PHONY: deps-kernels deps-runtimes deps-actionlint deps-kube
-.PHONY: all build generate check-generate test test-unit test-privileged test-deploy demo deps lint bench bench-quick bench-scale image test-docker clean soak test-kernels test-runtimes-kube
+.PHONY: all build generate check-generate docs test test-unit test-privileged test-deploy demo deps lint bench bench-quick bench-scale image test-docker clean soak test-kernels test-runtimes-kube
 
 all: build
 
@@ -35,16 +35,31 @@ bin/demo-backend: $(shell find cmd/demo-backend -name '*.go')
 deps:
 	@scripts/need-packages.sh deps $(DEB_PACKAGES)
 
-# Regenerates the eBPF objects and Go bindings; they are committed, and CI
+# Regenerates the eBPF objects and Go bindings, and the references the code
+# gives about itself (docs/cli.md from the commands' flags, docs/metrics.md
+# from the metrics collector: internal/docgen). They are committed, and CI
 # checks this reproduces them byte for byte. The compiler is pinned in
 # internal/bpfobj/gen.go and the headers are vendored in bpf/include, so the
 # output is the same on any machine.
+GENERATED := internal/bpfobj docs/cli.md docs/metrics.md
 generate:
 	cd internal/bpfobj && $(GO) generate ./...
+	$(GO) generate ./internal/docgen
 
 check-generate: generate
-	git diff --exit-code -- internal/bpfobj
-	@test -z "$$(git status --porcelain -- internal/bpfobj)" || { git status --porcelain -- internal/bpfobj; echo "check-generate: files above are not committed" >&2; exit 1; }
+	@git diff --exit-code -- $(GENERATED) || { echo "check-generate: the files above differ from what \`make generate\` writes: run it and commit them" >&2; exit 1; }
+	@test -z "$$(git status --porcelain -- $(GENERATED))" || { git status --porcelain -- $(GENERATED); echo "check-generate: files above are not committed" >&2; exit 1; }
+
+# The manual as a site (mkdocs and mkdocs-material from Debian, through
+# `make deps`) into site/, with --strict so a link to a missing page fails;
+# then scripts/check-docs.sh: every page of docs/ is in mkdocs.yml's nav
+# (mkdocs 1.4 only logs one that is not), every relative link of README.md
+# resolves, and every #anchor between pages names a heading (1.4 does not
+# look).
+docs:
+	@scripts/need-packages.sh docs mkdocs mkdocs-material
+	mkdocs build --strict --site-dir site
+	scripts/check-docs.sh
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting" >&2; exit 1; }
@@ -81,7 +96,7 @@ demo: deps build
 	./scripts/demo.sh
 
 clean:
-	rm -rf bin .cache
+	rm -rf bin .cache site
 
 # The two fuzz targets, bounded by count (not by -fuzztime=DURATION: Go
 # 1.26's fuzz coordinator can report its own wall-clock deadline as a
@@ -190,7 +205,7 @@ test-runtimes: deps build deps-runtimes
 # The pure-cgroup2 column of the same matrix: a qemu guest (Debian's 6.12,
 # TCG, as `make test-kernels` boots it) that runs systemd as PID 1 on a pure
 # cgroup2 hierarchy, with Docker Engine 29 + compose v5 and the shipped
-# systemd unit installed as the README says; one table, also in
+# systemd unit installed as docs/docker.md says; one table, also in
 # $NSREDIRECT_TEST_CACHE/kernels/results-runtimes.md. RUN=REGEX narrows the tests.
 .PHONY: test-runtimes-guest
 test-runtimes-guest: deps build deps-kernels deps-runtimes
@@ -237,9 +252,9 @@ deps-actionlint:
 # controller-manager, scheduler, kubelet and kubectl built from
 # k8s.io/kubernetes in test/runtimes/kubernetes/go.mod, helm from
 # test/deploy's; containerd 1.6, runc and the CNI plugins from Debian), and
-# nsredirect installed on it with `kubectl apply -k` and `helm install` as the
-# README says. Builds are cached in the test cache, keyed by the modules they
-# come from (test/runtimes/kubernetes/build.sh). Its table:
+# nsredirect installed on it with `kubectl apply -k` and `helm install` as
+# docs/kubernetes.md says. Builds are cached in the test cache, keyed by the
+# modules they come from (test/runtimes/kubernetes/build.sh). Its table:
 # $NSREDIRECT_TEST_CACHE/kubernetes/results.md; a failed run's logs:
 # $NSREDIRECT_TEST_CACHE/kubernetes/logs.
 KUBE_PACKAGES := containerd runc containernetworking-plugins openssl bpftool python3

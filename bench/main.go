@@ -18,6 +18,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"runtime"
@@ -133,7 +134,21 @@ func machine() string {
 		}
 		rel = append(rel, byte(ch))
 	}
-	return fmt.Sprintf("%s, %d cores, Linux %s, %s", model, runtime.NumCPU(), rel, time.Now().UTC().Format("2006-01-02 15:04 UTC"))
+	return fmt.Sprintf("%s, %d cores, Linux %s, %s, %s", model, runtime.NumCPU(), rel, time.Now().UTC().Format("2006-01-02 15:04 UTC"), commit())
+}
+
+// commit names the checkout measured (`make bench` builds bin/ from it
+// first), so a figure carries the code it came from.
+func commit() string {
+	out, err := exec.Command("git", "rev-parse", "--short=12", "HEAD").Output()
+	if err != nil {
+		return "commit unknown (not a git checkout)"
+	}
+	c := "commit " + strings.TrimSpace(string(out))
+	if exec.Command("git", "diff", "--quiet", "HEAD", "--", ".").Run() != nil {
+		c += " with uncommitted changes"
+	}
+	return c
 }
 
 func resultPaths(dir string, stamp string) (md, png, latestMD, latestPNG string) {

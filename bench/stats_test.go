@@ -2,6 +2,7 @@ package main
 
 import (
 	"math"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -36,5 +37,13 @@ func TestStats(t *testing.T) {
 	md := table([]string{"a", "b"}, [][]string{{"1", "2"}})
 	if !strings.Contains(md, "| a | b |\n|---|---|\n| 1 | 2 |") {
 		t.Errorf("table:\n%s", md)
+	}
+}
+
+// Every table names the commit it measured.
+func TestMachineNamesCommit(t *testing.T) {
+	m := machine()
+	if !regexp.MustCompile(`, commit [0-9a-f]{12}( with uncommitted changes)?$|, commit unknown`).MatchString(m) {
+		t.Errorf("machine() = %q: want it to end with the commit measured", m)
 	}
 }

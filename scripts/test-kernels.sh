@@ -37,7 +37,7 @@
 # none of the host's enabled services start) and runs ./test/runtimes built
 # with the tags runtimes and guest: Docker Engine 29 + compose v5 from the
 # test cache (test/runtimes/tools/build.sh builds them) and the
-# shipped systemd unit installed as the README says. amd64 only (the
+# shipped systemd unit installed as docs/docker.md says. amd64 only (the
 # engines are built for the host). Its table is $NSREDIRECT_TEST_CACHE/kernels/results-runtimes.md.
 #
 # --kube is the Kubernetes cell of that column (`make

@@ -74,17 +74,20 @@ type IO struct {
 type command struct {
 	name, args, help string
 	run              func(ctx context.Context, io IO, args []string) error
+	// flags puts the command's flags on a FlagSet, as run does: the
+	// generated reference (Reference, docs/cli.md) reads them from there.
+	flags func(fs *flag.FlagSet)
 }
 
 func commands() []command {
 	return []command{
-		{"run", "--netns TARGET --redirect SPEC [--redirect SPEC...] [--remove-on-exit] [--allow-host-netns]", "redirect loopback connects in one netns, in the foreground (rules outlive a stop for the next run to adopt, unless --remove-on-exit)", runCmd},
-		{"docker", "[--docker-host unix:///var/run/docker.sock] [--label nsredirect.redirect]", "redirect in every running container labelled nsredirect.redirect=SPEC[,SPEC...]", dockerCmd},
-		{"kube", "--node-name NODE [--annotation nsredirect.io/redirect] [--kubeconfig PATH] [--proc /proc]", "redirect in every running pod of this node annotated nsredirect.io/redirect: SPEC[,SPEC...] (a DaemonSet)", kubeCmd},
-		{"check", "--netns TARGET [--dial ADDR:PORT]", "exit 0 when a rule for TARGET is live (healthcheck)", checkCmd},
-		{"status", "[--json]", "list live rules from the pinned state", statusCmd},
-		{"cleanup", "[--all]", "remove rules left by dead daemons (--all: everything of ours)", cleanupCmd},
-		{"version", "", "print the version", versionCmd},
+		{"run", "--netns TARGET --redirect SPEC [--redirect SPEC...] [--remove-on-exit] [--allow-host-netns]", "redirect loopback connects in one netns, in the foreground (rules outlive a stop for the next run to adopt, unless --remove-on-exit)", runCmd, func(fs *flag.FlagSet) { new(runFlags).register(fs) }},
+		{"docker", "[--docker-host unix:///var/run/docker.sock] [--label nsredirect.redirect]", "redirect in every running container labelled nsredirect.redirect=SPEC[,SPEC...]", dockerCmd, func(fs *flag.FlagSet) { new(dockerFlags).register(fs) }},
+		{"kube", "--node-name NODE [--annotation nsredirect.io/redirect] [--kubeconfig PATH] [--proc /proc]", "redirect in every running pod of this node annotated nsredirect.io/redirect: SPEC[,SPEC...] (a DaemonSet)", kubeCmd, func(fs *flag.FlagSet) { new(kubeFlags).register(fs) }},
+		{"check", "--netns TARGET [--dial ADDR:PORT]", "exit 0 when a rule for TARGET is live (healthcheck)", checkCmd, func(fs *flag.FlagSet) { new(checkFlags).register(fs) }},
+		{"status", "[--json]", "list live rules from the pinned state", statusCmd, func(fs *flag.FlagSet) { new(statusFlags).register(fs) }},
+		{"cleanup", "[--all]", "remove rules left by dead daemons (--all: everything of ours)", cleanupCmd, func(fs *flag.FlagSet) { new(cleanupFlags).register(fs) }},
+		{"version", "", "print the version", versionCmd, func(*flag.FlagSet) {}},
 	}
 }
 

@@ -97,3 +97,24 @@ func TestBuildVersion(t *testing.T) {
 		}
 	}
 }
+
+// The reference (docs/cli.md) reads each command's flags from its flags
+// func: every flag it lists must be one the command itself parses, and the
+// other way round (`--help` prints what the command registered).
+func TestReferenceMatchesCommands(t *testing.T) {
+	for _, c := range Reference() {
+		code, _, stderr := run(t, nil, c.Name, "--help")
+		if code != ExitOK {
+			t.Fatalf("%s --help: exit %d: %s", c.Name, code, stderr)
+		}
+		printed := strings.Count(stderr, "\n  -")
+		if printed != len(c.Flags) {
+			t.Errorf("%s: --help prints %d flags, the reference has %d:\n%s", c.Name, printed, len(c.Flags), stderr)
+		}
+		for _, f := range c.Flags {
+			if !strings.Contains(stderr, "  -"+f.Name+" ") && !strings.Contains(stderr, "  -"+f.Name+"\n") {
+				t.Errorf("%s: reference flag --%s is not one the command parses:\n%s", c.Name, f.Name, stderr)
+			}
+		}
+	}
+}

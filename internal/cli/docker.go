@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"errors"
+	"flag"
 	"strings"
 	"time"
 
@@ -23,20 +24,31 @@ import (
 // stops backend first, as it depends on nsredirect) leaves nothing attached
 // or pinned. A successor removes what a predecessor handed over for
 // containers that are gone by then.
+// dockerFlags are the flags of `docker`.
+type dockerFlags struct {
+	host, label string
+	kf          kernelFlags
+}
+
+func (f *dockerFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.host, "docker-host", docker.DefaultHost, "Docker Engine socket, unix:///PATH")
+	fs.StringVar(&f.label, "label", docker.DefaultLabel, "container label whose value is SPEC[,SPEC...]")
+	f.kf.register(fs)
+}
+
 func dockerCmd(ctx context.Context, io IO, args []string) error {
 	fs := flagSet("docker", io)
-	var host, label string
-	var kf kernelFlags
-	fs.StringVar(&host, "docker-host", docker.DefaultHost, "Docker Engine socket, unix:///PATH")
-	fs.StringVar(&label, "label", docker.DefaultLabel, "container label whose value is SPEC[,SPEC...]")
+	var f dockerFlags
+	f.register(fs)
+	host, label, kf := &f.host, &f.label, &f.kf
 	log, err := kf.parse(fs, args, io)
 	if err != nil {
 		return err
 	}
-	if label == "" || strings.ContainsAny(label, "=, \t\n") {
-		return usagef("--label %q: give a label key such as %s, with no '=', ',' or spaces", label, docker.DefaultLabel)
+	if *label == "" || strings.ContainsAny(*label, "=, \t\n") {
+		return usagef("--label %q: give a label key such as %s, with no '=', ',' or spaces", *label, docker.DefaultLabel)
 	}
-	client, err := docker.New(host)
+	client, err := docker.New(*host)
 	if err != nil {
 		return UsageError{err}
 	}
@@ -59,6 +71,6 @@ func dockerCmd(ctx context.Context, io IO, args []string) error {
 		return err
 	}
 	log.WithFields(logrus.Fields{"socket": client.Socket(), "api_version": client.Version()}).Info("connected to Docker")
-	w := docker.NewWatcher(client, label, log)
-	return serve(ctx, &kf, log, w, daemon.Config{Owner: "docker", HostNetns: &hostNS})
+	w := docker.NewWatcher(client, *label, log)
+	return serve(ctx, kf, log, w, daemon.Config{Owner: "docker", HostNetns: &hostNS})
 }

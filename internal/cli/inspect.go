@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"net"
 	"strings"
@@ -22,18 +23,28 @@ func quietLog() logrus.FieldLogger {
 	return l
 }
 
+// checkFlags are the flags of `check`.
+type checkFlags struct {
+	netns, dial, pinDir, cgroup string
+	attached                    bool
+}
+
+func (f *checkFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.netns, "netns", "", "target netns: self, a path or pid:N")
+	fs.StringVar(&f.cgroup, "cgroup", "", "cgroup2 mount, as the daemon's --cgroup; only used on Linux < 5.14, where a BPF probe reads the netns cookie (default: the first cgroup2 mount)")
+	fs.StringVar(&f.dial, "dial", "", "also connect to ADDR:PORT from inside the netns, e.g. 127.0.0.1:80")
+	fs.StringVar(&f.pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory of the pinned state")
+	fs.BoolVar(&f.attached, "attached", false, "without --netns: exit 0 when the programs are attached and pinned (healthcheck of `nsredirect docker`, which may serve no netns yet)")
+}
+
 func checkCmd(_ context.Context, io IO, args []string) error {
 	fs := flagSet("check", io)
-	var netnsArg, dial, pinDir, cgroup string
-	fs.StringVar(&netnsArg, "netns", "", "target netns: self, a path or pid:N")
-	fs.StringVar(&cgroup, "cgroup", "", "cgroup2 mount, as the daemon's --cgroup; only used on Linux < 5.14, where a BPF probe reads the netns cookie (default: the first cgroup2 mount)")
-	fs.StringVar(&dial, "dial", "", "also connect to ADDR:PORT from inside the netns, e.g. 127.0.0.1:80")
-	fs.StringVar(&pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory of the pinned state")
-	var attached bool
-	fs.BoolVar(&attached, "attached", false, "without --netns: exit 0 when the programs are attached and pinned (healthcheck of `nsredirect docker`, which may serve no netns yet)")
+	var f checkFlags
+	f.register(fs)
 	if err := parse(fs, args, io.Getenv); err != nil {
 		return err
 	}
+	netnsArg, dial, pinDir, cgroup, attached := f.netns, f.dial, f.pinDir, f.cgroup, f.attached
 	if netnsArg == "" && attached {
 		return checkAttached(io, pinDir)
 	}
@@ -161,15 +172,25 @@ type statusJSON struct {
 	Maps  []mapRow    `json:"maps"`
 }
 
+// statusFlags are the flags of `status`.
+type statusFlags struct {
+	json   bool
+	pinDir string
+}
+
+func (f *statusFlags) register(fs *flag.FlagSet) {
+	fs.BoolVar(&f.json, "json", false, "print JSON")
+	fs.StringVar(&f.pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory of the pinned state")
+}
+
 func statusCmd(_ context.Context, io IO, args []string) error {
 	fs := flagSet("status", io)
-	var asJSON bool
-	var pinDir string
-	fs.BoolVar(&asJSON, "json", false, "print JSON")
-	fs.StringVar(&pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory of the pinned state")
+	var f statusFlags
+	f.register(fs)
 	if err := parse(fs, args, io.Getenv); err != nil {
 		return err
 	}
+	asJSON, pinDir := f.json, f.pinDir
 	rows := []statusRow{}
 	maps := []mapRow{}
 	l, err := loader.OpenPinned(pinDir, quietLog())
@@ -247,15 +268,25 @@ func orDash(s string) string {
 	return s
 }
 
+// cleanupFlags are the flags of `cleanup`.
+type cleanupFlags struct {
+	all    bool
+	pinDir string
+}
+
+func (f *cleanupFlags) register(fs *flag.FlagSet) {
+	fs.BoolVar(&f.all, "all", false, "remove every rule, program, link and pin of ours, even of live daemons")
+	fs.StringVar(&f.pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory of the pinned state")
+}
+
 func cleanupCmd(_ context.Context, io IO, args []string) error {
 	fs := flagSet("cleanup", io)
-	var all bool
-	var pinDir string
-	fs.BoolVar(&all, "all", false, "remove every rule, program, link and pin of ours, even of live daemons")
-	fs.StringVar(&pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory of the pinned state")
+	var f cleanupFlags
+	f.register(fs)
 	if err := parse(fs, args, io.Getenv); err != nil {
 		return err
 	}
+	all, pinDir := f.all, f.pinDir
 	if err := loader.CheckPrivileges(); err != nil {
 		return err
 	}

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"errors"
+	"flag"
 	"path/filepath"
 	"strings"
 	"time"
@@ -29,17 +30,29 @@ const apiTimeout = 30 * time.Second
 // stay, owner locks released) if another running pod of its DaemonSet is on
 // the node; otherwise (uninstall) it removes its rules, and the last one out
 // unpins and detaches everything.
+// kubeFlags are the flags of `kube`.
+type kubeFlags struct {
+	node, podName, podNamespace, annotation, kubeconfig, proc string
+	kf                                                        kernelFlags
+}
+
+func (f *kubeFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.node, "node-name", "", "this node's name (downward API spec.nodeName); only its pods are watched")
+	fs.StringVar(&f.podName, "pod-name", "", "this daemon's pod (downward API metadata.name), to tell a rollout from an uninstall")
+	fs.StringVar(&f.podNamespace, "pod-namespace", "", "this daemon's namespace (downward API metadata.namespace)")
+	fs.StringVar(&f.annotation, "annotation", kube.DefaultAnnotation, "pod annotation whose value is SPEC[,SPEC...]")
+	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file (default: the in-cluster service account)")
+	fs.StringVar(&f.proc, "proc", "/proc", "the host's /proc (hostPath), where pods' processes and netns are found")
+	f.kf.register(fs)
+}
+
 func kubeCmd(ctx context.Context, io IO, args []string) error {
 	fs := flagSet("kube", io)
-	var node, podName, podNamespace, annotation, kubeconfig, proc string
-	var kf kernelFlags
-	fs.StringVar(&node, "node-name", "", "this node's name (downward API spec.nodeName); only its pods are watched")
-	fs.StringVar(&podName, "pod-name", "", "this daemon's pod (downward API metadata.name), to tell a rollout from an uninstall")
-	fs.StringVar(&podNamespace, "pod-namespace", "", "this daemon's namespace (downward API metadata.namespace)")
-	fs.StringVar(&annotation, "annotation", kube.DefaultAnnotation, "pod annotation whose value is SPEC[,SPEC...]")
-	fs.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig file (default: the in-cluster service account)")
-	fs.StringVar(&proc, "proc", "/proc", "the host's /proc (hostPath), where pods' processes and netns are found")
+	var f kubeFlags
+	f.register(fs)
+	kf := &f.kf
 	log, err := kf.parse(fs, args, io)
+	node, podName, podNamespace, annotation, kubeconfig, proc := f.node, f.podName, f.podNamespace, f.annotation, f.kubeconfig, f.proc
 	if err != nil {
 		return err
 	}
@@ -100,7 +113,7 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 	} else {
 		holder = "pod " + podNamespace + "/" + podName
 	}
-	err = serve(ctx, &kf, log, ctl, daemon.Config{Owner: "kube", Holder: holder, Proc: proc, WaitForOwners: true, HostNetns: &host})
+	err = serve(ctx, kf, log, ctl, daemon.Config{Owner: "kube", Holder: holder, Proc: proc, WaitForOwners: true, HostNetns: &host})
 	if errors.Is(err, context.Canceled) {
 		err = nil
 	}

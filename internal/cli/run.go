@@ -34,6 +34,7 @@ type kernelFlags struct {
 	// netns only through the host's processes, as on kernels whose init_net
 	// has no fixed inode. A test knob: it can only refuse more.
 	hostByProcesses bool
+	log             logFlags
 }
 
 // hostNetnsKnob is the environment variable of kernelFlags.hostByProcesses.
@@ -53,12 +54,9 @@ func parseCookieKnob(getenv Env) (bool, error) {
 	}
 }
 
-// parse registers the flags every long-running mode shares (kernel,
-// metrics, logging) beside the mode's own, parses args and builds the logger.
+// parse parses args into fs, where register put the flags every
+// long-running mode shares beside the mode's own, and builds the logger.
 func (k *kernelFlags) parse(fs *flag.FlagSet, args []string, io IO) (*logrus.Logger, error) {
-	var lf logFlags
-	k.register(fs)
-	lf.register(fs)
 	if err := parse(fs, args, io.Getenv); err != nil {
 		return nil, err
 	}
@@ -74,7 +72,7 @@ func (k *kernelFlags) parse(fs *flag.FlagSet, args []string, io IO) (*logrus.Log
 	default:
 		return nil, usagef("%s=%q: the only value is processes (a test knob)", hostNetnsKnob, v)
 	}
-	return lf.logger(io.Stderr)
+	return k.log.logger(io.Stderr)
 }
 
 // hostNetns finds the identity of the host's netns under proc before
@@ -89,10 +87,13 @@ func (k *kernelFlags) hostNetns(proc, fix string) (netnsx.LiveID, error) {
 	return id, nil
 }
 
+// register puts the flags every long-running mode shares (kernel, metrics,
+// logging) on fs.
 func (k *kernelFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&k.cgroup, "cgroup", "", "cgroup2 mount to attach at (default: the first cgroup2 mount in /proc/self/mountinfo)")
 	fs.StringVar(&k.pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory for pinned programs, maps and links")
 	fs.StringVar(&k.metricsAddr, "metrics-addr", "", "HOST:PORT for /metrics, /healthz and /readyz (empty: off)")
+	k.log.register(fs)
 }
 
 // preflight checks everything that can be checked before touching the
@@ -137,32 +138,43 @@ func (k *kernelFlags) attach(log logrus.FieldLogger) (*loader.Loader, error) {
 	return loader.Attach(k.pinDir, k.cgroup, log)
 }
 
+// runFlags are the flags of `run`.
+type runFlags struct {
+	netns, redirects        listFlag
+	allowHost, removeOnExit bool
+	kf                      kernelFlags
+}
+
+func (f *runFlags) register(fs *flag.FlagSet) {
+	fs.Var(&f.netns, "netns", "target netns: self, a path (/run/netns/NAME, /proc/PID/ns/net) or pid:N; repeat for more (each gets every --redirect)")
+	fs.Var(&f.redirects, "redirect", "SPEC [FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT[/udp]; repeat for more")
+	fs.BoolVar(&f.allowHost, "allow-host-netns", false, "allow a target that is the host's netns (redirects the loopback of every host process)")
+	fs.BoolVar(&f.removeOnExit, "remove-on-exit", false, "remove the rules when stopped (default: they stay while the netns lives, for the next daemon to adopt)")
+	f.kf.register(fs)
+}
+
 func runCmd(ctx context.Context, io IO, args []string) error {
 	fs := flagSet("run", io)
-	var netnsArgs, redirects listFlag
-	var allowHost, removeOnExit bool
-	var kf kernelFlags
-	fs.Var(&netnsArgs, "netns", "target netns: self, a path (/run/netns/NAME, /proc/PID/ns/net) or pid:N; repeat for more (each gets every --redirect)")
-	fs.Var(&redirects, "redirect", "SPEC [FROM_ADDR:]FROM_PORT=[TO_ADDR:]TO_PORT[/udp]; repeat for more")
-	fs.BoolVar(&allowHost, "allow-host-netns", false, "allow a target that is the host's netns (redirects the loopback of every host process)")
-	fs.BoolVar(&removeOnExit, "remove-on-exit", false, "remove the rules when stopped (default: they stay while the netns lives, for the next daemon to adopt)")
+	var f runFlags
+	f.register(fs)
+	kf := &f.kf
 	log, err := kf.parse(fs, args, io)
 	if err != nil {
 		return err
 	}
-	if len(netnsArgs) == 0 {
+	if len(f.netns) == 0 {
 		return usagef("--netns is required: self, /run/netns/NAME, /proc/PID/ns/net or pid:N (or NSREDIRECT_NETNS)")
 	}
-	targets := make([]netnsx.Target, len(netnsArgs))
-	for i, a := range netnsArgs {
+	targets := make([]netnsx.Target, len(f.netns))
+	for i, a := range f.netns {
 		if targets[i], err = netnsx.ParseTarget(a); err != nil {
 			return err
 		}
 	}
-	if len(redirects) == 0 {
+	if len(f.redirects) == 0 {
 		return usagef("--redirect is required, e.g. --redirect 80=3210 (or NSREDIRECT_REDIRECT=80=3210)")
 	}
-	rules, err := rule.ParseAll(redirects)
+	rules, err := rule.ParseAll(f.redirects)
 	if err != nil {
 		return err
 	}
@@ -171,13 +183,13 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 	}
 	defer kf.cookies.Close()
 	host, hostErr := kf.hostNetns("/proc", "grant CAP_SYS_PTRACE (systemd: CapabilityBoundingSet; docker: cap_add: [SYS_PTRACE] and pid: host), or pass --allow-host-netns if no --netns can be the host's")
-	if hostErr != nil && !allowHost {
+	if hostErr != nil && !f.allowHost {
 		return hostErr
 	}
 	if hostErr != nil {
 		log.WithError(hostErr).Warn("--allow-host-netns: the host network namespace cannot be told apart; enrolling every --netns as given")
 	}
-	src := daemon.Fixed{RemoveOnExit: removeOnExit}
+	src := daemon.Fixed{RemoveOnExit: f.removeOnExit}
 	seen := map[netnsx.LiveID]string{}
 	for _, target := range targets {
 		// Each target must exist before anything is attached.
@@ -190,7 +202,7 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 		}
 		seen[id.Live()] = target.String()
 		if hostErr == nil && id.Live() == host {
-			if !allowHost {
+			if !f.allowHost {
 				return usagef("--netns %s is the host network namespace: its rules would redirect the loopback connects of every process on the host; give a container's or a named netns, or pass --allow-host-netns if that is what you mean", target)
 			}
 			log.WithField("netns", target.String()).Warn("--allow-host-netns: redirecting in the host network namespace, for every process on the host")
@@ -202,11 +214,11 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 		}
 		src.Targets = append(src.Targets, daemon.Target{Name: name, Kind: "netns", ID: target.Path, Netns: target, Rules: rules})
 	}
-	cfg := daemon.Config{Owner: "run", Fixed: true, AllowHostNetns: allowHost}
+	cfg := daemon.Config{Owner: "run", Fixed: true, AllowHostNetns: f.allowHost}
 	if hostErr == nil {
 		cfg.HostNetns = &host
 	}
-	return serve(ctx, &kf, log, src, cfg)
+	return serve(ctx, kf, log, src, cfg)
 }
 
 // serve attaches and runs the daemon loop with src: the wiring every

@@ -35,7 +35,7 @@ var (
 	dockerfilePath = filepath.Join(repoRoot, "Dockerfile")
 )
 
-// releaseName and releaseNamespace are the README's `helm install nsredirect
+// releaseName and releaseNamespace are docs/kubernetes.md's `helm install nsredirect
 // ... -n nsredirect`, under which the chart must match deploy/kubernetes.
 const (
 	releaseName      = "nsredirect"

@@ -133,7 +133,7 @@ func TestLowMemlockLimit(t *testing.T) {
 	bin := testenv.Binary(t, "NSREDIRECT_BIN", "github.com/nsredirect/nsredirect/cmd/nsredirect")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)
-	// The README's four capabilities (TestLeastPrivilege): CAP_SYS_PTRACE
+	// The four capabilities of docs/security.md (TestLeastPrivilege): CAP_SYS_PTRACE
 	// tells the host's netns on kernels before 6.18.
 	cmd := exec.CommandContext(ctx, prlimit, "--memlock=65536:65536", "--",
 		setpriv, "--inh-caps=-all", "--bounding-set=-all,+bpf,+net_admin,+sys_admin,+sys_ptrace", "--",

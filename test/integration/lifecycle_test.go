@@ -177,7 +177,7 @@ func TestDetachedLinkHealed(t *testing.T) {
 	}
 }
 
-// TestRunSelfInOwnPidNamespace is the README's sidecar (`run --netns self`
+// TestRunSelfInOwnPidNamespace is the sidecar of docs/docker.md (`run --netns self`
 // sharing the backend's netns, in a container with its own pid
 // namespace): its pid 1 shares the target netns but is not the host's, so
 // the target is not taken for the host netns. It sees no host process, so

@@ -253,7 +253,7 @@ func TestPinDirPrivate(t *testing.T) {
 	}
 }
 
-// TestLeastPrivilege runs the daemon with only the capabilities the README
+// TestLeastPrivilege runs the daemon with only the capabilities docs/security.md
 // lists, then with each of them missing.
 func TestLeastPrivilege(t *testing.T) {
 	pin := testenv.BPFFS(t)

@@ -275,12 +275,12 @@ for c in conn:
 `
 
 // TestUDPOneUnconnectedSocketTwoServers pins a documented limitation
-// (README, UDP): nsr_udp_peers keeps one reply mapping per socket, the last
+// (docs/architecture.md, UDP): nsr_udp_peers keeps one reply mapping per socket, the last
 // redirected destination. An unconnected socket that sends to two
 // redirected servers before reading gets the first server's reply with its
 // real source (127.0.0.1:5353), the second's from 127.0.0.2:53; one socket
 // per server, or connected UDP, gets both from port 53. A change to the
-// mapping makes this test fail, and the README must change with it.
+// mapping makes this test fail, and docs/architecture.md must change with it.
 func TestUDPOneUnconnectedSocketTwoServers(t *testing.T) {
 	pin := testenv.BPFFS(t)
 	ns := testenv.NewNetns(t)

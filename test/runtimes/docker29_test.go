@@ -79,7 +79,7 @@ func composeCommands(t *testing.T, e *engine) map[string][]string {
 	}
 }
 
-// TestDocker29Compose is the README's compose path on Docker Engine 29:
+// TestDocker29Compose is the compose path of docs/docker.md on Docker Engine 29:
 // `make image`, `docker compose up -d` of the shipped docker-compose.yml,
 // 127.0.0.1:80 and [::1]:80 inside the backend reach :3210 (curl and Node
 // fetch), restart and force-recreate of the backend followed within 1 s,
@@ -213,7 +213,7 @@ func hostDaemon(t *testing.T, pin, sock, label string) *testenv.Proc {
 	return p
 }
 
-// TestDocker29HostDaemon is the README's host daemon on Docker Engine 29:
+// TestDocker29HostDaemon is the host daemon of docs/docker.md on Docker Engine 29:
 // `nsredirect docker` with the systemd unit's command line follows
 // labelled `docker run` containers: v4 and v6 loopback reach :3210,
 // restart and recreate are followed within 1 s, SIGTERM with a container

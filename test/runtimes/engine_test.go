@@ -367,7 +367,7 @@ var (
 	imageSize     string
 )
 
-// makeImage runs `make image` against e, as the README says, under tags
+// makeImage runs `make image` against e, as docs/docker.md says, under tags
 // unique to the run, and removes the images at the end. It returns the
 // tags, and the size line make printed.
 func (e *engine) makeImage(t *testing.T) (images, string) {

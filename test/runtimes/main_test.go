@@ -1,7 +1,7 @@
 //go:build runtimes
 
 // Package runtimes_test runs nsredirect against real container engines the
-// way the README tells a user to, on this host: Docker Engine 29 with Docker
+// way docs/docker.md tells a user to, on this host: Docker Engine 29 with Docker
 // Compose v5, and Podman's Docker-compatible API, rootful and rootless.
 //
 // Every engine runs on its own socket, data root, exec root and pid file

@@ -16,7 +16,7 @@ import (
 )
 
 // The tests in this file need a machine of their own: systemd as PID 1 and
-// the unit installed where the README says. `make test-runtimes-guest`
+// the unit installed where docs/docker.md says. `make test-runtimes-guest`
 // (scripts/test-kernels.sh --runtimes) builds them with the guest tag and
 // runs them in a qemu guest that boots systemd on a pure cgroup2 hierarchy;
 // nothing the guest writes reaches the host.
@@ -84,7 +84,7 @@ func waitRunning(t *testing.T, notPID int) int {
 	}
 }
 
-// TestSystemdUnit installs the shipped unit as the README says, under a
+// TestSystemdUnit installs the shipped unit as docs/docker.md says, under a
 // real systemd (PID 1) on a pure cgroup2 host with Docker Engine 29, and
 // checks what the unit promises: a labelled container is redirected,
 // `systemctl restart` under a connect loop refuses nothing, `systemctl
@@ -108,7 +108,7 @@ func TestSystemdUnit(t *testing.T) {
 	label := run + ".redirect"
 	ctr := run + "-a"
 
-	// As the README says, plus the overrides the unit documents pointing it
+	// As docs/docker.md says, plus the overrides the unit documents pointing it
 	// at this engine's socket and a label of this run.
 	mustSh(t, time.Minute, nil, "install", "-m", "0755", bin, unitBin)
 	mustSh(t, time.Minute, nil, "install", "-m", "0644", filepath.Join(repo, "deploy", "systemd", "nsredirect.service"), "/etc/systemd/system/")

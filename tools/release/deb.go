@@ -20,8 +20,10 @@ func debUnit(unit []byte) []byte {
 
 // deb builds nsredirect_VERSION_ARCH.deb with nfpm: the binary, the unit
 // (installed, neither enabled nor started: the package has no maintainer
-// scripts), /etc/default/nsredirect as a conffile, and the licences: the
-// texts and /usr/share/doc/nsredirect/copyright (packaging/copyright).
+// scripts), /etc/default/nsredirect as a conffile, the licences (the
+// texts and /usr/share/doc/nsredirect/copyright, packaging/copyright), and
+// the README with the manual's pages in /usr/share/doc/nsredirect/ (docs/
+// below it).
 func (r *release) deb(arch string, docs map[string][]byte) error {
 	stage := filepath.Join(r.work, "deb-"+arch)
 	if err := os.MkdirAll(stage, 0o755); err != nil {
@@ -53,7 +55,11 @@ func (r *release) deb(arch string, docs map[string][]byte) error {
 		// Debian policy 12.5: the licences, machine-readable (DEP-5).
 		{Source: copyright, Destination: "/usr/share/doc/nsredirect/copyright", FileInfo: fi(0o644)},
 	}
-	for _, p := range licenceFiles {
+	// The README and the manual, so its relative links resolve here too.
+	shipped := append([]string{}, licenceFiles...)
+	shipped = append(shipped, "README.md")
+	shipped = append(shipped, docPages(docs)...)
+	for _, p := range shipped {
 		src, err := put(strings.ReplaceAll(p, "/", "_"), docs[p])
 		if err != nil {
 			return err

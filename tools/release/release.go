@@ -111,11 +111,23 @@ func (r *release) buildBinary(arch string) error {
 	return nil
 }
 
-// docs are the files every artifact carries: the licences, README and the
-// systemd unit as the tarball ships it.
+// docs are the files every artifact carries: the licences, README, the
+// manual's pages (docs/*.md, see docPages) and the systemd unit as the
+// tarball ships it.
 func (r *release) docs() (map[string][]byte, error) {
 	d := map[string][]byte{}
-	for _, p := range []string{"LICENSE", "LICENSES/Apache-2.0.txt", "LICENSES/GPL-2.0-only.txt", "LICENSES/BSD-2-Clause.txt", "LICENSES/README.md", "README.md", "deploy/systemd/nsredirect.service", "packaging/nsredirect.default", "packaging/copyright"} {
+	pages, err := filepath.Glob(filepath.Join(r.Repo, "docs", "*.md"))
+	if err != nil {
+		return nil, err
+	}
+	if len(pages) == 0 {
+		return nil, fmt.Errorf("release needs the pages of %s: none found", filepath.Join(r.Repo, "docs"))
+	}
+	paths := []string{"LICENSE", "LICENSES/Apache-2.0.txt", "LICENSES/GPL-2.0-only.txt", "LICENSES/BSD-2-Clause.txt", "LICENSES/README.md", "README.md", "deploy/systemd/nsredirect.service", "packaging/nsredirect.default", "packaging/copyright"}
+	for _, p := range pages {
+		paths = append(paths, "docs/"+filepath.Base(p))
+	}
+	for _, p := range paths {
 		b, err := os.ReadFile(filepath.Join(r.Repo, p))
 		if err != nil {
 			return nil, fmt.Errorf("release needs %s: %w", p, err)
@@ -123,6 +135,20 @@ func (r *release) docs() (map[string][]byte, error) {
 		d[p] = b
 	}
 	return d, nil
+}
+
+// docPages are the manual's pages among docs, "docs/NAME.md", sorted. They
+// ship beside README.md under docs/, so its relative links resolve in the
+// tarball and in /usr/share/doc/nsredirect alike.
+func docPages(docs map[string][]byte) []string {
+	var pages []string
+	for p := range docs {
+		if strings.HasPrefix(p, "docs/") {
+			pages = append(pages, p)
+		}
+	}
+	sort.Strings(pages)
+	return pages
 }
 
 var licenceFiles = []string{"LICENSE", "LICENSES/Apache-2.0.txt", "LICENSES/BSD-2-Clause.txt", "LICENSES/GPL-2.0-only.txt", "LICENSES/README.md"}
@@ -140,6 +166,11 @@ func (r *release) tarball(arch string, docs map[string][]byte) error {
 	}
 	files = append(files,
 		file{Name: top + "/README.md", Mode: 0o644, Data: docs["README.md"]},
+		file{Name: top + "/docs/", Mode: 0o755})
+	for _, p := range docPages(docs) {
+		files = append(files, file{Name: top + "/" + p, Mode: 0o644, Data: docs[p]})
+	}
+	files = append(files,
 		file{Name: top + "/nsredirect.service", Mode: 0o644, Data: docs["deploy/systemd/nsredirect.service"]})
 	var buf bytes.Buffer
 	if err := r.writeTarGz(&buf, files); err != nil {

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -35,6 +36,25 @@ func repoRoot(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// manualPages are the pages of the checkout's docs/ ("docs/NAME.md"), which
+// the tarball and the .deb ship beside README.md.
+func manualPages(t *testing.T) []string {
+	t.Helper()
+	pages, err := filepath.Glob(filepath.Join(repoRoot(t), "docs", "*.md"))
+	if err != nil || len(pages) == 0 {
+		t.Fatalf("no pages in %s/docs: %v", repoRoot(t), err)
+	}
+	for i, p := range pages {
+		pages[i] = "docs/" + filepath.Base(p)
+	}
+	for _, want := range []string{"docs/convex.md", "docs/cli.md", "docs/metrics.md"} {
+		if !slices.Contains(pages, want) {
+			t.Fatalf("%s is not among the pages of docs/: %v", want, pages)
+		}
+	}
+	return pages
 }
 
 func buildInto(t *testing.T, out string) {
@@ -152,7 +172,7 @@ func checkTarball(t *testing.T, dist, arch string) {
 		t.Fatal(err)
 	}
 	ents := tarEntries(t, zr)
-	for _, n := range []string{"nsredirect", "LICENSE", "LICENSES/GPL-2.0-only.txt", "LICENSES/BSD-2-Clause.txt", "README.md", "nsredirect.service"} {
+	for _, n := range append([]string{"nsredirect", "LICENSE", "LICENSES/GPL-2.0-only.txt", "LICENSES/BSD-2-Clause.txt", "README.md", "nsredirect.service"}, manualPages(t)...) {
 		h, ok := ents[top+"/"+n]
 		if !ok {
 			t.Errorf("%s.tar.gz has no %s", top, n)
@@ -207,7 +227,11 @@ func checkDeb(t *testing.T, dist, arch string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{"./usr/bin/nsredirect", "./lib/systemd/system/nsredirect.service", "./etc/default/nsredirect", "./usr/share/doc/nsredirect/LICENSES/GPL-2.0-only.txt", "./usr/share/doc/nsredirect/copyright"} {
+	installed := []string{"./usr/bin/nsredirect", "./lib/systemd/system/nsredirect.service", "./etc/default/nsredirect", "./usr/share/doc/nsredirect/LICENSES/GPL-2.0-only.txt", "./usr/share/doc/nsredirect/copyright", "./usr/share/doc/nsredirect/README.md"}
+	for _, p := range manualPages(t) {
+		installed = append(installed, "./usr/share/doc/nsredirect/"+p)
+	}
+	for _, p := range installed {
 		if !strings.Contains(string(out), " "+p+"\n") {
 			t.Errorf("%s does not install %s:\n%s", filepath.Base(deb), p, out)
 		}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real single-node Kubernetes v1.37.2 on this machine, and nsredirect
-# installed on it the way the README says a user does:
+# installed on it the way docs/kubernetes.md says a user does:
 #
 #   etcd (Debian), kube-apiserver, kube-controller-manager, kube-scheduler,
 #   kubelet (failCgroupV1: false; the cgroupfs driver, or systemd's with
