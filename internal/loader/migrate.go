@@ -243,8 +243,6 @@ func (l *Loader) swapPrograms(coll *ebpf.Collection, cgroup string, cgroupID uin
 	return b, nil
 }
 
-func allHooks() []hook { return append(append([]hook(nil), hooks...), udpHooks...) }
-
 // before is what the hooks had before a migration: the pinned program of
 // each, and whether it had a pinned link (a UDP hook has none while no UDP
 // rule is live).

@@ -162,12 +162,3 @@ func (l *Loader) UDPHooksAttached() (bool, error) {
 	}
 	return true, nil
 }
-
-// UDPHookNames names the UDP hooks, as their pins are named (link_<name>).
-func UDPHookNames() []string {
-	out := make([]string, len(udpHooks))
-	for i, h := range udpHooks {
-		out[i] = h.name
-	}
-	return out
-}
