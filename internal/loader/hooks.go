@@ -37,6 +37,17 @@ const (
 	HookGetpeername6 = "getpeername6"
 )
 
+// The names of the UDP hooks (udp.go), attached only while a UDP rule is
+// live.
+const (
+	HookUDPConnect4 = "udp_connect4"
+	HookUDPConnect6 = "udp_connect6"
+	HookSendmsg4    = "sendmsg4"
+	HookSendmsg6    = "sendmsg6"
+	HookRecvmsg4    = "recvmsg4"
+	HookRecvmsg6    = "recvmsg6"
+)
+
 func allHooks() []hook { return append(append([]hook(nil), hooks...), udpHooks...) }
 
 // HookNames names the hooks attached whenever anything is enrolled, in the

@@ -68,6 +68,10 @@ func (p pins) owners() string { return OwnersDir(p.dir) }
 
 func (p pins) owner(cookie uint64) string { return filepath.Join(p.owners(), fmt.Sprint(cookie)) }
 
+// RecordsMap is the name of the enrollment record map (records.go), pinned
+// beside the programs' maps.
+const RecordsMap = recordsMap
+
 // MapPin is where map name (nsr_rules, nsr_counters, nsr_sockets, nsr_stats,
 // nsr_records) of the current layout is pinned under pin dir dir, for tools
 // and tests that read the kernel state from outside.

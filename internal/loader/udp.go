@@ -19,12 +19,12 @@ import (
 // connect programs sit on the connect hooks next to the TCP ones (a cgroup
 // bpf_link attaches with multi-program semantics); getpeername is shared.
 var udpHooks = []hook{
-	{bpfobj.RedirectProgNsrUdpConnect4, ebpf.AttachCGroupInet4Connect, "udp_connect4"},
-	{bpfobj.RedirectProgNsrUdpConnect6, ebpf.AttachCGroupInet6Connect, "udp_connect6"},
-	{bpfobj.RedirectProgNsrSendmsg4, ebpf.AttachCGroupUDP4Sendmsg, "sendmsg4"},
-	{bpfobj.RedirectProgNsrSendmsg6, ebpf.AttachCGroupUDP6Sendmsg, "sendmsg6"},
-	{bpfobj.RedirectProgNsrRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg, "recvmsg4"},
-	{bpfobj.RedirectProgNsrRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg, "recvmsg6"},
+	{bpfobj.RedirectProgNsrUdpConnect4, ebpf.AttachCGroupInet4Connect, HookUDPConnect4},
+	{bpfobj.RedirectProgNsrUdpConnect6, ebpf.AttachCGroupInet6Connect, HookUDPConnect6},
+	{bpfobj.RedirectProgNsrSendmsg4, ebpf.AttachCGroupUDP4Sendmsg, HookSendmsg4},
+	{bpfobj.RedirectProgNsrSendmsg6, ebpf.AttachCGroupUDP6Sendmsg, HookSendmsg6},
+	{bpfobj.RedirectProgNsrRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg, HookRecvmsg4},
+	{bpfobj.RedirectProgNsrRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg, HookRecvmsg6},
 }
 
 // Kernel protocol numbers in rule_key.proto.

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nsredirect/nsredirect/internal/bpfobj"
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
@@ -276,7 +277,7 @@ func TestStatusShowsMapFill(t *testing.T) {
 	}
 	// The kernel's own count, as a witness of what status should say.
 	var inKernel int
-	it := openPinnedMap(t, loader.MapPin(pin, "nsr_rules")).Iterate()
+	it := openPinnedMap(t, loader.MapPin(pin, bpfobj.RedirectMapNsrRules)).Iterate()
 	var k, v []byte
 	for it.Next(&k, &v) {
 		inKernel++

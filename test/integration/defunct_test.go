@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -40,11 +39,11 @@ func makeDefunct(t *testing.T, pin, cg string) {
 		return true
 	})
 	t.Logf("links defunct %s after the cgroup was removed", took.Round(time.Millisecond))
-	lnk, err := link.LoadPinnedLink(filepath.Join(pin, "link_connect4"), nil)
+	lnk, err := link.LoadPinnedLink(loader.LinkPin(pin, loader.HookConnect4), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	prog, err := ebpf.LoadPinnedProgram(filepath.Join(pin, "prog_connect4"), nil)
+	prog, err := ebpf.LoadPinnedProgram(loader.ProgPin(pin, loader.HookConnect4), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +60,7 @@ func makeDefunct(t *testing.T, pin, cg string) {
 
 func linkCgroupID(t *testing.T, pin, hook string) uint64 {
 	t.Helper()
-	lnk, err := link.LoadPinnedLink(filepath.Join(pin, "link_"+hook), nil)
+	lnk, err := link.LoadPinnedLink(loader.LinkPin(pin, hook), nil)
 	if err != nil {
 		return 0
 	}

@@ -53,7 +53,7 @@ func dumpMaps(t *testing.T, pinDir string) string {
 		b.WriteString(strings.Join(lines, "\n"))
 		b.WriteString("\n")
 	}
-	entries, _ := os.ReadDir(filepath.Join(pinDir, "owners"))
+	entries, _ := os.ReadDir(loader.OwnersDir(pinDir))
 	for _, e := range entries {
 		fmt.Fprintf(&b, "owner %s\n", e.Name())
 	}
@@ -324,7 +324,7 @@ func TestFullMapRefusedCleanly(t *testing.T) {
 	pin := testenv.BPFFS(t)
 	ns := testenv.NewNetns(t)
 	l := attachLoader(t, pin)
-	enroll, err := ebpf.LoadPinnedMap(loader.MapPin(pin, "nsr_records"), nil)
+	enroll, err := ebpf.LoadPinnedMap(loader.MapPin(pin, loader.RecordsMap), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
