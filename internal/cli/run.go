@@ -74,7 +74,12 @@ func (k *kernelFlags) parse(fs *flag.FlagSet, args []string, io IO) (*logrus.Log
 	default:
 		return nil, usagef("%s=%q: the only value is processes (a test knob)", hostNetnsKnob, v)
 	}
-	return lf.logger(io.Stderr)
+	log, err := lf.logger(io.Stderr)
+	if err != nil {
+		return nil, err
+	}
+	log.AddHook(adviceHook{fs.Name()})
+	return log, nil
 }
 
 // hostNetns finds the identity of the host's netns under proc before

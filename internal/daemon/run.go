@@ -55,7 +55,7 @@ type Attached interface {
 	Fill() ([]loader.MapFill, error)
 	PeerStorageFailures() (uint64, error)
 	Records() ([]loader.Record, error)
-	RemoveOrphans(owner string, keep func(loader.Record) bool) ([]loader.Record, error)
+	RemoveWhere(match func(loader.Record) bool) ([]loader.Record, error)
 	RemoveAllIfUnused() (bool, error)
 	Close() error
 }
@@ -336,7 +336,7 @@ func (r *runner) removeOrphans(desired []Target) error {
 		delete(wantName, n)
 		delete(wantID, idOf[n])
 	}
-	removed, err := r.cfg.Kernel.RemoveOrphans(r.cfg.Owner, func(rec loader.Record) bool {
+	claimed := func(rec loader.Record) bool {
 		if r.cfg.Fixed {
 			return rec.NetnsIno == 0 || netnsInoAlive(r.cfg.Proc, rec.NetnsIno)
 		}
@@ -344,6 +344,10 @@ func (r *runner) removeOrphans(desired []Target) error {
 			return wantID[rec.ID]
 		}
 		return wantName[rec.Name]
+	}
+	// Enrollments of live owners and of other modes are never touched.
+	removed, err := r.cfg.Kernel.RemoveWhere(func(rec loader.Record) bool {
+		return rec.Owner == r.cfg.Owner && !rec.OwnerAlive && !claimed(rec)
 	})
 	for _, rec := range removed {
 		r.cfg.Log.WithFields(logrus.Fields{"netns": rec.Name, "cookie": rec.Cookie, "id": rec.ID}).Info("removed rules handed over for a target that is gone")

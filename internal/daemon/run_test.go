@@ -128,8 +128,8 @@ type attachedFake struct {
 	mu     sync.Mutex
 	heal   [][]string // what each Heal call returns, in turn
 	closed bool
-	// orphans are the ownerless records RemoveOrphans is offered; what
-	// keep does not claim goes to removed, and orphaned is closed.
+	// orphans are the records RemoveWhere is offered; what match selects
+	// goes to removed, and orphaned is closed.
 	orphans  []loader.Record
 	removed  []loader.Record
 	orphaned chan struct{}
@@ -153,12 +153,12 @@ func (a *attachedFake) PeerStorageFailures() (uint64, error) { return 7, nil }
 func (a *attachedFake) Records() ([]loader.Record, error)    { return nil, nil }
 func (a *attachedFake) RemoveAllIfUnused() (bool, error)     { return true, nil }
 func (a *attachedFake) Close() error                         { a.closed = true; return nil }
-func (a *attachedFake) RemoveOrphans(_ string, keep func(loader.Record) bool) ([]loader.Record, error) {
+func (a *attachedFake) RemoveWhere(match func(loader.Record) bool) ([]loader.Record, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	var removed []loader.Record
 	for _, r := range a.orphans {
-		if !keep(r) {
+		if match(r) {
 			removed = append(removed, r)
 		}
 	}
@@ -189,6 +189,8 @@ func TestOrphansClaimedByID(t *testing.T) {
 		{Enrollment: loader.Enrollment{Cookie: 1, Name: "web", ID: "old-container", Owner: "docker"}},
 		{Enrollment: loader.Enrollment{Cookie: 2, Name: "web", ID: "new-container", Owner: "docker"}},
 		{Enrollment: loader.Enrollment{Cookie: 3, Name: "web", Owner: "docker"}}, // layout 1: no ID
+		{Enrollment: loader.Enrollment{Cookie: 4, Name: "gone", Owner: "kube"}},  // another mode's
+		{Enrollment: loader.Enrollment{Cookie: 5, Name: "gone", Owner: "docker"}, OwnerAlive: true},
 	}}
 	k.Fail["web"] = errors.New("map full")
 	log, _ := test.NewNullLogger()
@@ -201,7 +203,7 @@ func TestOrphansClaimedByID(t *testing.T) {
 	select {
 	case <-k.orphaned:
 	case <-time.After(30 * time.Second):
-		t.Fatal("RemoveOrphans was not called within 30s")
+		t.Fatal("RemoveWhere was not called within 30s")
 	}
 	cancel()
 	if err := <-done; err != nil {
@@ -214,7 +216,7 @@ func TestOrphansClaimedByID(t *testing.T) {
 		got = append(got, r.Cookie)
 	}
 	if fmt.Sprint(got) != "[1]" {
-		t.Errorf("removed the records with cookies %v; want [1] (the old container's), keeping the same container's and the one without an ID that the name claims", got)
+		t.Errorf("removed the records with cookies %v; want [1] (the old container's), keeping the same container's, the one without an ID that the name claims, another mode's and a live owner's", got)
 	}
 }
 

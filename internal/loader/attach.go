@@ -166,7 +166,7 @@ func openOrCreateMap(path string, ms *ebpf.MapSpec) (*ebpf.Map, error) {
 	case err == nil:
 		if err := ms.Compatible(m); err != nil {
 			m.Close()
-			return nil, fmt.Errorf("pinned map %s was made by an incompatible nsredirect (%v); stop all instances and run `nsredirect cleanup --all`", path, err)
+			return nil, errorOf(ErrIncompatible, "pinned map %s was made by an incompatible nsredirect (%v)", path, err)
 		}
 		return m, nil
 	case !errors.Is(err, os.ErrNotExist):
@@ -224,7 +224,7 @@ func (l *Loader) updatePinned(h hook, pinned link.Link, prog *ebpf.Program, cgro
 				return false, nil
 			}
 			if cg.CgroupId != cgroupID {
-				return false, fmt.Errorf("%s is attached to another cgroup (id %d) than %s; use the same --cgroup for every instance, or run `nsredirect cleanup --all`", linkPath, cg.CgroupId, cgroup)
+				return false, errorOf(ErrOtherCgroup, "%s is attached to another cgroup (id %d) than %s", linkPath, cg.CgroupId, cgroup)
 			}
 		}
 	}
@@ -261,7 +261,7 @@ func OpenPinned(dir string, log logrus.FieldLogger) (*Loader, error) {
 	case layoutNone:
 		return nil, fmt.Errorf("%w at %s", ErrNotPinned, dir)
 	case layoutV1, layoutV2:
-		return nil, fmt.Errorf("the state pinned at %s has layout version %d (an older nsredirect); start a daemon of this version to migrate it in place, or use the older version's command", dir, l.layout())
+		return nil, errorOf(ErrOlderLayout, "the state pinned at %s has layout version %d (an older nsredirect)", dir, l.layout())
 	}
 	spec, err := bpfobj.LoadRedirect()
 	if err != nil {
@@ -278,7 +278,7 @@ func OpenPinned(dir string, log logrus.FieldLogger) (*Loader, error) {
 		}
 		if err := ms.Compatible(m); err != nil {
 			m.Close()
-			return nil, fmt.Errorf("pinned map %s was made by an incompatible nsredirect (%v); run that version's `nsredirect cleanup --all`", path, err)
+			return nil, errorOf(ErrIncompatible, "pinned map %s was made by an incompatible nsredirect (%v)", path, err)
 		}
 		return m, nil
 	}

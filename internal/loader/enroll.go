@@ -69,7 +69,7 @@ func (l *Loader) Enroll(e Enrollment) error {
 		w, err = l.putRules(e.Cookie, e.Rules, old.Specs, before)
 		if err == nil {
 			if err = l.records.Put(e.Cookie, rec); errors.Is(err, unix.E2BIG) {
-				err = fmt.Errorf("enrollment map is full (%d netns): remove unused enrollments with `nsredirect cleanup`", l.records.MaxEntries())
+				err = &MapFullError{Map: "enrollment", Capacity: int(l.records.MaxEntries()), Unit: "netns"}
 			} else if err != nil {
 				err = fmt.Errorf("write enrollment of netns %s: %w", e.Name, err)
 			}
@@ -128,7 +128,7 @@ func (l *Loader) putRules(cookie uint64, rules []rule.Rule, oldSpecs []string, b
 			}
 			if err := l.maps.NsrRules.Put(k, v); err != nil {
 				if errors.Is(err, unix.E2BIG) {
-					return w, fmt.Errorf("rule map is full (%d entries): remove unused enrollments with `nsredirect cleanup`", l.maps.NsrRules.MaxEntries())
+					return w, &MapFullError{Map: "rule", Capacity: int(l.maps.NsrRules.MaxEntries()), Unit: "entries"}
 				}
 				return w, fmt.Errorf("write rule %s: %w", r, err)
 			}
@@ -141,7 +141,7 @@ func (l *Loader) putRules(cookie uint64, rules []rule.Rule, oldSpecs []string, b
 		ck := bpfobj.RedirectCounterKey{NetnsCookie: cookie, Index: uint32(i)}
 		if err := l.maps.NsrCounters.Put(ck, zero); err != nil {
 			if errors.Is(err, unix.E2BIG) {
-				return w, fmt.Errorf("counter map is full (%d entries): remove unused enrollments with `nsredirect cleanup`", l.maps.NsrCounters.MaxEntries())
+				return w, &MapFullError{Map: "counter", Capacity: int(l.maps.NsrCounters.MaxEntries()), Unit: "entries"}
 			}
 			return w, fmt.Errorf("create counter of rule %s: %w", r, err)
 		}
@@ -240,7 +240,7 @@ func (l *Loader) claim(cookie uint64) (*os.File, error) {
 			if rec.Holder != "" {
 				who = rec.Holder
 			}
-			return nil, fmt.Errorf("%w: %s serves %q (cookie %d); stop it first, or give this instance another netns", ErrBusy, who, rec.Name, cookie)
+			return nil, fmt.Errorf("%w: %s serves %q (cookie %d)", ErrBusy, who, rec.Name, cookie)
 		}
 		return nil, fmt.Errorf("%w (cookie %d)", ErrBusy, cookie)
 	}

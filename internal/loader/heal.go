@@ -23,7 +23,7 @@ func (l *Loader) Intact() error {
 	}
 	for _, p := range paths {
 		if _, err := os.Stat(p); err != nil {
-			return fmt.Errorf("pinned state was removed from under this daemon (%s: %v), e.g. by `nsredirect cleanup --all`; restart it to attach again", p, err)
+			return errorOf(ErrStateRemoved, "pinned state was removed from under this daemon (%s: %v)", p, err)
 		}
 	}
 	return nil

@@ -23,12 +23,6 @@ import (
 // DefaultPinDir is where state is pinned unless told otherwise.
 const DefaultPinDir = "/sys/fs/bpf/nsredirect"
 
-// ErrBusy is returned by Enroll when a live process already serves the netns.
-var ErrBusy = errors.New("netns is already served by another nsredirect")
-
-// ErrNotPinned means there is no pinned state at the pin dir.
-var ErrNotPinned = errors.New("nothing pinned")
-
 // Enrollment is what a netns is enrolled with.
 type Enrollment struct {
 	Cookie   uint64

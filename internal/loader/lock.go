@@ -57,7 +57,7 @@ func flockTimeout(f *os.File, how int, deadline time.Time) error {
 			return err
 		}
 		if time.Now().After(deadline) {
-			return errors.New("held by another nsredirect for over 30s; is one stuck? see `nsredirect status`")
+			return errorOf(ErrLockTimeout, "held by another nsredirect for over 30s")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

@@ -170,7 +170,7 @@ func (l *Loader) migrateV2(spec *ebpf.CollectionSpec, cgroup string, cgroupID ui
 		}
 		if err := ms.Compatible(m); err != nil {
 			m.Close()
-			return nil, fmt.Errorf("pinned map %s is not the version 2 map this build knows (%v); stop all instances and run `nsredirect cleanup --all`", old, err)
+			return nil, errorOf(ErrIncompatible, "pinned map %s is not the version 2 map this build knows (%v)", old, err)
 		}
 		if err := pinAtomically(m, l.pins.mapIn(staging, name)); err != nil {
 			m.Close()

@@ -9,8 +9,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-
-	"github.com/nsredirect/nsredirect/internal/rule"
 )
 
 // The enrollment records: who enrolled a netns and with what. Only userspace
@@ -59,7 +57,7 @@ func encodeRecord(r storedRecord) ([]byte, error) {
 		return nil, err
 	}
 	if len(doc) > recordValueSize-4 {
-		return nil, fmt.Errorf("%w: the enrollment record of %q takes %d bytes, more than the %d one record holds; use a shorter name or fewer rules", rule.ErrSpec, r.Name, len(doc), recordValueSize-4)
+		return nil, errorOf(ErrRecordTooLarge, "the enrollment record of %q takes %d bytes, more than the %d one record holds", r.Name, len(doc), recordValueSize-4)
 	}
 	v := make([]byte, recordValueSize)
 	binary.LittleEndian.PutUint32(v, uint32(len(doc)))

@@ -48,13 +48,13 @@ func (l *Loader) removeWhere(match func(Record) bool, sweep bool) ([]Record, err
 	return removed, err
 }
 
-// RemoveOrphans removes enrollments that mode owner left behind when its
-// process died and that keep does not claim: a discovery mode calls it after
-// its first full listing, so a netns that went away while no daemon ran does
-// not keep rules. Enrollments of live owners and of other modes are never
-// touched.
-func (l *Loader) RemoveOrphans(owner string, keep func(Record) bool) ([]Record, error) {
-	return l.removeWhere(func(r Record) bool { return r.Owner == owner && !r.OwnerAlive && !keep(r) }, false)
+// RemoveWhere unenrolls every enrollment match selects and returns them.
+// Records, with whether their owner is alive, are read under the pin dir's
+// lock held throughout: an owner match finds dead cannot claim its netns
+// meanwhile. Which enrollments go is the caller's decision (the daemon's
+// orphan removal).
+func (l *Loader) RemoveWhere(match func(Record) bool) ([]Record, error) {
+	return l.removeWhere(match, false)
 }
 
 // RemoveAllIfUnused detaches and unpins everything when no netns is
