@@ -13,6 +13,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
+	"github.com/nsredirect/nsredirect/internal/metrics"
 	"github.com/nsredirect/nsredirect/internal/netnsx"
 )
 
@@ -148,17 +149,10 @@ type statusRow struct {
 	Since     time.Time `json:"since"`
 }
 
-// mapRow is the fill level of one pinned map.
-type mapRow struct {
-	Map      string `json:"map"`
-	Entries  int    `json:"entries"`
-	Capacity int    `json:"capacity"`
-}
-
 // statusJSON is `status --json`.
 type statusJSON struct {
-	Rules []statusRow `json:"rules"`
-	Maps  []mapRow    `json:"maps"`
+	Rules []statusRow       `json:"rules"`
+	Maps  []metrics.MapFill `json:"maps"`
 }
 
 func statusCmd(_ context.Context, io IO, args []string) error {
@@ -171,7 +165,7 @@ func statusCmd(_ context.Context, io IO, args []string) error {
 		return err
 	}
 	rows := []statusRow{}
-	maps := []mapRow{}
+	maps := []metrics.MapFill{}
 	l, err := loader.OpenPinned(pinDir, quietLog())
 	switch {
 	case errors.Is(err, loader.ErrNotPinned):
@@ -191,12 +185,8 @@ func statusCmd(_ context.Context, io IO, args []string) error {
 				})
 			}
 		}
-		fill, err := l.Fill()
-		if err != nil {
+		if maps, err = l.Fill(); err != nil {
 			return err
-		}
-		for _, f := range fill {
-			maps = append(maps, mapRow{f.Name, f.Entries, f.Capacity})
 		}
 	}
 	if asJSON {

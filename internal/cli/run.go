@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"net"
@@ -87,7 +88,7 @@ func (k *kernelFlags) parse(fs *flag.FlagSet, args []string, io IO) (*logrus.Log
 // netns for a target's: it refuses to start (exit 2), saying why and fix,
 // what to change.
 func (k *kernelFlags) hostNetns(proc, fix string) (netnsx.LiveID, error) {
-	id, err := daemon.FindHostNetns(proc, daemon.HostNetnsOptions{IgnoreFixedInode: k.hostByProcesses})
+	id, err := netnsx.FindHost(proc, netnsx.HostOptions{IgnoreFixedInode: k.hostByProcesses})
 	if err != nil {
 		return id, UsageError{fmt.Errorf("%w, so no target can be proven not to be it: %s", err, fix)}
 	}
@@ -183,23 +184,7 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 		log.WithError(hostErr).Warn("--allow-host-netns: the host network namespace cannot be told apart; enrolling every --netns as given")
 	}
 	src := daemon.Fixed{RemoveOnExit: removeOnExit}
-	seen := map[netnsx.LiveID]string{}
 	for _, target := range targets {
-		// Each target must exist before anything is attached.
-		_, id, err := target.ResolveWith(kf.cookies.Read)
-		if err != nil {
-			return err
-		}
-		if other, dup := seen[id.Live()]; dup {
-			return usagef("--netns %s and --netns %s are one network namespace; give each namespace once", other, target)
-		}
-		seen[id.Live()] = target.String()
-		if hostErr == nil && id.Live() == host {
-			if !allowHost {
-				return usagef("--netns %s is the host network namespace: its rules would redirect the loopback connects of every process on the host; give a container's or a named netns, or pass --allow-host-netns if that is what you mean", target)
-			}
-			log.WithField("netns", target.String()).Warn("--allow-host-netns: redirecting in the host network namespace, for every process on the host")
-		}
 		name := target.Spec
 		if name == "self" {
 			host, _ := os.Hostname()
@@ -210,6 +195,18 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 	cfg := daemon.Config{Owner: "run", Fixed: true, AllowHostNetns: allowHost}
 	if hostErr == nil {
 		cfg.HostNetns = &host
+	}
+	hosts, err := src.Check(kf.cookies.Read, cfg.HostNetns, allowHost)
+	switch {
+	case errors.Is(err, daemon.ErrSameNetns):
+		return usagef("--netns %v; give each namespace once", err)
+	case errors.Is(err, daemon.ErrHostNetns):
+		return usagef("--netns %v: its rules would redirect the loopback connects of every process on the host; give a container's or a named netns, or pass --allow-host-netns if that is what you mean", err)
+	case err != nil:
+		return err
+	}
+	for _, t := range hosts {
+		log.WithField("netns", t.Netns.String()).Warn("--allow-host-netns: redirecting in the host network namespace, for every process on the host")
 	}
 	return serve(ctx, &kf, log, src, cfg)
 }

@@ -9,15 +9,11 @@ package daemon
 import (
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 
 	"github.com/sirupsen/logrus"
-	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/metrics"
@@ -171,7 +167,7 @@ type Daemon struct {
 	// see HostNetns.
 	host      netnsx.LiveID
 	hostKnown bool
-	hostOpts  HostNetnsOptions
+	hostOpts  netnsx.HostOptions
 
 	mu      sync.Mutex
 	desired []Target
@@ -209,7 +205,7 @@ func Proc(dir string) Option { return func(d *Daemon) { d.proc = dir } }
 func AllowHostNetns() Option { return func(d *Daemon) { d.allowHost = true } }
 
 // HostNetns gives the identity of the host's netns, found by the caller
-// (FindHostNetns). Without it the daemon looks itself, under its proc root,
+// (netnsx.FindHost). Without it the daemon looks itself, under its proc root,
 // at the first target, and refuses every target while it cannot tell.
 func HostNetns(id netnsx.LiveID) Option {
 	return func(d *Daemon) { d.host, d.hostKnown = id, true }
@@ -220,7 +216,7 @@ func (d *Daemon) hostNetns() (netnsx.LiveID, error) {
 	if d.hostKnown {
 		return d.host, nil
 	}
-	id, err := FindHostNetns(d.proc, d.hostOpts)
+	id, err := netnsx.FindHost(d.proc, d.hostOpts)
 	if err != nil {
 		return netnsx.LiveID{}, err
 	}
@@ -383,7 +379,7 @@ func (d *Daemon) apply(t Target) error {
 			}
 			return fmt.Errorf("%s: refused: %w", t.label(), err)
 		}
-		if id.Ino == initNetIno || id.Live() == host {
+		if id.IsHost(host) {
 			if cur != nil {
 				_ = d.drop(cur)
 			}
@@ -426,49 +422,11 @@ func (d *Daemon) apply(t Target) error {
 // A lookup that failed (a process of a pod exited, the source could not
 // say where the target is right now) keeps them: the namespace may live on.
 func (d *Daemon) dropUnlessAlive(l *live, why error) {
-	if NetnsAlive(d.proc, l.id.Live(), l.target.Netns.Path) {
+	if netnsx.Alive(d.proc, l.id.Live(), l.target.Netns.Path) {
 		d.log.WithFields(logrus.Fields{"netns": l.target.Name, "cookie": l.cookie}).WithError(why).Debug("lookup failed but the netns lives; rules kept")
 		return
 	}
 	_ = d.drop(l)
-}
-
-// NetnsAlive reports whether some path still reaches the netns id: one of
-// paths, or /proc/PID/ns/net of any process under proc, or a bind mount in
-// /run/netns. Live namespaces never share an inode, so a match is that
-// namespace (or, at worst, a new one that took a dead one's inode: then
-// the rules are kept for a cookie nothing uses, until the next look).
-func NetnsAlive(proc string, id netnsx.LiveID, paths ...string) bool {
-	same := func(p string) bool {
-		var st unix.Stat_t
-		return unix.Stat(p, &st) == nil && st.Dev == id.Dev && st.Ino == id.Ino
-	}
-	for _, p := range paths {
-		if p != "" && same(p) {
-			return true
-		}
-	}
-	if entries, err := os.ReadDir("/run/netns"); err == nil {
-		for _, e := range entries {
-			if same(filepath.Join("/run/netns", e.Name())) {
-				return true
-			}
-		}
-	}
-	entries, err := os.ReadDir(proc)
-	if err != nil {
-		return true // cannot look: not proven gone
-	}
-	// Not ourselves: the Go runtime may have parked our main thread in a
-	// target's netns (see netnsx.Target), which would keep it "alive" for
-	// good. <proc>/self names us in that procfs's pid namespace.
-	self, _ := os.Readlink(filepath.Join(proc, "self"))
-	for _, e := range entries {
-		if _, err := strconv.Atoi(e.Name()); err == nil && e.Name() != self && same(filepath.Join(proc, e.Name(), "ns", "net")) {
-			return true
-		}
-	}
-	return false
 }
 
 // Moved reports whether the path of a live target that nothing watches

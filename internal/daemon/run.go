@@ -52,7 +52,7 @@ type Attached interface {
 	Kernel
 	Intact() error
 	Heal(cgroup string) ([]string, error)
-	Fill() ([]loader.MapFill, error)
+	Fill() ([]metrics.MapFill, error)
 	PeerStorageFailures() (uint64, error)
 	Records() ([]loader.Record, error)
 	RemoveWhere(match func(loader.Record) bool) ([]loader.Record, error)
@@ -75,7 +75,7 @@ type Config struct {
 	// AllowHostNetns lets a target be the host's netns (run only).
 	AllowHostNetns bool
 	// HostNetns is the host netns's identity, found before start
-	// (FindHostNetns); nil: the daemon looks under Proc itself.
+	// (netnsx.FindHost); nil: the daemon looks under Proc itself.
 	HostNetns *netnsx.LiveID
 	// WaitForOwners: see the option of that name.
 	WaitForOwners bool
@@ -338,7 +338,7 @@ func (r *runner) removeOrphans(desired []Target) error {
 	}
 	claimed := func(rec loader.Record) bool {
 		if r.cfg.Fixed {
-			return rec.NetnsIno == 0 || netnsInoAlive(r.cfg.Proc, rec.NetnsIno)
+			return rec.NetnsIno == 0 || netnsx.InoAlive(r.cfg.Proc, rec.NetnsIno)
 		}
 		if rec.ID != "" {
 			return wantID[rec.ID]
@@ -355,23 +355,6 @@ func (r *runner) removeOrphans(desired []Target) error {
 	return err
 }
 
-// netnsInoAlive is NetnsAlive for a record, which keeps only the inode.
-func netnsInoAlive(proc string, ino uint64) bool {
-	dev, err := nsfsDev(proc)
-	if err != nil {
-		return true
-	}
-	return NetnsAlive(proc, netnsx.LiveID{Dev: dev, Ino: ino})
-}
-
-func nsfsDev(proc string) (uint64, error) {
-	id, err := (netnsx.Target{Spec: "self", Path: "/proc/thread-self/ns/net"}).Stat()
-	if err != nil {
-		return 0, err
-	}
-	return id.Dev, nil
-}
-
 // snapshot is what a scrape reports: the daemon's rules and errors, and
 // the kernel's state.
 func (r *runner) snapshot() metrics.Snapshot {
@@ -383,9 +366,7 @@ func (r *runner) snapshot() metrics.Snapshot {
 	}
 	r.mu.Unlock()
 	if fill, err := r.cfg.Kernel.Fill(); err == nil {
-		for _, f := range fill {
-			s.Maps = append(s.Maps, metrics.MapFill{Map: f.Name, Entries: f.Entries, Capacity: f.Capacity})
-		}
+		s.Maps = fill
 		sort.Slice(s.Maps, func(i, j int) bool { return s.Maps[i].Map < s.Maps[j].Map })
 	}
 	if n, err := r.cfg.Kernel.PeerStorageFailures(); err == nil {

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
+	"github.com/nsredirect/nsredirect/internal/metrics"
 	"github.com/nsredirect/nsredirect/internal/netnsx"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
@@ -146,8 +147,8 @@ func (a *attachedFake) Heal(string) ([]string, error) {
 	a.heal = a.heal[1:]
 	return h, nil
 }
-func (a *attachedFake) Fill() ([]loader.MapFill, error) {
-	return []loader.MapFill{{Name: "rules", Entries: 3, Capacity: 65536}, {Name: "enrollments", Entries: 1, Capacity: 16384}}, nil
+func (a *attachedFake) Fill() ([]metrics.MapFill, error) {
+	return []metrics.MapFill{{Map: "rules", Entries: 3, Capacity: 65536}, {Map: "enrollments", Entries: 1, Capacity: 16384}}, nil
 }
 func (a *attachedFake) PeerStorageFailures() (uint64, error) { return 7, nil }
 func (a *attachedFake) Records() ([]loader.Record, error)    { return nil, nil }

@@ -12,6 +12,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/nsredirect/nsredirect/internal/bpfobj"
+	"github.com/nsredirect/nsredirect/internal/metrics"
 	"github.com/nsredirect/nsredirect/internal/rule"
 )
 
@@ -225,27 +226,21 @@ func parseSpecs(specs []string) []rule.Rule {
 	return out
 }
 
-// MapFill is how full one pinned map is.
-type MapFill struct {
-	Name              string
-	Entries, Capacity int
-}
-
 // Fill counts the entries of the rule, counter and enrollment maps. The
 // capacities fit together: MaxEnrollments netns with one spec that expands
 // to 6 entries each fit the rule map (see NSR_MAX_RULES).
-func (l *Loader) Fill() ([]MapFill, error) {
+func (l *Loader) Fill() ([]metrics.MapFill, error) {
 	maps := []struct {
 		name string
 		m    *ebpf.Map
 	}{{"rules", l.maps.NsrRules}, {"counters", l.maps.NsrCounters}, {"enrollments", l.records}, {"peers", l.maps.NsrPeers}}
-	out := make([]MapFill, 0, len(maps))
+	out := make([]metrics.MapFill, 0, len(maps))
 	for _, x := range maps {
 		n, err := countKeys(x.m)
 		if err != nil {
 			return nil, fmt.Errorf("count entries of %s: %w", x.name, err)
 		}
-		out = append(out, MapFill{Name: x.name, Entries: n, Capacity: int(x.m.MaxEntries())})
+		out = append(out, metrics.MapFill{Map: x.name, Entries: n, Capacity: int(x.m.MaxEntries())})
 	}
 	return out, nil
 }

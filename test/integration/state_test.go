@@ -284,8 +284,8 @@ func TestRecordsKeepIDHolderAndLongNames(t *testing.T) {
 	rules, counters := cookieKeys(t, pin, e.Cookie)
 	got := map[string]int{"rules": rules, "counters": counters, "enrollments": 1, "peers": 0}
 	for _, f := range fill {
-		if f.Capacity != want[f.Name] || f.Entries != got[f.Name] {
-			t.Errorf("fill of %s: %d of %d, want %d of %d", f.Name, f.Entries, f.Capacity, got[f.Name], want[f.Name])
+		if f.Capacity != want[f.Map] || f.Entries != got[f.Map] {
+			t.Errorf("fill of %s: %d of %d, want %d of %d", f.Map, f.Entries, f.Capacity, got[f.Map], want[f.Map])
 		}
 	}
 	if len(fill) != len(want) {
