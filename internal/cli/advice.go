@@ -35,6 +35,8 @@ func advice(cmd string, err error) string {
 		return "stop it first, or give this instance another netns"
 	case errors.Is(err, loader.ErrLockTimeout):
 		return "is one stuck? see `nsredirect status`"
+	case errors.Is(err, loader.ErrNotLive):
+		return "restart its daemon"
 	case errors.Is(err, loader.ErrRecordTooLarge):
 		return "use a shorter name or fewer rules"
 	}

@@ -25,6 +25,7 @@ func TestAdviceForLoaderErrors(t *testing.T) {
 		{"run", loader.ErrBusy, "stop it first, or give this instance another netns"},
 		{"cleanup", loader.ErrLockTimeout, "see `nsredirect status`"},
 		{"run", loader.ErrRecordTooLarge, "use a shorter name or fewer rules"},
+		{"check", loader.ErrNotLive, "restart its daemon"},
 	}
 	for _, c := range cases {
 		got := withAdvice(c.cmd, fmt.Errorf("enroll netns web: %w", c.err))

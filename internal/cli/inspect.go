@@ -87,7 +87,7 @@ func checkCmd(_ context.Context, io IO, args []string) error {
 	if holder == "" {
 		holder = fmt.Sprintf("pid %d", rec.OwnerPID)
 	}
-	fmt.Fprintf(io.Stdout, "ok: netns %s (%s): %s live, owner %s %s\n", target, rec.Name, strings.Join(rec.Specs, ","), holder, aliveWord(rec.OwnerAlive))
+	fmt.Fprintf(io.Stdout, "ok: netns %s (%s): %s live, owner %s %s\n", target, rec.Name, strings.Join(rec.Labels, ","), holder, aliveWord(rec.OwnerAlive))
 	return nil
 }
 
@@ -178,9 +178,9 @@ func statusCmd(_ context.Context, io IO, args []string) error {
 			return err
 		}
 		for _, r := range recs {
-			for i, spec := range r.Specs {
+			for i, label := range r.Labels {
 				rows = append(rows, statusRow{
-					Netns: r.Name, ID: r.ID, Cookie: r.Cookie, NetnsIno: r.NetnsIno, Mode: r.Owner, Rule: spec,
+					Netns: r.Name, ID: r.ID, Cookie: r.Cookie, NetnsIno: r.NetnsIno, Mode: r.Owner, Rule: label,
 					OwnerPID: r.OwnerPID, Holder: r.Holder, Alive: r.OwnerAlive, Redirects: r.Redirects[i], Since: r.Enrolled.UTC(),
 				})
 			}
@@ -260,7 +260,7 @@ func cleanupCmd(_ context.Context, io IO, args []string) error {
 	defer l.Close()
 	removed, err := l.Cleanup(all)
 	for _, r := range removed {
-		fmt.Fprintf(io.Stdout, "removed netns %s (%s), owner pid %d %s\n", r.Name, strings.Join(r.Specs, ","), r.OwnerPID, map[bool]string{true: "alive", false: "dead"}[r.OwnerAlive])
+		fmt.Fprintf(io.Stdout, "removed netns %s (%s), owner pid %d %s\n", r.Name, strings.Join(r.Labels, ","), r.OwnerPID, map[bool]string{true: "alive", false: "dead"}[r.OwnerAlive])
 	}
 	if err != nil {
 		return err

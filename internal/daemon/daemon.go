@@ -399,7 +399,7 @@ func (d *Daemon) apply(t Target) error {
 		log = log.WithField("id", t.ID)
 	}
 	if err := d.kernel.Enroll(loader.Enrollment{
-		Cookie: cookie, NetnsIno: id.Ino, Name: t.Name, Owner: d.owner, ID: t.ID, Holder: d.holder, Rules: t.Rules,
+		Cookie: cookie, NetnsIno: id.Ino, Name: t.Name, Owner: d.owner, ID: t.ID, Holder: d.holder, Rules: rule.Entries(t.Rules),
 	}); err != nil {
 		return fmt.Errorf("netns %s: %w", t.Name, err)
 	}

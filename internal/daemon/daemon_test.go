@@ -43,7 +43,7 @@ func TestReconcileAddUpdateRemove(t *testing.T) {
 		t.Fatal(err)
 	}
 	ca, cb := a.Cookie(t), b.Cookie(t)
-	if len(k.Enrolled) != 2 || k.Enrolled[ca].Name != "a" || k.Enrolled[cb].Rules[0].ToPort != 3211 || k.Enrolled[ca].Owner != "test" {
+	if len(k.Enrolled) != 2 || k.Enrolled[ca].Name != "a" || k.Enrolled[cb].Rules[0].Label != "80=3211" || k.Enrolled[ca].Owner != "test" {
 		t.Fatalf("enrolled %+v", k.Enrolled)
 	}
 	if err := d.Ready(); err != nil {

@@ -15,7 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/bpfobj"
-	"github.com/nsredirect/nsredirect/internal/rule"
+	"github.com/nsredirect/nsredirect/internal/entry"
 )
 
 // Enroll makes the kernel redirect e.Rules in netns e.Cookie. Rules that an
@@ -25,11 +25,7 @@ import (
 // entries it overwrote get their old values back, counters too, and an
 // owner lock it took is given up.
 func (l *Loader) Enroll(e Enrollment) error {
-	specs := make([]string, len(e.Rules))
-	for i, r := range e.Rules {
-		specs[i] = r.String()
-	}
-	rec, err := encodeRecord(newStoredRecord(e, specs, os.Getpid(), time.Now()))
+	rec, err := encodeRecord(newStoredRecord(e, os.Getpid(), time.Now()))
 	if err != nil {
 		return err
 	}
@@ -60,13 +56,13 @@ func (l *Loader) Enroll(e Enrollment) error {
 		l.log.WithFields(logrus.Fields{"netns": e.Name, "cookie": e.Cookie, "previous_pid": old.OwnerPID}).Info("adopting rules left by a previous owner")
 	}
 	before, err := l.readCookie(e.Cookie)
-	if err == nil && rule.HasUDP(e.Rules) {
+	if err == nil && entry.HasUDP(e.Rules) {
 		// The UDP hooks go on before the first UDP entry is in.
 		_, err = l.syncUDPFor(true)
 	}
 	if err == nil {
 		var w written
-		w, err = l.putRules(e.Cookie, e.Rules, old.Specs, before)
+		w, err = l.putRules(e.Cookie, e.Rules, before)
 		if err == nil {
 			if err = l.records.Put(e.Cookie, rec); errors.Is(err, unix.E2BIG) {
 				err = &MapFullError{Map: "enrollment", Capacity: int(l.records.MaxEntries()), Unit: "netns"}
@@ -89,12 +85,9 @@ func (l *Loader) Enroll(e Enrollment) error {
 	}
 	// Only now that the new entries are in: drop what was there and the new
 	// rules do not have.
-	want := map[bpfobj.RedirectRuleKey]bool{}
-	for _, k := range ruleKeys(e.Cookie, e.Rules) {
-		want[k] = true
-	}
+	want := wantedEntries(e.Cookie, e.Rules)
 	for k := range before.rules {
-		if !want[k] {
+		if _, ok := want[k]; !ok {
 			_ = l.maps.NsrRules.Delete(k)
 		}
 	}
@@ -114,14 +107,16 @@ type written struct {
 	counters []uint32
 }
 
-// putRules writes the entries of rules, and their counters, spec by spec.
-// A counter is kept when its index holds the same spec as before and starts
-// at zero otherwise.
-func (l *Loader) putRules(cookie uint64, rules []rule.Rule, oldSpecs []string, before cookieState) (written, error) {
+// putRules writes the entries of rules, and their counters, rule by rule.
+// A counter is kept when the kernel held exactly the entries of its rule
+// under its index before (a restart, an unchanged rule) and starts at zero
+// otherwise: the keys decide, not the labels.
+func (l *Loader) putRules(cookie uint64, rules []entry.Rule, before cookieState) (written, error) {
 	var w written
 	zero := make([]uint64, ebpfCPUs())
+	held := before.entriesByIndex()
 	for i, r := range rules {
-		for _, x := range r.Expand() {
+		for _, x := range r.Entries {
 			k, v := ruleEntry(cookie, uint32(i), x)
 			if cur, ok := before.rules[k]; ok && cur == v {
 				continue
@@ -130,12 +125,12 @@ func (l *Loader) putRules(cookie uint64, rules []rule.Rule, oldSpecs []string, b
 				if errors.Is(err, unix.E2BIG) {
 					return w, &MapFullError{Map: "rule", Capacity: int(l.maps.NsrRules.MaxEntries()), Unit: "entries"}
 				}
-				return w, fmt.Errorf("write rule %s: %w", r, err)
+				return w, fmt.Errorf("write rule %s: %w", r.Label, err)
 			}
 			w.rules = append(w.rules, k)
 		}
 		_, had := before.counters[uint32(i)]
-		if had && i < len(oldSpecs) && oldSpecs[i] == r.String() {
+		if had && sameEntries(held[uint32(i)], ruleEntries(cookie, uint32(i), r)) {
 			continue
 		}
 		ck := bpfobj.RedirectCounterKey{NetnsCookie: cookie, Index: uint32(i)}
@@ -143,7 +138,7 @@ func (l *Loader) putRules(cookie uint64, rules []rule.Rule, oldSpecs []string, b
 			if errors.Is(err, unix.E2BIG) {
 				return w, &MapFullError{Map: "counter", Capacity: int(l.maps.NsrCounters.MaxEntries()), Unit: "entries"}
 			}
-			return w, fmt.Errorf("create counter of rule %s: %w", r, err)
+			return w, fmt.Errorf("create counter of rule %s: %w", r.Label, err)
 		}
 		w.counters = append(w.counters, uint32(i))
 	}
@@ -261,7 +256,7 @@ func (l *Loader) giveUp(cookie uint64, f *os.File, removeDir bool) {
 	}
 }
 
-func ruleEntry(cookie uint64, index uint32, x rule.Expansion) (bpfobj.RedirectRuleKey, bpfobj.RedirectRuleVal) {
+func ruleEntry(cookie uint64, index uint32, x entry.Entry) (bpfobj.RedirectRuleKey, bpfobj.RedirectRuleVal) {
 	k := bpfobj.RedirectRuleKey{NetnsCookie: cookie, Port: htons(x.Match.Port), Proto: protoNumber(x.Match.Proto)}
 	k.Family, k.Addr = addrWords(x.Match.Addr)
 	v := bpfobj.RedirectRuleVal{Port: htons(x.ToPort), Index: index}
@@ -273,15 +268,50 @@ func ruleEntry(cookie uint64, index uint32, x rule.Expansion) (bpfobj.RedirectRu
 	return k, v
 }
 
-func ruleKeys(cookie uint64, rules []rule.Rule) []bpfobj.RedirectRuleKey {
-	var keys []bpfobj.RedirectRuleKey
+// ruleEntries is what rule r writes into the rule map at index.
+func ruleEntries(cookie uint64, index uint32, r entry.Rule) map[bpfobj.RedirectRuleKey]bpfobj.RedirectRuleVal {
+	out := make(map[bpfobj.RedirectRuleKey]bpfobj.RedirectRuleVal, len(r.Entries))
+	for _, x := range r.Entries {
+		k, v := ruleEntry(cookie, index, x)
+		out[k] = v
+	}
+	return out
+}
+
+// wantedEntries is what the rule map holds for cookie once rules are
+// enrolled: a later rule's entry replaces an earlier one's of the same key,
+// as the writes do.
+func wantedEntries(cookie uint64, rules []entry.Rule) map[bpfobj.RedirectRuleKey]bpfobj.RedirectRuleVal {
+	want := map[bpfobj.RedirectRuleKey]bpfobj.RedirectRuleVal{}
 	for i, r := range rules {
-		for _, x := range r.Expand() {
-			k, _ := ruleEntry(cookie, uint32(i), x)
-			keys = append(keys, k)
+		for k, v := range ruleEntries(cookie, uint32(i), r) {
+			want[k] = v
 		}
 	}
-	return keys
+	return want
+}
+
+// sameEntries reports whether the kernel held exactly the entries want.
+func sameEntries(held, want map[bpfobj.RedirectRuleKey]bpfobj.RedirectRuleVal) bool {
+	if len(held) != len(want) {
+		return false
+	}
+	for k, v := range want {
+		if cur, ok := held[k]; !ok || cur != v {
+			return false
+		}
+	}
+	return true
+}
+
+// entryCounts is how many entries of each rule the rule map holds once
+// rules are enrolled, for Live to find one missing.
+func entryCounts(cookie uint64, rules []entry.Rule) []int {
+	n := make([]int, len(rules))
+	for _, v := range wantedEntries(cookie, rules) {
+		n[v.Index]++
+	}
+	return n
 }
 
 // addrWords lays an address out as the kernel's user_ip4/user_ip6 words:

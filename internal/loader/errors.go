@@ -27,6 +27,9 @@ var (
 	ErrStateRemoved = errors.New("pinned state removed from under this daemon")
 	// ErrLockTimeout: another process held the pin dir's lock too long.
 	ErrLockTimeout = errors.New("pin dir lock held too long")
+	// ErrNotLive: an enrollment's entries or the programs are not all in
+	// the kernel.
+	ErrNotLive = errors.New("enrollment not live")
 	// ErrRecordTooLarge: an enrollment's record does not fit the record map's
 	// value (its name or its rules are too long).
 	ErrRecordTooLarge = errors.New("enrollment record too large")

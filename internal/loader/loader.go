@@ -17,7 +17,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/nsredirect/nsredirect/internal/bpfobj"
-	"github.com/nsredirect/nsredirect/internal/rule"
+	"github.com/nsredirect/nsredirect/internal/entry"
 )
 
 // DefaultPinDir is where state is pinned unless told otherwise.
@@ -40,7 +40,10 @@ type Enrollment struct {
 	// is 1 in every daemon pod): "pod kube-system/nsredirect-x7k2p",
 	// "pid 1234 on host web1".
 	Holder string
-	Rules  []rule.Rule
+	// Rules are what each rule writes into the kernel, labelled for
+	// display; Records leaves them empty (Labels names them, and Live
+	// reads the kernel).
+	Rules []entry.Rule
 }
 
 // Record is an enrollment as read back from the pinned state.
@@ -49,9 +52,13 @@ type Record struct {
 	OwnerPID   uint32
 	OwnerAlive bool
 	Enrolled   time.Time
-	Specs      []string
-	// Redirects counts connects redirected per spec, summed over CPUs.
+	// Labels are the labels of the rules, in order.
+	Labels []string
+	// Redirects counts connects redirected per rule, summed over CPUs.
 	Redirects []uint64
+	// entries counts the kernel entries each rule had at enrollment (none
+	// in a record of an older version).
+	entries []int
 }
 
 // Loader holds the pinned maps open; the programs stay alive through their

@@ -29,13 +29,16 @@ const (
 
 // storedRecord is the JSON of one record.
 type storedRecord struct {
-	NetnsIno uint64   `json:"netns_ino"`
-	Name     string   `json:"name"`
-	Owner    string   `json:"owner"`
-	ID       string   `json:"id,omitempty"`
-	Holder   string   `json:"holder,omitempty"`
-	Specs    []string `json:"specs"`
-	OwnerPID uint32   `json:"owner_pid"`
+	NetnsIno uint64 `json:"netns_ino"`
+	Name     string `json:"name"`
+	Owner    string `json:"owner"`
+	ID       string `json:"id,omitempty"`
+	Holder   string `json:"holder,omitempty"`
+	// Specs are the labels of the rules (older versions parsed them).
+	Specs []string `json:"specs"`
+	// Entries counts the kernel entries of each rule (see Live).
+	Entries  []int  `json:"entries,omitempty"`
+	OwnerPID uint32 `json:"owner_pid"`
 	// EnrolledUnixNs is when the netns was enrolled, in ns since the epoch.
 	EnrolledUnixNs int64 `json:"enrolled_unix_ns"`
 }
@@ -82,7 +85,11 @@ func decodeRecord(v []byte) (storedRecord, error) {
 	return r, nil
 }
 
-func newStoredRecord(e Enrollment, specs []string, pid int, now time.Time) storedRecord {
+func newStoredRecord(e Enrollment, pid int, now time.Time) storedRecord {
+	specs := make([]string, len(e.Rules))
+	for i, r := range e.Rules {
+		specs[i] = r.Label
+	}
 	return storedRecord{
 		NetnsIno:       e.NetnsIno,
 		Name:           e.Name,
@@ -90,6 +97,7 @@ func newStoredRecord(e Enrollment, specs []string, pid int, now time.Time) store
 		ID:             e.ID,
 		Holder:         e.Holder,
 		Specs:          specs,
+		Entries:        entryCounts(e.Cookie, e.Rules),
 		OwnerPID:       uint32(pid),
 		EnrolledUnixNs: now.UnixNano(),
 	}

@@ -13,7 +13,6 @@ import (
 
 	"github.com/nsredirect/nsredirect/internal/bpfobj"
 	"github.com/nsredirect/nsredirect/internal/metrics"
-	"github.com/nsredirect/nsredirect/internal/rule"
 )
 
 // cookieState is every kernel entry of one netns: what the maps hold for
@@ -21,6 +20,28 @@ import (
 type cookieState struct {
 	rules    map[bpfobj.RedirectRuleKey]bpfobj.RedirectRuleVal
 	counters map[uint32][]uint64
+}
+
+// entriesByIndex groups the rule entries by the index of their rule.
+func (st cookieState) entriesByIndex() map[uint32]map[bpfobj.RedirectRuleKey]bpfobj.RedirectRuleVal {
+	out := map[uint32]map[bpfobj.RedirectRuleKey]bpfobj.RedirectRuleVal{}
+	for k, v := range st.rules {
+		if out[v.Index] == nil {
+			out[v.Index] = map[bpfobj.RedirectRuleKey]bpfobj.RedirectRuleVal{}
+		}
+		out[v.Index][k] = v
+	}
+	return out
+}
+
+// anyUDP reports whether some rule entry is UDP.
+func (st cookieState) anyUDP() bool {
+	for k := range st.rules {
+		if k.Proto == ipprotoUDP {
+			return true
+		}
+	}
+	return false
 }
 
 func (l *Loader) readCookie(cookie uint64) (cookieState, error) {
@@ -134,13 +155,13 @@ func (l *Loader) readRecords() ([]Record, error) {
 				Owner:    sr.Owner,
 				ID:       sr.ID,
 				Holder:   sr.Holder,
-				Rules:    parseSpecs(sr.Specs),
 			},
 			OwnerPID:   sr.OwnerPID,
 			OwnerAlive: ownerAlive(l.dir, cookie),
 			Enrolled:   time.Unix(0, sr.EnrolledUnixNs),
-			Specs:      sr.Specs,
+			Labels:     sr.Specs,
 			Redirects:  l.Redirects(cookie, len(sr.Specs)),
+			entries:    sr.Entries,
 		}
 		out = append(out, r)
 	}
@@ -176,7 +197,10 @@ func sum(perCPU []uint64) uint64 {
 }
 
 // Live reports whether every kernel entry of the enrollment of cookie is in
-// place and the programs are attached.
+// place and the programs are attached. It reads the maps by cookie: every
+// rule of the record has its entries there (as many as at enrollment; at
+// least one for a record of an older version), and a UDP entry needs the
+// UDP hooks.
 func (l *Loader) Live(cookie uint64) (Record, error) {
 	recs, err := l.Records()
 	if err != nil {
@@ -186,20 +210,28 @@ func (l *Loader) Live(cookie uint64) (Record, error) {
 		if r.Cookie != cookie {
 			continue
 		}
-		for _, k := range ruleKeys(cookie, r.Rules) {
-			var v bpfobj.RedirectRuleVal
-			if err := l.maps.NsrRules.Lookup(k, &v); err != nil {
-				return r, fmt.Errorf("rule entry for netns %q missing from the kernel map; restart its daemon", r.Name)
+		st, err := l.readCookie(cookie)
+		if err != nil {
+			return r, err
+		}
+		held, udp := st.entriesByIndex(), st.anyUDP()
+		for i := range r.Labels {
+			want := 1
+			if i < len(r.entries) {
+				want = r.entries[i]
+			}
+			if len(held[uint32(i)]) < want {
+				return r, errorOf(ErrNotLive, "rule entry for netns %q missing from the kernel map", r.Name)
 			}
 		}
 		hs := hooks
-		if rule.HasUDP(r.Rules) {
+		if udp {
 			hs = allHooks()
 		}
 		for _, h := range hs {
 			ok, err := linkAttached(l.pins.link(h))
 			if err != nil || !ok {
-				return r, fmt.Errorf("%s program is not attached (%v); restart the daemon", h.name, err)
+				return r, errorOf(ErrNotLive, "%s program is not attached (%v)", h.name, err)
 			}
 		}
 		return r, nil
@@ -212,18 +244,6 @@ func splitSpecs(s string) []string {
 		return nil
 	}
 	return strings.Split(s, ",")
-}
-
-// parseSpecs parses specs for display and Live; one it cannot parse (from a
-// newer version) is skipped. Nothing is ever deleted on the strength of it.
-func parseSpecs(specs []string) []rule.Rule {
-	out := make([]rule.Rule, 0, len(specs))
-	for _, s := range specs {
-		if r, err := rule.Parse(s); err == nil {
-			out = append(out, r)
-		}
-	}
-	return out
 }
 
 // Fill counts the entries of the rule, counter and enrollment maps. The

@@ -9,7 +9,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/nsredirect/nsredirect/internal/bpfobj"
-	"github.com/nsredirect/nsredirect/internal/rule"
+	"github.com/nsredirect/nsredirect/internal/entry"
 )
 
 // udpHooks run only while some netns of the host has a UDP rule: sendmsg
@@ -33,8 +33,8 @@ const (
 	ipprotoUDP = 17
 )
 
-func protoNumber(p rule.Proto) uint8 {
-	if p == rule.UDP {
+func protoNumber(p entry.Proto) uint8 {
+	if p == entry.UDP {
 		return ipprotoUDP
 	}
 	return ipprotoTCP

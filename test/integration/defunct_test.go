@@ -91,7 +91,7 @@ func TestDefunctLinkRepaired(t *testing.T) {
 	log.SetLevel(logrus.InfoLevel)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	src := daemon.Fixed{Targets: []daemon.Target{{Name: "n", Netns: ns.Target(), Rules: mustRules(t, "80=3210")}}}
+	src := daemon.Fixed{Targets: []daemon.Target{{Name: "n", Netns: ns.Target(), Rules: mustParse(t, "80=3210")}}}
 	go func() {
 		done <- daemon.Run(ctx, src, daemon.Config{Kernel: l, Cookies: testenv.Cookies(t), Owner: "run", Fixed: true, Cgroup: cg, Resync: time.Second, Log: log})
 	}()

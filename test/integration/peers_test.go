@@ -300,7 +300,7 @@ func TestMigratesV2LayoutUnderLoad(t *testing.T) {
 		t.Fatalf("records after the migration: %v %+v", err, recs)
 	}
 	r := recs[0]
-	if r.Cookie != cookie || r.Name != "v2-netns" || r.Owner != "run" || r.OwnerPID != 4242 || strings.Join(r.Specs, ",") != "80=3210" || r.NetnsIno != 7 {
+	if r.Cookie != cookie || r.Name != "v2-netns" || r.Owner != "run" || r.OwnerPID != 4242 || strings.Join(r.Labels, ",") != "80=3210" || r.NetnsIno != 7 {
 		t.Errorf("migrated record %+v", r)
 	}
 	if r.Redirects[0] < 1000 {

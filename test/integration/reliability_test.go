@@ -18,7 +18,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
-	"github.com/nsredirect/nsredirect/internal/rule"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
@@ -82,8 +81,8 @@ func TestChurnLeavesMapsAsTheyStarted(t *testing.T) {
 		_, _ = l.RemoveAllIfUnused()
 		l.Close()
 	})
-	r1, _ := rule.ParseList("80=3210")
-	r2, _ := rule.ParseList("80=3210,127.0.0.2:443=127.0.0.1:3211,[::1]:8080=[::1]:3212")
+	r1 := mustRules(t, "80=3210")
+	r2 := mustRules(t, "80=3210,127.0.0.2:443=127.0.0.1:3211,[::1]:8080=[::1]:3212")
 	if err := l.Enroll(loader.Enrollment{Cookie: stay.Cookie(t), Name: "stay", Owner: "test", Rules: r1}); err != nil {
 		t.Fatal(err)
 	}
@@ -337,8 +336,7 @@ func TestFullMapRefusedCleanly(t *testing.T) {
 		}
 	}
 	before := dumpMaps(t, pin)
-	r, _ := rule.ParseList("80=3210")
-	err = l.Enroll(loader.Enrollment{Cookie: ns.Cookie(t), Name: "full", Owner: "test", Rules: r})
+	err = l.Enroll(loader.Enrollment{Cookie: ns.Cookie(t), Name: "full", Owner: "test", Rules: mustRules(t, "80=3210")})
 	if err == nil || !strings.Contains(err.Error(), "enrollment map is full") {
 		t.Fatalf("Enroll into a full map: %v; want a clear 'full' error", err)
 	}

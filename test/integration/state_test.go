@@ -18,6 +18,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/nsredirect/nsredirect/internal/bpfobj"
+	"github.com/nsredirect/nsredirect/internal/entry"
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/rule"
 	"github.com/nsredirect/nsredirect/internal/testenv"
@@ -36,7 +37,14 @@ func attachLoader(t *testing.T, pin string) *loader.Loader {
 	return l
 }
 
-func mustRules(t *testing.T, specs string) []rule.Rule {
+// mustRules is specs as the loader takes them.
+func mustRules(t *testing.T, specs string) []entry.Rule {
+	t.Helper()
+	return rule.Entries(mustParse(t, specs))
+}
+
+// mustParse is specs as a source yields them.
+func mustParse(t *testing.T, specs string) []rule.Rule {
 	t.Helper()
 	r, err := rule.ParseList(specs)
 	if err != nil {
@@ -482,7 +490,7 @@ func pinOldState(t *testing.T, object, pin, mapDir string, cookie uint64, specs 
 	}
 	rules := mustRules(t, specs)
 	for i, r := range rules {
-		for _, x := range r.Expand() {
+		for _, x := range r.Entries {
 			k, v := v1RuleEntry(cookie, uint32(i), x)
 			if proto != 0 {
 				k[27] = proto
@@ -524,7 +532,7 @@ func pinOldState(t *testing.T, object, pin, mapDir string, cookie uint64, specs 
 
 // v1RuleEntry lays a rule entry out as version 1 did (the layout of
 // rule_key and rule_val has not changed since).
-func v1RuleEntry(cookie uint64, index uint32, x rule.Expansion) ([]byte, []byte) {
+func v1RuleEntry(cookie uint64, index uint32, x entry.Entry) ([]byte, []byte) {
 	words := func(a netip.Addr) (uint8, []byte) {
 		if a.Is4() {
 			b := a.As4()
@@ -596,7 +604,7 @@ func TestMigratesV1LayoutUnderLoad(t *testing.T) {
 		t.Fatalf("records after the migration: %v %+v", err, recs)
 	}
 	r := recs[0]
-	if r.Cookie != cookie || r.Name != "v1-netns" || r.Owner != "run" || r.OwnerPID != 4242 || strings.Join(r.Specs, ",") != "80=3210" || r.NetnsIno != 7 {
+	if r.Cookie != cookie || r.Name != "v1-netns" || r.Owner != "run" || r.OwnerPID != 4242 || strings.Join(r.Labels, ",") != "80=3210" || r.NetnsIno != 7 {
 		t.Errorf("migrated record %+v", r)
 	}
 	if r.Redirects[0] < 1000 {
