@@ -99,7 +99,7 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 	} else {
 		holder = "pod " + podNamespace + "/" + podName
 	}
-	err = serve(ctx, &kf, log, ctl, daemon.Config{Owner: "kube", Holder: holder, Proc: proc, WaitForOwners: true, HostNetns: &host})
+	err = serve(ctx, &kf, log, ctl, daemon.Config{Owner: "kube", Holder: holder, Proc: proc, HostNetns: &host})
 	if errors.Is(err, context.Canceled) {
 		err = nil
 	}

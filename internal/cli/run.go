@@ -183,7 +183,7 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 	if hostErr != nil {
 		log.WithError(hostErr).Warn("--allow-host-netns: the host network namespace cannot be told apart; enrolling every --netns as given")
 	}
-	src := daemon.Fixed{RemoveOnExit: removeOnExit}
+	src := daemon.Fixed{RemoveOnExit: removeOnExit, AllowHostNetns: allowHost}
 	for _, target := range targets {
 		name := target.Spec
 		if name == "self" {
@@ -192,11 +192,11 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 		}
 		src.Targets = append(src.Targets, daemon.Target{Name: name, Kind: "netns", ID: target.Path, Netns: target, Rules: rules})
 	}
-	cfg := daemon.Config{Owner: "run", Fixed: true, AllowHostNetns: allowHost}
+	cfg := daemon.Config{Owner: "run"}
 	if hostErr == nil {
 		cfg.HostNetns = &host
 	}
-	hosts, err := src.Check(kf.cookies.Read, cfg.HostNetns, allowHost)
+	hosts, err := src.Check(kf.cookies.Read, cfg.HostNetns)
 	switch {
 	case errors.Is(err, daemon.ErrSameNetns):
 		return usagef("--netns %v; give each namespace once", err)

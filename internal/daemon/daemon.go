@@ -153,18 +153,18 @@ type Daemon struct {
 	// or the loader's BPF probe on kernels before 5.14.
 	cookies netnsx.CookieReader
 
-	// waitOwners: see WaitForOwners.
+	// waitOwners: see Options.WaitForOwners.
 	waitOwners bool
 	// proc is where the host's processes are seen (/proc, or kube's
 	// --proc): <proc>/1/ns/net is the host's netns, and <proc>/*/ns/net
 	// the namespaces known to be alive.
 	proc string
-	// allowHost: see AllowHostNetns.
+	// allowHost: see Options.AllowHostNetns.
 	allowHost bool
-	// holder names this daemon in each enrollment: see Holder.
+	// holder names this daemon in each enrollment: see Options.Holder.
 	holder string
 	// host is the identity of the host's netns once found (hostKnown);
-	// see HostNetns.
+	// see Options.HostNetns.
 	host      netnsx.LiveID
 	hostKnown bool
 	hostOpts  netnsx.HostOptions
@@ -186,29 +186,31 @@ type Daemon struct {
 	stale bool
 }
 
-// Option changes how a Daemon treats its targets.
-type Option func(*Daemon)
-
-// WaitForOwners makes a target that another live nsredirect serves (the
-// loader's ErrBusy) a wait, not a failure: it is not counted as an error,
-// it counts as served for Ready, and it is adopted on the first reconcile
-// after the owner lets go. A DaemonSet rollout starts the new daemon while
-// the old one still serves every pod; the new one must become ready then.
-func WaitForOwners() Option { return func(d *Daemon) { d.waitOwners = true } }
-
-// Proc sets where the host's processes are seen (default /proc): kube's
-// --proc. The host's netns is <proc>/1/ns/net.
-func Proc(dir string) Option { return func(d *Daemon) { d.proc = dir } }
-
-// AllowHostNetns lets a target be the host's netns (`run
-// --allow-host-netns`); without it such a target is refused.
-func AllowHostNetns() Option { return func(d *Daemon) { d.allowHost = true } }
-
-// HostNetns gives the identity of the host's netns, found by the caller
-// (netnsx.FindHost). Without it the daemon looks itself, under its proc root,
-// at the first target, and refuses every target while it cannot tell.
-func HostNetns(id netnsx.LiveID) Option {
-	return func(d *Daemon) { d.host, d.hostKnown = id, true }
+// Options are what a Daemon is told besides its kernel and cookie reader.
+type Options struct {
+	// Owner tags its enrollments with the mode (run, docker, kube).
+	Owner string
+	// Holder names the daemon in each enrollment so a person can find it:
+	// "pod kube-system/nsredirect-x7k2p", "pid 1234 on host web1".
+	Holder string
+	// Proc is where the host's processes are seen (default /proc): kube's
+	// --proc. The host's netns is <proc>/1/ns/net.
+	Proc string
+	// HostNetns is the identity of the host's netns, found by the caller
+	// (netnsx.FindHost). Nil: the daemon looks itself, under Proc, at the
+	// first target, and refuses every target while it cannot tell.
+	HostNetns *netnsx.LiveID
+	// WaitForOwners makes a target that another live nsredirect serves (the
+	// loader's ErrBusy) a wait, not a failure: it is not counted as an
+	// error, it counts as served for Ready, and it is adopted on the first
+	// reconcile after the owner lets go. A DaemonSet rollout starts the new
+	// daemon while the old one still serves every pod; the new one must
+	// become ready then.
+	WaitForOwners bool
+	// AllowHostNetns lets a target be the host's netns (`run
+	// --allow-host-netns`); without it such a target is refused.
+	AllowHostNetns bool
+	Log            logrus.FieldLogger
 }
 
 // hostNetns returns the host netns's identity, looked up until found.
@@ -224,30 +226,31 @@ func (d *Daemon) hostNetns() (netnsx.LiveID, error) {
 	return id, nil
 }
 
-// Holder names the daemon in each enrollment so a person can find it:
-// "pod kube-system/nsredirect-x7k2p", "pid 1234 on host web1".
-func Holder(h string) Option { return func(d *Daemon) { d.holder = h } }
-
 // New returns a daemon that enrolls through kernel, reading each target's
 // netns cookie with cookies (the loader's CookieSource.Read: the same number
-// the programs see, on every kernel), and tagging its enrollments with owner
-// (the mode: run, docker, kube).
-func New(kernel Kernel, cookies netnsx.CookieReader, owner string, log logrus.FieldLogger, opts ...Option) *Daemon {
+// the programs see, on every kernel).
+func New(kernel Kernel, cookies netnsx.CookieReader, o Options) *Daemon {
 	d := &Daemon{
-		kernel:  kernel,
-		cookies: cookies,
-		owner:   owner,
-		log:     log,
-		live:    map[string]*live{},
-		failing: map[string]error{},
-		errors:  map[string]uint64{},
-		held:    map[string]bool{},
-		pending: map[string]bool{},
-		proc:    procRoot,
-		changed: make(chan struct{}, 1),
+		kernel:     kernel,
+		cookies:    cookies,
+		owner:      o.Owner,
+		holder:     o.Holder,
+		log:        o.Log,
+		waitOwners: o.WaitForOwners,
+		allowHost:  o.AllowHostNetns,
+		live:       map[string]*live{},
+		failing:    map[string]error{},
+		errors:     map[string]uint64{},
+		held:       map[string]bool{},
+		pending:    map[string]bool{},
+		proc:       procRoot,
+		changed:    make(chan struct{}, 1),
 	}
-	for _, o := range opts {
-		o(d)
+	if o.Proc != "" {
+		d.proc = o.Proc
+	}
+	if o.HostNetns != nil {
+		d.host, d.hostKnown = *o.HostNetns, true
 	}
 	return d
 }

@@ -21,7 +21,13 @@ import (
 type Fixed struct {
 	Targets      []Target
 	RemoveOnExit bool
+	// AllowHostNetns lets a target be the host's netns
+	// (--allow-host-netns).
+	AllowHostNetns bool
 }
+
+// Policy: the targets are fixed, and may be the host's netns if allowed.
+func (f Fixed) Policy() Policy { return Policy{Fixed: true, AllowHostNetns: f.AllowHostNetns} }
 
 // Desired returns the fixed targets.
 func (f Fixed) Desired(context.Context) ([]Target, error) { return f.Targets, nil }
@@ -42,10 +48,10 @@ var ErrSameNetns = errors.New("one network namespace")
 // Check resolves every target once, before anything is attached, so that
 // bad input leaves nothing behind: each must exist, no two may be one netns
 // (ErrSameNetns), and none may be the host's (ErrHostNetns, when host is
-// known) unless allowHost. It returns the targets that are the host's,
-// which allowHost let through. The loop makes the same host check on every
-// resync; this one makes it a refusal to start.
-func (f Fixed) Check(cookies netnsx.CookieReader, host *netnsx.LiveID, allowHost bool) ([]Target, error) {
+// known) unless AllowHostNetns. It returns the targets that are the host's,
+// which AllowHostNetns let through. The loop makes the same host check on
+// every resync; this one makes it a refusal to start.
+func (f Fixed) Check(cookies netnsx.CookieReader, host *netnsx.LiveID) ([]Target, error) {
 	seen := map[netnsx.LiveID]netnsx.Target{}
 	var hosts []Target
 	for _, t := range f.Targets {
@@ -58,7 +64,7 @@ func (f Fixed) Check(cookies netnsx.CookieReader, host *netnsx.LiveID, allowHost
 		}
 		seen[id.Live()] = t.Netns
 		if host != nil && id.IsHost(*host) {
-			if !allowHost {
+			if !f.AllowHostNetns {
 				return nil, fmt.Errorf("%s: %w", t.Netns, ErrHostNetns)
 			}
 			hosts = append(hosts, t)

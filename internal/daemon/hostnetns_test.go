@@ -34,7 +34,7 @@ func TestHostNetnsUnknownFailsClosed(t *testing.T) {
 	}
 
 	k := newFake()
-	d := New(k, testenv.Cookies(t), "docker", quiet(), Proc(root))
+	d := New(k, testenv.Cookies(t), Options{Owner: "docker", Log: quiet(), Proc: root})
 	d.hostOpts = netnsx.HostOptions{IgnoreFixedInode: true}
 	err = d.Reconcile([]Target{{Name: "c", Kind: "container", Netns: ns.Target(), Rules: rules(t, "80=3210")}})
 	if !errors.Is(err, netnsx.ErrHostUnknown) || !strings.Contains(err.Error(), "container c") || len(k.Enrolled) != 0 {
@@ -44,7 +44,7 @@ func TestHostNetnsUnknownFailsClosed(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the test runs as root on the host: %v", err)
 	}
-	d = New(k, testenv.Cookies(t), "docker", quiet(), Proc(root), HostNetns(host))
+	d = New(k, testenv.Cookies(t), Options{Owner: "docker", Log: quiet(), Proc: root, HostNetns: &host})
 	if err := d.Reconcile([]Target{{Name: "c", Kind: "container", Netns: ns.Target(), Rules: rules(t, "80=3210")}}); err != nil || len(k.Enrolled) != 1 {
 		t.Errorf("host netns given: Reconcile = %v, enrolled %v; want c enrolled", err, k.Enrolled)
 	}

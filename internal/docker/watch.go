@@ -289,6 +289,11 @@ func (w *Watcher) follow(ctx context.Context, wake func()) error {
 // labelled containers first, leaves nothing behind.
 func (w *Watcher) Handover(context.Context, []string) bool { return true }
 
+// Policy: the daemon's defaults. The listing names every container of the
+// mode, so orphans are told by it; a container in the host's netns is
+// refused.
+func (w *Watcher) Policy() daemon.Policy { return daemon.Policy{} }
+
 func shortID(id string) string {
 	if len(id) > 12 {
 		return id[:12]

@@ -171,11 +171,15 @@ func (c *Controller) Watch(ctx context.Context, wake func()) error {
 	}
 }
 
-// RedescribeEachResync: a pod's processes come and go (a sandbox
-// re-created, the process its netns was found through exiting), so a resync
-// that looks at every target scans the proc root again rather than
-// re-resolving old paths (see daemon.Redescriber).
-func (*Controller) RedescribeEachResync() bool { return true }
+// Policy: a rollout starts the new daemon while the old one serves every
+// pod (WaitForOwners); a pod's processes come and go (a sandbox re-created,
+// the process its netns was found through exiting), so a resync that looks
+// at every target scans the proc root again rather than re-resolving old
+// paths (RedescribeEachResync); each reconcile's outcome is posted as
+// Events on the pods (Reconciled).
+func (c *Controller) Policy() daemon.Policy {
+	return daemon.Policy{WaitForOwners: true, RedescribeEachResync: true, Reconciled: c.Reconciled}
+}
 
 // pods returns the cached pods of this node.
 func (c *Controller) pods() []*Pod {

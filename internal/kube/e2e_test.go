@@ -74,7 +74,7 @@ func startNode(t *testing.T, f *fakeAPI, pinDir string, cfg Config) *node {
 	if err != nil {
 		t.Fatalf("attach: %v", err)
 	}
-	n := &node{kernel: kernel, d: daemon.New(kernel, testenv.Cookies(t), "kube", log, daemon.WaitForOwners()), c: startController(t, f, cfg), done: make(chan struct{})}
+	n := &node{kernel: kernel, d: daemon.New(kernel, testenv.Cookies(t), daemon.Options{Owner: "kube", Log: log, WaitForOwners: true}), c: startController(t, f, cfg), done: make(chan struct{})}
 	ctx, cancel := context.WithCancel(context.Background())
 	n.stop = cancel
 	n.c.Sync(ctx, n.d)

@@ -51,7 +51,7 @@ func TestSandboxRecreationIsNotAnError(t *testing.T) {
 	p := pod("shop", "web", "node-a", "80=3210")
 	f.add(t, p)
 	cached(t, c, "shop", "web", anyPod)
-	d := daemon.New(testenv.NewFakeKernel(), testenv.Cookies(t), "kube", log, daemon.WaitForOwners())
+	d := daemon.New(testenv.NewFakeKernel(), testenv.Cookies(t), daemon.Options{Owner: "kube", Log: log, WaitForOwners: true})
 	for range 3 {
 		c.Sync(context.Background(), d)
 	}
@@ -214,7 +214,7 @@ func TestHostNetnsPodWarned(t *testing.T) {
 	cached(t, c, "shop", "sneaky", anyPod)
 	k := testenv.NewFakeKernel()
 	log, _ := test.NewNullLogger()
-	d := daemon.New(k, testenv.Cookies(t), "kube", log, daemon.WaitForOwners())
+	d := daemon.New(k, testenv.Cookies(t), daemon.Options{Owner: "kube", Log: log, WaitForOwners: true})
 	c.Sync(context.Background(), d)
 	c.Sync(context.Background(), d)
 	ev := f.eventsOf(t, "shop", "sneaky", ReasonInvalid)

@@ -93,7 +93,7 @@ func TestDefunctLinkRepaired(t *testing.T) {
 	done := make(chan error, 1)
 	src := daemon.Fixed{Targets: []daemon.Target{{Name: "n", Netns: ns.Target(), Rules: mustParse(t, "80=3210")}}}
 	go func() {
-		done <- daemon.Run(ctx, src, daemon.Config{Kernel: l, Cookies: testenv.Cookies(t), Owner: "run", Fixed: true, Cgroup: cg, Resync: time.Second, Log: log})
+		done <- daemon.Run(ctx, src, daemon.Config{Kernel: l, Cookies: testenv.Cookies(t), Owner: "run", Cgroup: cg, Resync: time.Second, Log: log})
 	}()
 	stopped := false
 	stop := func() {
