@@ -17,6 +17,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/nsredirect/nsredirect/internal/daemon"
+	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
 // fakeEngine is a Docker Engine API on a unix socket: enough of /version,
@@ -133,18 +134,36 @@ func (e *fakeEngine) serve(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// recorder is a Reconciler that keeps every desired set it is given.
+// recorder keeps every desired set the Watcher describes.
 type recorder struct {
 	mu    sync.Mutex
 	calls [][]daemon.Target
 }
 
-func (r *recorder) Reconcile(ts []daemon.Target) error {
+func (r *recorder) add(ts []daemon.Target) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.calls = append(r.calls, ts)
-	return nil
 }
+
+// recording is a Watcher as daemon.Run's source whose descriptions rec
+// keeps.
+type recording struct {
+	*Watcher
+	rec *recorder
+}
+
+func (s recording) Desired(ctx context.Context) ([]daemon.Target, error) {
+	ts, err := s.Watcher.Desired(ctx)
+	if err == nil {
+		s.rec.add(ts)
+	}
+	return ts, err
+}
+
+// noCookies reads no netns cookie: the targets of the fake Engine are not
+// ours to enter, so none is enrolled.
+func noCookies() (uint64, error) { return 0, errors.New("no netns cookies in this test") }
 
 // waitFor waits until the latest desired set satisfies ok.
 func (r *recorder) waitFor(t *testing.T, what string, ok func([]daemon.Target) bool) {
@@ -278,7 +297,9 @@ func TestRunRelistsOnEventsAndReconnect(t *testing.T) {
 	rec := &recorder{}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- w.Run(ctx, rec) }()
+	go func() {
+		done <- daemon.Run(ctx, recording{w, rec}, daemon.Config{Kernel: testenv.NewFakeKernel(), Cookies: noCookies, Owner: "docker", Resync: time.Hour, Log: quiet()})
+	}()
 
 	// Subscribing lists once.
 	rec.waitFor(t, "backend", func(ts []daemon.Target) bool { return names(ts) == "backend" })
@@ -312,14 +333,14 @@ func TestRunRelistsOnEventsAndReconnect(t *testing.T) {
 	select {
 	case err := <-done:
 		if err != nil {
-			t.Errorf("Run returned %v after cancel; want nil", err)
+			t.Errorf("daemon.Run returned %v after cancel; want nil", err)
 		}
-	case <-time.After(2 * time.Second):
-		t.Fatal("Run did not return after cancel")
+	case <-time.After(5 * time.Second):
+		t.Fatal("daemon.Run did not return after cancel")
 	}
 }
 
-func TestRunRetriesWhileEngineIsDown(t *testing.T) {
+func TestWatchRetriesWhileEngineIsDown(t *testing.T) {
 	dir := t.TempDir()
 	c, _ := New("unix://" + filepath.Join(dir, "later.sock"))
 	w := NewWatcher(c, DefaultLabel, quiet())
@@ -327,7 +348,15 @@ func TestRunRetriesWhileEngineIsDown(t *testing.T) {
 	rec := &recorder{}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go func() { _ = w.Run(ctx, rec) }()
+	// Watch alone: daemon.Run would end on the first failed listing, and
+	// the cli negotiates with Docker before it starts.
+	go func() {
+		_ = w.Watch(ctx, func() {
+			if ts, err := w.Desired(ctx); err == nil {
+				rec.add(ts)
+			}
+		})
+	}()
 	time.Sleep(100 * time.Millisecond) // several failed attempts
 	// The Engine comes up at that path.
 	e := newFakeEngine(t, "1.41")

@@ -19,11 +19,6 @@ import (
 // DefaultLabel carries a container's specs: nsredirect.redirect=80=3210.
 const DefaultLabel = "nsredirect.redirect"
 
-// Reconciler takes the full desired set; *daemon.Daemon is one.
-type Reconciler interface {
-	Reconcile([]daemon.Target) error
-}
-
 // Timings of the watch; variables of a Watcher so tests can shorten them.
 const (
 	// relistEvery is a safety net: a full listing even when no event came.
@@ -179,43 +174,6 @@ func (w *Watcher) target(in Inspected) daemon.Target {
 		t.Err = fmt.Errorf("container %s: %w", name, err)
 	}
 	return t
-}
-
-// Sync lists once and hands the result to r. Enrollment failures of single
-// containers are the daemon's to log and count; only a failure to talk to
-// Docker is returned.
-func (w *Watcher) Sync(ctx context.Context, r Reconciler) ([]daemon.Target, error) {
-	desired, err := w.Desired(ctx)
-	if err != nil {
-		return nil, err
-	}
-	_ = r.Reconcile(desired)
-	return desired, nil
-}
-
-// Run syncs r on every wake-up of Watch until ctx ends (a test harness;
-// the daemon drives the Watcher as a daemon.Source).
-func (w *Watcher) Run(ctx context.Context, r Reconciler) error {
-	kick := make(chan struct{}, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- w.Watch(ctx, func() {
-			select {
-			case kick <- struct{}{}:
-			default:
-			}
-		})
-	}()
-	for {
-		select {
-		case err := <-done:
-			return err
-		case <-kick:
-			if _, err := w.Sync(ctx, r); err != nil && ctx.Err() == nil {
-				w.log.WithError(err).Warn("cannot list containers")
-			}
-		}
-	}
 }
 
 // Watch follows the event stream until ctx ends, calling wake on every

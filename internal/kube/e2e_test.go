@@ -77,11 +77,11 @@ func startNode(t *testing.T, f *fakeAPI, pinDir string, cfg Config) *node {
 	n := &node{kernel: kernel, d: daemon.New(kernel, testenv.Cookies(t), daemon.Options{Owner: "kube", Log: log, WaitForOwners: true}), c: startController(t, f, cfg), done: make(chan struct{})}
 	ctx, cancel := context.WithCancel(context.Background())
 	n.stop = cancel
-	n.c.Sync(ctx, n.d)
+	step(ctx, n.c, n.d)
 	runDone := make(chan struct{})
 	go func() {
 		defer close(runDone)
-		_ = n.c.Run(ctx, n.d)
+		_ = follow(ctx, n.c, n.d)
 	}()
 	go func() {
 		defer close(n.done)
@@ -93,7 +93,7 @@ func startNode(t *testing.T, f *fakeAPI, pinDir string, cfg Config) *node {
 			case <-ctx.Done():
 				return
 			case <-tick.C:
-				n.c.Sync(ctx, n.d)
+				step(ctx, n.c, n.d)
 				n.syncs.Add(1)
 			}
 		}

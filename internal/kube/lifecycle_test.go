@@ -53,7 +53,7 @@ func TestSandboxRecreationIsNotAnError(t *testing.T) {
 	cached(t, c, "shop", "web", anyPod)
 	d := daemon.New(testenv.NewFakeKernel(), testenv.Cookies(t), daemon.Options{Owner: "kube", Log: log, WaitForOwners: true})
 	for range 3 {
-		c.Sync(context.Background(), d)
+		step(context.Background(), c, d)
 	}
 	if n := d.Snapshot().EnrollErrors["shop/web"]; n != 0 {
 		t.Errorf("enroll errors of a pod being re-created = %d; want 0", n)
@@ -99,7 +99,7 @@ func TestWarningOnceAcrossRestarts(t *testing.T) {
 		if err := c.Start(ctx, 10*time.Second); err != nil {
 			t.Fatal(err)
 		}
-		c.Sync(ctx, &recorder{})
+		step(ctx, c, &recorder{})
 		cancel()
 		if got := f.eventsOf(t, "shop", "bad", ReasonInvalid); len(got) != 1 {
 			t.Fatalf("after daemon start %d: %d Warnings for one problem; want 1", i+1, len(got))
@@ -215,8 +215,8 @@ func TestHostNetnsPodWarned(t *testing.T) {
 	k := testenv.NewFakeKernel()
 	log, _ := test.NewNullLogger()
 	d := daemon.New(k, testenv.Cookies(t), daemon.Options{Owner: "kube", Log: log, WaitForOwners: true})
-	c.Sync(context.Background(), d)
-	c.Sync(context.Background(), d)
+	step(context.Background(), c, d)
+	step(context.Background(), c, d)
 	ev := f.eventsOf(t, "shop", "sneaky", ReasonInvalid)
 	if len(ev) != 1 || ev[0].Type != corev1.EventTypeWarning || !strings.Contains(ev[0].Message, "host network namespace") || !strings.Contains(ev[0].Message, "pod shop/sneaky") {
 		t.Errorf("events %+v; want one Warning naming the pod and the host network namespace", ev)
