@@ -176,10 +176,11 @@ func TestChosenProcessExitsRefusesNothing(t *testing.T) {
 	progress("connects before", 50)
 	procs[100].Kill() // the newest, lowest pid: what the lowest-pid rule chose
 	progress("connects across two resyncs", 300)
-	waitFor(t, "two resyncs", func() bool { return n.syncs.Load() > 2 })
+	at := n.describes.Load()
+	waitFor(t, "two resyncs", func() bool { return n.describes.Load() > at+2 })
 	procs[500].Kill() // the oldest: the next oldest takes over
-	at := n.syncs.Load()
-	waitFor(t, "two more resyncs", func() bool { return n.syncs.Load() > at+2 })
+	at = n.describes.Load()
+	waitFor(t, "two more resyncs", func() bool { return n.describes.Load() > at+2 })
 	progress("connects after", 300)
 	close(stop)
 	if err := <-done; err != nil {
@@ -189,9 +190,13 @@ func TestChosenProcessExitsRefusesNothing(t *testing.T) {
 	if failed.Load() != 0 {
 		t.Errorf("%d connects refused; want 0", failed.Load())
 	}
-	if got := n.d.Serving(); len(got) != 1 {
-		t.Errorf("serving %v; want shop/web", got)
+	if !n.serves("shop/web") || n.rules() != 1 {
+		t.Errorf("serving %v rules; want shop/web's", n.rules())
 	}
+	// The pod goes, and its rules with it: the daemon (its own pod unknown)
+	// then has nothing to hand over at the end of the test.
+	f.remove(t, p)
+	waitFor(t, "shop/web's rules removed with the pod", func() bool { return n.rules() == 0 })
 }
 
 // TestHostNetnsPodWarned: a pod whose processes are in the host's netns

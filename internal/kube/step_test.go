@@ -7,9 +7,10 @@ import (
 	"github.com/nsredirect/nsredirect/internal/daemon"
 )
 
-// The steps daemon.Run takes with a Controller as its source, one at a
-// time, for tests that look at what one step does (the Events it posts, a
-// pod adopted on the next one).
+// The step daemon.Run takes with a Controller as its source, one at a time,
+// for the unit tests that look at what one step does (the Events it posts, a
+// pod adopted on the next one). The end-to-end tests (e2e_test.go) run
+// daemon.Run itself.
 
 // reconciler takes the full desired set and says which targets are live:
 // *daemon.Daemon, or recorder without a kernel.
@@ -35,10 +36,4 @@ func step(ctx context.Context, c *Controller, r reconciler) {
 		failures = f.Failures()
 	}
 	c.Policy().Reconciled(ctx, ts, r.Serving(), failures)
-}
-
-// follow steps on every wake-up of the Controller's Watch until ctx ends,
-// as daemon.Run does.
-func follow(ctx context.Context, c *Controller, r reconciler) error {
-	return c.Watch(ctx, func() { step(ctx, c, r) })
 }
