@@ -45,7 +45,7 @@ var (
 
 // kcase is one row: connects from one netns to one destination.
 type kcase struct {
-	hook     string // "connect4" or "connect6"
+	hook     string // loader.HookConnect4 or loader.HookConnect6
 	name     string
 	enrolled bool
 	dst      netip.AddrPort
@@ -53,15 +53,15 @@ type kcase struct {
 }
 
 var kcases = []kcase{
-	{"connect4", "non-loopback (10.201.0.1), netns with no rules", false, netip.AddrPortFrom(nonLoop4, closedPort), 15},
-	{"connect4", "loopback 127.0.0.1, netns with no rules", false, netip.MustParseAddrPort("127.0.0.1:3999"), 60},
-	{"connect4", "loopback 127.0.0.1:3999, enrolled netns, no rule for the port", true, netip.MustParseAddrPort("127.0.0.1:3999"), 0},
-	{"connect4", "redirected hit, 127.0.0.1:80 → 3999", true, netip.MustParseAddrPort("127.0.0.1:80"), 400},
-	{"connect6", "non-loopback (fd00:201::1), netns with no rules", false, netip.AddrPortFrom(nonLoop6, closedPort), 15},
-	{"connect6", "::1, netns with no rules", false, netip.MustParseAddrPort("[::1]:3999"), 60},
-	{"connect6", "v4-mapped ::ffff:127.0.0.1, netns with no rules", false, netip.MustParseAddrPort("[::ffff:127.0.0.1]:3999"), 60},
-	{"connect6", "redirected hit, [::1]:80 → 3999", true, netip.MustParseAddrPort("[::1]:80"), 400},
-	{"connect6", "redirected hit, v4-mapped [::ffff:127.0.0.1]:80 → 3999", true, netip.MustParseAddrPort("[::ffff:127.0.0.1]:80"), 400},
+	{loader.HookConnect4, "non-loopback (10.201.0.1), netns with no rules", false, netip.AddrPortFrom(nonLoop4, closedPort), 15},
+	{loader.HookConnect4, "loopback 127.0.0.1, netns with no rules", false, netip.MustParseAddrPort("127.0.0.1:3999"), 60},
+	{loader.HookConnect4, "loopback 127.0.0.1:3999, enrolled netns, no rule for the port", true, netip.MustParseAddrPort("127.0.0.1:3999"), 0},
+	{loader.HookConnect4, "redirected hit, 127.0.0.1:80 → 3999", true, netip.MustParseAddrPort("127.0.0.1:80"), 400},
+	{loader.HookConnect6, "non-loopback (fd00:201::1), netns with no rules", false, netip.AddrPortFrom(nonLoop6, closedPort), 15},
+	{loader.HookConnect6, "::1, netns with no rules", false, netip.MustParseAddrPort("[::1]:3999"), 60},
+	{loader.HookConnect6, "v4-mapped ::ffff:127.0.0.1, netns with no rules", false, netip.MustParseAddrPort("[::ffff:127.0.0.1]:3999"), 60},
+	{loader.HookConnect6, "redirected hit, [::1]:80 → 3999", true, netip.MustParseAddrPort("[::1]:80"), 400},
+	{loader.HookConnect6, "redirected hit, v4-mapped [::ffff:127.0.0.1]:80 → 3999", true, netip.MustParseAddrPort("[::ffff:127.0.0.1]:80"), 400},
 }
 
 // kcostRow holds every repeat of one case, in ns per run: the connect
@@ -105,8 +105,8 @@ func measureKernelCost(e *env) (*kernelCost, error) {
 		return nil, err
 	}
 	ours := map[string]*ebpf.Program{}
-	for _, hook := range []string{"connect4", "connect6", "sock_release"} {
-		p, err := pinnedProgram(filepath.Join(e.pinDir, "link_"+hook))
+	for _, hook := range []string{loader.HookConnect4, loader.HookConnect6, loader.HookSockRelease} {
+		p, err := pinnedProgram(loader.LinkPin(e.pinDir, hook))
 		if err != nil {
 			return nil, err
 		}
@@ -118,7 +118,7 @@ func measureKernelCost(e *env) (*kernelCost, error) {
 		return nil, err
 	}
 	floor := map[string]*ebpf.Program{}
-	for hook, at := range map[string]ebpf.AttachType{"connect4": ebpf.AttachCGroupInet4Connect, "connect6": ebpf.AttachCGroupInet6Connect, "sock_release": ebpf.AttachCgroupInetSockRelease} {
+	for hook, at := range map[string]ebpf.AttachType{loader.HookConnect4: ebpf.AttachCGroupInet4Connect, loader.HookConnect6: ebpf.AttachCGroupInet6Connect, loader.HookSockRelease: ebpf.AttachCgroupInetSockRelease} {
 		p, l, err := attachFloor(root, at)
 		if err != nil {
 			return nil, fmt.Errorf("floor program for %s: %w", hook, err)
@@ -158,7 +158,7 @@ func measureKernelCost(e *env) (*kernelCost, error) {
 			if err != nil {
 				return nil, err
 			}
-			r0, rf0, err := snap(ours["sock_release"], floor["sock_release"])
+			r0, rf0, err := snap(ours[loader.HookSockRelease], floor[loader.HookSockRelease])
 			if err != nil {
 				return nil, err
 			}
@@ -169,7 +169,7 @@ func measureKernelCost(e *env) (*kernelCost, error) {
 			if err != nil {
 				return nil, err
 			}
-			r1, rf1, err := snap(ours["sock_release"], floor["sock_release"])
+			r1, rf1, err := snap(ours[loader.HookSockRelease], floor[loader.HookSockRelease])
 			if err != nil {
 				return nil, err
 			}

@@ -196,6 +196,32 @@ func measureUsage(e *env, pids []int, window time.Duration, load func(stop <-cha
 }
 
 // scaleRow is one line of the node-scale table.
+// measureIdleAndChurn measures the daemon pid into row: idle, then while
+// replace(i) replaces the i-th target every 200 ms (row.churnWhat).
+func measureIdleAndChurn(e *env, row *scaleRow, pid int, replace func(i int) error) error {
+	fmt.Printf("%s: idle\n", row.mode)
+	var err error
+	if row.idle, err = measureUsage(e, []int{pid}, e.scaleWindow(), nil); err != nil {
+		return err
+	}
+	fmt.Printf("%s: churn\n", row.mode)
+	i := 0
+	row.churn, err = measureUsage(e, []int{pid}, e.scaleWindow(), func(stop <-chan struct{}) error {
+		for {
+			select {
+			case <-stop:
+				return nil
+			case <-time.After(200 * time.Millisecond):
+			}
+			if err := replace(i); err != nil {
+				return err
+			}
+			i++
+		}
+	})
+	return err
+}
+
 type scaleRow struct {
 	mode, shape   string
 	idle, churn   usage

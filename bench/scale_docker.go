@@ -1,140 +1,52 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/nsredirect/nsredirect/internal/docker"
+	"github.com/nsredirect/nsredirect/internal/testenv/enginefake"
 )
 
-// fakeEngine is enough of the Docker Engine API on a unix socket for
-// `nsredirect docker`: /version, /containers/json, /containers/{id}/json and
-// /events, as the docker package's tests serve it.
-type fakeEngine struct {
-	socket string
-	mu     sync.Mutex
-	ctrs   map[string]docker.Inspected
-	subs   map[chan docker.Event]struct{}
-}
+// fakeEngine is the fake Docker Engine of enginefake for
+// `nsredirect docker`, whose containers are the bench's sandboxes.
+type fakeEngine struct{ *enginefake.Engine }
 
-func (e *env) fakeEngine() (*fakeEngine, error) {
+func (e *env) fakeEngine() (fakeEngine, error) {
 	dir, err := os.MkdirTemp("", "nsr-bench-docker-")
 	if err != nil {
-		return nil, err
+		return fakeEngine{}, err
 	}
 	e.onClose(func() { os.RemoveAll(dir) })
-	f := &fakeEngine{socket: filepath.Join(dir, "docker.sock"), ctrs: map[string]docker.Inspected{}, subs: map[chan docker.Event]struct{}{}}
-	ln, err := net.Listen("unix", f.socket)
+	f, err := enginefake.Start(dir, docker.MaxAPIVersion)
 	if err != nil {
-		return nil, err
+		return fakeEngine{}, err
 	}
-	srv := &http.Server{Handler: http.HandlerFunc(f.serve), ReadHeaderTimeout: time.Second}
-	go func() { _ = srv.Serve(ln) }()
-	e.onClose(func() { _ = srv.Close() })
-	return f, nil
+	e.onClose(func() { _ = f.Close() })
+	return fakeEngine{f}, nil
 }
 
-func (f *fakeEngine) serve(w http.ResponseWriter, r *http.Request) {
-	path := r.URL.Path
-	if path == "/version" {
-		fmt.Fprintf(w, `{"Version":"fake","ApiVersion":%q,"MinAPIVersion":"1.12"}`, docker.MaxAPIVersion)
-		return
-	}
-	path = strings.TrimPrefix(path, "/v"+docker.MaxAPIVersion)
-	switch {
-	case path == "/containers/json":
-		var flt map[string][]string
-		_ = json.Unmarshal([]byte(r.URL.Query().Get("filters")), &flt)
-		f.mu.Lock()
-		var out []docker.Container
-		for id, c := range f.ctrs {
-			if _, ok := c.Config.Labels[firstOf(flt["label"])]; ok && c.State.Running {
-				out = append(out, docker.Container{ID: id, Names: []string{c.Name}, Labels: c.Config.Labels, State: "running"})
-			}
-		}
-		f.mu.Unlock()
-		_ = json.NewEncoder(w).Encode(out)
-	case strings.HasPrefix(path, "/containers/") && strings.HasSuffix(path, "/json"):
-		id := strings.TrimSuffix(strings.TrimPrefix(path, "/containers/"), "/json")
-		f.mu.Lock()
-		c, ok := f.ctrs[id]
-		f.mu.Unlock()
-		if !ok {
-			w.WriteHeader(http.StatusNotFound)
-			fmt.Fprintf(w, `{"message":"No such container: %s"}`, id)
-			return
-		}
-		_ = json.NewEncoder(w).Encode(c)
-	case path == "/events":
-		ch := make(chan docker.Event, 256)
-		f.mu.Lock()
-		f.subs[ch] = struct{}{}
-		f.mu.Unlock()
-		defer func() { f.mu.Lock(); delete(f.subs, ch); f.mu.Unlock() }()
-		w.WriteHeader(http.StatusOK)
-		w.(http.Flusher).Flush()
-		enc := json.NewEncoder(w)
-		for {
-			select {
-			case <-r.Context().Done():
-				return
-			case ev := <-ch:
-				_ = enc.Encode(ev)
-				w.(http.Flusher).Flush()
-			}
-		}
-	default:
-		w.WriteHeader(http.StatusNotFound)
-		fmt.Fprintf(w, `{"message":"page not found: %s"}`, r.URL.Path)
-	}
-}
-
-func firstOf(s []string) string {
-	if len(s) == 0 {
-		return ""
-	}
-	return s[0]
-}
-
-func (f *fakeEngine) event(id, name, action string) {
+func (f fakeEngine) event(id, name, action string) {
 	var ev docker.Event
 	ev.Type, ev.Action, ev.Actor.ID, ev.TimeNano = "container", action, id, time.Now().UnixNano()
 	// As the Engine does: an event carries the container's labels as
 	// attributes (the client keeps only events of labelled containers).
 	ev.Actor.Attributes = map[string]string{"name": name, docker.DefaultLabel: "80=3210"}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for ch := range f.subs {
-		select {
-		case ch <- ev:
-		default:
-		}
-	}
+	f.Send(ev)
 }
 
-func (f *fakeEngine) start(id, name string, pid int) {
-	var in docker.Inspected
-	in.ID, in.Name, in.State.Running, in.State.Pid = id, "/"+name, true, pid
-	in.State.StartedAt = time.Now().UTC().Format(time.RFC3339Nano)
-	in.Config.Labels = map[string]string{docker.DefaultLabel: "80=3210"}
-	in.HostConfig.NetworkMode = "bridge"
-	f.mu.Lock()
-	f.ctrs[id] = in
-	f.mu.Unlock()
+func (f fakeEngine) start(id, name string, pid int) {
+	f.Put(enginefake.Container{
+		ID: id, Name: name, Pid: pid, StartedAt: time.Now().UTC().Format(time.RFC3339Nano),
+		Labels: map[string]string{docker.DefaultLabel: "80=3210"}, NetworkMode: "bridge",
+	})
 	f.event(id, name, "start")
 }
 
-func (f *fakeEngine) die(id, name string) {
-	f.mu.Lock()
-	delete(f.ctrs, id)
-	f.mu.Unlock()
+func (f fakeEngine) die(id, name string) {
+	f.Remove(id)
 	f.event(id, name, "die")
 }
 
@@ -165,7 +77,7 @@ func scaleDocker(e *env, s *scaleResults, n, burst int) error {
 		eng.start(c.id, c.sb.name, c.sb.proc.Process.Pid)
 		live = append(live, c)
 	}
-	d, stop, err := e.daemon("docker", "--docker-host", "unix://"+eng.socket)
+	d, stop, err := e.daemon("docker", "--docker-host", "unix://"+eng.Socket())
 	if err != nil {
 		return err
 	}
@@ -177,31 +89,18 @@ func scaleDocker(e *env, s *scaleResults, n, burst int) error {
 	}
 	settle([]int{d.Process.Pid})
 	row := scaleRow{mode: "docker", shape: fmt.Sprintf("%d labelled containers", n), churnWhat: "a container replaced every 200 ms"}
-	fmt.Println("docker: idle")
-	if row.idle, err = measureUsage(e, []int{d.Process.Pid}, e.scaleWindow(), nil); err != nil {
-		return err
-	}
-	fmt.Println("docker: churn")
-	i := 0
-	row.churn, err = measureUsage(e, []int{d.Process.Pid}, e.scaleWindow(), func(stop <-chan struct{}) error {
-		for {
-			select {
-			case <-stop:
-				return nil
-			case <-time.After(200 * time.Millisecond):
-			}
-			old := live[i%len(live)]
-			eng.die(old.id, old.sb.name)
-			old.sb.remove()
-			c := benchCtr{id: ctrID()}
-			var err error
-			if c.sb, err = e.sandbox("nsr-bd-"+c.id[56:], ""); err != nil {
-				return err
-			}
-			eng.start(c.id, c.sb.name, c.sb.proc.Process.Pid)
-			live[i%len(live)] = c
-			i++
+	err = measureIdleAndChurn(e, &row, d.Process.Pid, func(i int) error {
+		old := live[i%len(live)]
+		eng.die(old.id, old.sb.name)
+		old.sb.remove()
+		c := benchCtr{id: ctrID()}
+		var err error
+		if c.sb, err = e.sandbox("nsr-bd-"+c.id[56:], ""); err != nil {
+			return err
 		}
+		eng.start(c.id, c.sb.name, c.sb.proc.Process.Pid)
+		live[i%len(live)] = c
+		return nil
 	})
 	if err != nil {
 		return err

@@ -244,32 +244,19 @@ func scaleKube(e *env, s *scaleResults, root string, pods, procs, burst int) err
 	}
 	settle([]int{d.Process.Pid})
 	row := scaleRow{mode: "kube", shape: fmt.Sprintf("%d annotated pods, %d processes", pods, s.procs), churnWhat: "a pod replaced every 200 ms"}
-	fmt.Println("kube: idle")
-	if row.idle, err = measureUsage(e, []int{d.Process.Pid}, e.scaleWindow(), nil); err != nil {
-		return err
-	}
-	fmt.Println("kube: churn")
-	i := 0
-	row.churn, err = measureUsage(e, []int{d.Process.Pid}, e.scaleWindow(), func(stop <-chan struct{}) error {
-		for {
-			select {
-			case <-stop:
-				return nil
-			case <-time.After(200 * time.Millisecond):
-			}
-			old := live[i%len(live)]
-			_ = api.remove(old.pod)
-			old.sb.remove()
-			ps, err := e.podSandbox(top, fmt.Sprintf("nsr-bk-%d-c", podSeq.Load()))
-			if err != nil {
-				return err
-			}
-			if err := api.add(ps.pod); err != nil {
-				return err
-			}
-			live[i%len(live)] = ps
-			i++
+	err = measureIdleAndChurn(e, &row, d.Process.Pid, func(i int) error {
+		old := live[i%len(live)]
+		_ = api.remove(old.pod)
+		old.sb.remove()
+		ps, err := e.podSandbox(top, fmt.Sprintf("nsr-bk-%d-c", podSeq.Load()))
+		if err != nil {
+			return err
 		}
+		if err := api.add(ps.pod); err != nil {
+			return err
+		}
+		live[i%len(live)] = ps
+		return nil
 	})
 	if err != nil {
 		return err

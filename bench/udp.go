@@ -216,16 +216,16 @@ func (r *udpResults) measureCost(e *env, ns netnsx.Target) error {
 		hook  udpCostHook
 		cases []udpCostCase
 	}{
-		{udpCostHook{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg}, v4},
-		{udpCostHook{"recvmsg4", ebpf.AttachCGroupUDP4Recvmsg}, v4},
-		{udpCostHook{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg}, v6},
-		{udpCostHook{"recvmsg6", ebpf.AttachCGroupUDP6Recvmsg}, v6},
-		{udpCostHook{"udp_connect4", ebpf.AttachCGroupInet4Connect}, connected},
+		{udpCostHook{loader.HookSendmsg4, ebpf.AttachCGroupUDP4Sendmsg}, v4},
+		{udpCostHook{loader.HookRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg}, v4},
+		{udpCostHook{loader.HookSendmsg6, ebpf.AttachCGroupUDP6Sendmsg}, v6},
+		{udpCostHook{loader.HookRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg}, v6},
+		{udpCostHook{loader.HookUDPConnect4, ebpf.AttachCGroupInet4Connect}, connected},
 	}
 	ours, floor := map[string]*ebpf.Program{}, map[string]*ebpf.Program{}
 	for _, row := range rows {
 		h := row.hook
-		p, err := pinnedProgram(filepath.Join(e.pinDir, "link_"+h.name))
+		p, err := pinnedProgram(loader.LinkPin(e.pinDir, h.name))
 		if err != nil {
 			return err
 		}
@@ -319,7 +319,7 @@ type udpProgs map[ebpf.ProgramID]string
 // addPinned remembers the UDP programs pinned in pinDir now.
 func (u udpProgs) addPinned(pinDir string) error {
 	for _, h := range loader.UDPHookNames() {
-		p, err := ebpf.LoadPinnedProgram(filepath.Join(pinDir, "prog_"+h), nil)
+		p, err := ebpf.LoadPinnedProgram(loader.ProgPin(pinDir, h), nil)
 		if err != nil {
 			return fmt.Errorf("pinned UDP program %s: %w", h, err)
 		}

@@ -180,6 +180,40 @@ static __always_inline int maybe_ours6(const struct rule_key *key)
 	return maybe_ours6_addr(key->addr);
 }
 
+/* The v4 and v6 programs share one body, given the family as a constant:
+ * the bodies are inlined and the compiler keeps only that family's code, so
+ * each program reads only its own context fields (user_ip4 or user_ip6, as
+ * the verifier requires). Addresses are in the key's words: user_ip4 in
+ * word 0 for family 4, user_ip6 in all four for 6. */
+static __always_inline int maybe_ours(__u8 family, const __u32 *addr)
+{
+	return family == 4 ? maybe_ours4(addr[0]) : maybe_ours6_addr(addr);
+}
+
+static __always_inline void get_addr(const struct bpf_sock_addr *ctx, __u8 family, __u32 *addr)
+{
+	if (family == 4) {
+		addr[0] = ctx->user_ip4;
+		return;
+	}
+	addr[0] = ctx->user_ip6[0];
+	addr[1] = ctx->user_ip6[1];
+	addr[2] = ctx->user_ip6[2];
+	addr[3] = ctx->user_ip6[3];
+}
+
+static __always_inline void set_addr(struct bpf_sock_addr *ctx, __u8 family, const __u32 *addr)
+{
+	if (family == 4) {
+		ctx->user_ip4 = addr[0];
+		return;
+	}
+	ctx->user_ip6[0] = addr[0];
+	ctx->user_ip6[1] = addr[1];
+	ctx->user_ip6[2] = addr[2];
+	ctx->user_ip6[3] = addr[3];
+}
+
 /* The record of a redirect, in the NSR_REC_CHECKED form. */
 static __always_inline void fill_record(struct orig_dst *rec, const struct rule_key *key, const struct rule_val *val)
 {
@@ -234,16 +268,16 @@ static __always_inline const struct rule_val *lookup(struct bpf_sock_addr *ctx, 
 	return val;
 }
 
-SEC("cgroup/connect4")
-int nsr_connect4(struct bpf_sock_addr *ctx)
+/* connect() of a TCP socket. */
+static __always_inline int tcp_connect(struct bpf_sock_addr *ctx, __u8 family)
 {
-	struct rule_key key = {.family = 4, .proto = NSR_IPPROTO_TCP};
+	struct rule_key key = {.family = family, .proto = NSR_IPPROTO_TCP};
 	const struct rule_val *val;
 
 	if (ctx->protocol != NSR_IPPROTO_TCP)
 		return SYS_PROCEED;
-	key.addr[0] = ctx->user_ip4;
-	if (!maybe_ours4(key.addr[0]))
+	get_addr(ctx, family, key.addr);
+	if (!maybe_ours(family, key.addr))
 		return SYS_PROCEED;
 	key.port = (__u16)ctx->user_port;
 	val = lookup(ctx, &key);
@@ -251,40 +285,23 @@ int nsr_connect4(struct bpf_sock_addr *ctx)
 		return SYS_PROCEED;
 
 	if (!val->keep_addr)
-		ctx->user_ip4 = val->addr[0];
+		set_addr(ctx, family, val->addr);
 	ctx->user_port = (__u32)val->port;
 	return SYS_PROCEED;
 }
 
+SEC("cgroup/connect4")
+int nsr_connect4(struct bpf_sock_addr *ctx)
+{
+	return tcp_connect(ctx, 4);
+}
+
+/* Covers ::1 and v4-mapped ::ffff:127.0.0.1 on dual-stack sockets: a
+ * v4-mapped connect() runs this hook only, never connect4. */
 SEC("cgroup/connect6")
 int nsr_connect6(struct bpf_sock_addr *ctx)
 {
-	struct rule_key key = {.family = 6, .proto = NSR_IPPROTO_TCP};
-	const struct rule_val *val;
-
-	/* Covers ::1 and v4-mapped ::ffff:127.0.0.1 on dual-stack sockets: a
-	 * v4-mapped connect() runs this hook only, never connect4. */
-	if (ctx->protocol != NSR_IPPROTO_TCP)
-		return SYS_PROCEED;
-	key.addr[0] = ctx->user_ip6[0];
-	key.addr[1] = ctx->user_ip6[1];
-	key.addr[2] = ctx->user_ip6[2];
-	key.addr[3] = ctx->user_ip6[3];
-	if (!maybe_ours6(&key))
-		return SYS_PROCEED;
-	key.port = (__u16)ctx->user_port;
-	val = lookup(ctx, &key);
-	if (!val)
-		return SYS_PROCEED;
-
-	if (!val->keep_addr) {
-		ctx->user_ip6[0] = val->addr[0];
-		ctx->user_ip6[1] = val->addr[1];
-		ctx->user_ip6[2] = val->addr[2];
-		ctx->user_ip6[3] = val->addr[3];
-	}
-	ctx->user_port = (__u32)val->port;
-	return SYS_PROCEED;
+	return tcp_connect(ctx, 6);
 }
 
 /* Every rule redirects to loopback (internal/rule refuses any other target,
@@ -307,24 +324,24 @@ static __always_inline int peer_is_loopback6(const __u32 *ip6)
 	return 0;
 }
 
-/* Whether the socket's record describes the connection it has now: its peer
- * is where the recorded redirect went. */
-static __always_inline int record_matches4(const struct orig_dst *orig, __u32 ip4, __u32 port)
+static __always_inline int peer_is_loopback(__u8 family, const __u32 *peer)
 {
-	if (!peer_is_loopback4(ip4))
-		return 0;
-	if (orig->family == 4) /* an older build's record */
-		return 1;
-	return (__u16)orig->addr[1] == (__u16)port && (orig->addr[2] == 0 || orig->addr[2] == ip4);
+	return family == 4 ? peer_is_loopback4(peer[0]) : peer_is_loopback6(peer);
 }
 
-static __always_inline int record_matches6(const struct orig_dst *orig, const __u32 *ip6, __u32 port)
+/* Whether the socket's record describes the connection it has now: its peer
+ * is where the recorded redirect went. */
+static __always_inline int record_matches(const struct orig_dst *orig, __u8 family, const __u32 *peer, __u32 port)
 {
-	if (!peer_is_loopback6(ip6))
+	if (!peer_is_loopback(family, peer))
 		return 0;
-	if (orig->family == 6) /* an older build's record */
+	if (orig->family == family) /* an older build's record */
 		return 1;
-	return (__u16)orig->addr[1] == (__u16)port && (orig->addr[0] == 0 || orig->addr[0] == ip6[3]);
+	if ((__u16)orig->addr[1] != (__u16)port)
+		return 0;
+	if (family == 4)
+		return orig->addr[2] == 0 || orig->addr[2] == peer[0];
+	return orig->addr[0] == 0 || orig->addr[0] == peer[3];
 }
 
 /* The socket's record of the given family that describes its connection
@@ -333,48 +350,24 @@ static __always_inline int record_matches6(const struct orig_dst *orig, const __
  * elsewhere) is dropped. Only a socket with a loopback peer can have a live
  * record (every rule redirects to loopback), so the rest of the host's
  * getpeername calls return before any helper. */
-static __always_inline struct orig_dst *live_record4(struct bpf_sock_addr *ctx, __u32 ip4, __u32 port)
+static __always_inline struct orig_dst *live_record(struct bpf_sock_addr *ctx, __u8 family, const __u32 *peer, __u32 port)
 {
 	struct orig_dst *orig;
 	__u64 sock;
 
-	if (!peer_is_loopback4(ip4))
+	if (!peer_is_loopback(family, peer))
 		return 0;
 	sock = bpf_get_socket_cookie(ctx);
 	orig = bpf_map_lookup_elem(&nsr_peers, &sock);
 	if (orig) {
-		if (orig->family == (4 | NSR_REC_CHECKED) && record_matches4(orig, ip4, port))
+		if (orig->family == (family | NSR_REC_CHECKED) && record_matches(orig, family, peer, port))
 			return orig;
 		bpf_map_delete_elem(&nsr_peers, &sock);
 	}
 	orig = bpf_sk_storage_get(&nsr_sockets, ctx->sk, 0, 0);
-	if (!orig || (orig->family & ~NSR_REC_CHECKED) != 4)
+	if (!orig || (orig->family & ~NSR_REC_CHECKED) != family)
 		return 0;
-	if (!record_matches4(orig, ip4, port)) {
-		bpf_sk_storage_delete(&nsr_sockets, ctx->sk);
-		return 0;
-	}
-	return orig;
-}
-
-static __always_inline struct orig_dst *live_record6(struct bpf_sock_addr *ctx, const __u32 *ip6, __u32 port)
-{
-	struct orig_dst *orig;
-	__u64 sock;
-
-	if (!peer_is_loopback6(ip6))
-		return 0;
-	sock = bpf_get_socket_cookie(ctx);
-	orig = bpf_map_lookup_elem(&nsr_peers, &sock);
-	if (orig) {
-		if (orig->family == (6 | NSR_REC_CHECKED) && record_matches6(orig, ip6, port))
-			return orig;
-		bpf_map_delete_elem(&nsr_peers, &sock);
-	}
-	orig = bpf_sk_storage_get(&nsr_sockets, ctx->sk, 0, 0);
-	if (!orig || (orig->family & ~NSR_REC_CHECKED) != 6)
-		return 0;
-	if (!record_matches6(orig, ip6, port)) {
+	if (!record_matches(orig, family, peer, port)) {
 		bpf_sk_storage_delete(&nsr_sockets, ctx->sk);
 		return 0;
 	}
@@ -384,7 +377,11 @@ static __always_inline struct orig_dst *live_record6(struct bpf_sock_addr *ctx, 
 SEC("cgroup/getpeername4")
 int nsr_getpeername4(struct bpf_sock_addr *ctx)
 {
-	struct orig_dst *orig = live_record4(ctx, ctx->user_ip4, ctx->user_port);
+	__u32 peer[4] = {};
+	struct orig_dst *orig;
+
+	get_addr(ctx, 4, peer);
+	orig = live_record(ctx, 4, peer, ctx->user_port);
 
 	if (!orig)
 		return SYS_PROCEED;
@@ -399,11 +396,8 @@ int nsr_getpeername6(struct bpf_sock_addr *ctx)
 	struct orig_dst *orig;
 	__u32 peer[4];
 
-	peer[0] = ctx->user_ip6[0];
-	peer[1] = ctx->user_ip6[1];
-	peer[2] = ctx->user_ip6[2];
-	peer[3] = ctx->user_ip6[3];
-	orig = live_record6(ctx, peer, ctx->user_port);
+	get_addr(ctx, 6, peer);
+	orig = live_record(ctx, 6, peer, ctx->user_port);
 	if (!orig)
 		return SYS_PROCEED;
 	if (orig->family == 6) { /* an older build's record: addr as dialled */
@@ -568,95 +562,54 @@ static __always_inline const struct rule_val *udp_connect(struct bpf_sock_addr *
 	return val;
 }
 
-SEC("cgroup/connect4")
-int nsr_udp_connect4(struct bpf_sock_addr *ctx)
+/* connect() of a UDP socket (connect), like TCP's plus the reply mapping,
+ * or sendto()/sendmsg() with a destination on an unconnected one, once per
+ * datagram; for either family. A v4-mapped destination on a dual-stack
+ * socket runs sendmsg4 with the IPv4 address (udpv6_sendmsg hands it to
+ * udp_sendmsg). */
+static __always_inline int udp_redirect(struct bpf_sock_addr *ctx, __u8 family, int connect)
 {
-	struct rule_key key = {.family = 4, .proto = NSR_IPPROTO_UDP};
+	struct rule_key key = {.family = family, .proto = NSR_IPPROTO_UDP};
 	__u32 new_addr[4] = {};
-	const struct rule_val *val;
+	const struct rule_val *val = 0;
 
 	if (ctx->protocol != NSR_IPPROTO_UDP)
 		return SYS_PROCEED;
-	key.addr[0] = ctx->user_ip4;
+	get_addr(ctx, family, key.addr);
 	key.port = (__u16)ctx->user_port;
-	val = udp_connect(ctx, &key, new_addr, maybe_ours4(key.addr[0]));
+	if (connect)
+		val = udp_connect(ctx, &key, new_addr, maybe_ours(family, key.addr));
+	else if (maybe_ours(family, key.addr))
+		val = udp_lookup(ctx, &key, new_addr);
 	if (!val)
 		return SYS_PROCEED;
-	ctx->user_ip4 = new_addr[0];
+	set_addr(ctx, family, new_addr);
 	ctx->user_port = (__u32)val->port;
 	return SYS_PROCEED;
+}
+
+SEC("cgroup/connect4")
+int nsr_udp_connect4(struct bpf_sock_addr *ctx)
+{
+	return udp_redirect(ctx, 4, 1);
 }
 
 SEC("cgroup/connect6")
 int nsr_udp_connect6(struct bpf_sock_addr *ctx)
 {
-	struct rule_key key = {.family = 6, .proto = NSR_IPPROTO_UDP};
-	__u32 new_addr[4] = {};
-	const struct rule_val *val;
-
-	if (ctx->protocol != NSR_IPPROTO_UDP)
-		return SYS_PROCEED;
-	key.addr[0] = ctx->user_ip6[0];
-	key.addr[1] = ctx->user_ip6[1];
-	key.addr[2] = ctx->user_ip6[2];
-	key.addr[3] = ctx->user_ip6[3];
-	key.port = (__u16)ctx->user_port;
-	val = udp_connect(ctx, &key, new_addr, maybe_ours6(&key));
-	if (!val)
-		return SYS_PROCEED;
-	ctx->user_ip6[0] = new_addr[0];
-	ctx->user_ip6[1] = new_addr[1];
-	ctx->user_ip6[2] = new_addr[2];
-	ctx->user_ip6[3] = new_addr[3];
-	ctx->user_port = (__u32)val->port;
-	return SYS_PROCEED;
+	return udp_redirect(ctx, 6, 1);
 }
 
-/* sendto()/sendmsg() with a destination on an unconnected UDP socket, once
- * per datagram. A v4-mapped destination on a dual-stack socket runs
- * sendmsg4 with the IPv4 address (udpv6_sendmsg hands it to udp_sendmsg). */
 SEC("cgroup/sendmsg4")
 int nsr_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	struct rule_key key = {.family = 4, .proto = NSR_IPPROTO_UDP};
-	__u32 new_addr[4] = {};
-	const struct rule_val *val;
-
-	if (!maybe_ours4(ctx->user_ip4) || ctx->protocol != NSR_IPPROTO_UDP)
-		return SYS_PROCEED;
-	key.addr[0] = ctx->user_ip4;
-	key.port = (__u16)ctx->user_port;
-	val = udp_lookup(ctx, &key, new_addr);
-	if (!val)
-		return SYS_PROCEED;
-	ctx->user_ip4 = new_addr[0];
-	ctx->user_port = (__u32)val->port;
-	return SYS_PROCEED;
+	return udp_redirect(ctx, 4, 0);
 }
 
 SEC("cgroup/sendmsg6")
 int nsr_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	struct rule_key key = {.family = 6, .proto = NSR_IPPROTO_UDP};
-	__u32 new_addr[4] = {};
-	const struct rule_val *val;
-
-	key.addr[0] = ctx->user_ip6[0];
-	key.addr[1] = ctx->user_ip6[1];
-	key.addr[2] = ctx->user_ip6[2];
-	key.addr[3] = ctx->user_ip6[3];
-	if (!maybe_ours6(&key) || ctx->protocol != NSR_IPPROTO_UDP)
-		return SYS_PROCEED;
-	key.port = (__u16)ctx->user_port;
-	val = udp_lookup(ctx, &key, new_addr);
-	if (!val)
-		return SYS_PROCEED;
-	ctx->user_ip6[0] = new_addr[0];
-	ctx->user_ip6[1] = new_addr[1];
-	ctx->user_ip6[2] = new_addr[2];
-	ctx->user_ip6[3] = new_addr[3];
-	ctx->user_port = (__u32)val->port;
-	return SYS_PROCEED;
+	return udp_redirect(ctx, 6, 0);
 }
 
 /* recvfrom()/recvmsg() asking for the source, once per datagram: a datagram

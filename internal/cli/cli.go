@@ -115,7 +115,7 @@ func Main(ctx context.Context, args []string, io IO) int {
 		if errors.Is(err, flag.ErrHelp) {
 			return ExitOK
 		}
-		fmt.Fprintf(io.Stderr, "nsredirect %s: %s\n", c.name, oneLine(err))
+		fmt.Fprintf(io.Stderr, "nsredirect %s: %s\n", c.name, oneLine(withAdvice(c.name, err)))
 		return exitCode(err)
 	}
 	fmt.Fprintf(io.Stderr, "nsredirect: unknown command %q; run `nsredirect help` for the list\n", args[0])
@@ -127,6 +127,7 @@ func exitCode(err error) int {
 	switch {
 	case errors.As(err, &u),
 		errors.Is(err, rule.ErrSpec),
+		errors.Is(err, loader.ErrRecordTooLarge),
 		errors.Is(err, netnsx.ErrTarget),
 		errors.Is(err, loader.ErrEnvironment):
 		return ExitUsage
@@ -135,8 +136,8 @@ func exitCode(err error) int {
 	}
 }
 
-func oneLine(err error) string {
-	return strings.Join(strings.Fields(strings.ReplaceAll(err.Error(), "\n", "; ")), " ")
+func oneLine(s string) string {
+	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", "; ")), " ")
 }
 
 func printUsage(w io.Writer) {

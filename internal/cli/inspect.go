@@ -14,6 +14,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
+	"github.com/nsredirect/nsredirect/internal/metrics"
 	"github.com/nsredirect/nsredirect/internal/netnsx"
 )
 
@@ -97,7 +98,7 @@ func checkCmd(_ context.Context, io IO, args []string) error {
 	if holder == "" {
 		holder = fmt.Sprintf("pid %d", rec.OwnerPID)
 	}
-	fmt.Fprintf(io.Stdout, "ok: netns %s (%s): %s live, owner %s %s\n", target, rec.Name, strings.Join(rec.Specs, ","), holder, aliveWord(rec.OwnerAlive))
+	fmt.Fprintf(io.Stdout, "ok: netns %s (%s): %s live, owner %s %s\n", target, rec.Name, strings.Join(rec.Labels, ","), holder, aliveWord(rec.OwnerAlive))
 	return nil
 }
 
@@ -159,17 +160,10 @@ type statusRow struct {
 	Since     time.Time `json:"since"`
 }
 
-// mapRow is the fill level of one pinned map.
-type mapRow struct {
-	Map      string `json:"map"`
-	Entries  int    `json:"entries"`
-	Capacity int    `json:"capacity"`
-}
-
 // statusJSON is `status --json`.
 type statusJSON struct {
-	Rules []statusRow `json:"rules"`
-	Maps  []mapRow    `json:"maps"`
+	Rules []statusRow       `json:"rules"`
+	Maps  []metrics.MapFill `json:"maps"`
 }
 
 // statusFlags are the flags of `status`.
@@ -192,7 +186,7 @@ func statusCmd(_ context.Context, io IO, args []string) error {
 	}
 	asJSON, pinDir := f.json, f.pinDir
 	rows := []statusRow{}
-	maps := []mapRow{}
+	maps := []metrics.MapFill{}
 	l, err := loader.OpenPinned(pinDir, quietLog())
 	switch {
 	case errors.Is(err, loader.ErrNotPinned):
@@ -205,19 +199,15 @@ func statusCmd(_ context.Context, io IO, args []string) error {
 			return err
 		}
 		for _, r := range recs {
-			for i, spec := range r.Specs {
+			for i, label := range r.Labels {
 				rows = append(rows, statusRow{
-					Netns: r.Name, ID: r.ID, Cookie: r.Cookie, NetnsIno: r.NetnsIno, Mode: r.Owner, Rule: spec,
+					Netns: r.Name, ID: r.ID, Cookie: r.Cookie, NetnsIno: r.NetnsIno, Mode: r.Owner, Rule: label,
 					OwnerPID: r.OwnerPID, Holder: r.Holder, Alive: r.OwnerAlive, Redirects: r.Redirects[i], Since: r.Enrolled.UTC(),
 				})
 			}
 		}
-		fill, err := l.Fill()
-		if err != nil {
+		if maps, err = l.Fill(); err != nil {
 			return err
-		}
-		for _, f := range fill {
-			maps = append(maps, mapRow{f.Name, f.Entries, f.Capacity})
 		}
 	}
 	if asJSON {
@@ -301,7 +291,7 @@ func cleanupCmd(_ context.Context, io IO, args []string) error {
 	defer l.Close()
 	removed, err := l.Cleanup(all)
 	for _, r := range removed {
-		fmt.Fprintf(io.Stdout, "removed netns %s (%s), owner pid %d %s\n", r.Name, strings.Join(r.Specs, ","), r.OwnerPID, map[bool]string{true: "alive", false: "dead"}[r.OwnerAlive])
+		fmt.Fprintf(io.Stdout, "removed netns %s (%s), owner pid %d %s\n", r.Name, strings.Join(r.Labels, ","), r.OwnerPID, map[bool]string{true: "alive", false: "dead"}[r.OwnerAlive])
 	}
 	if err != nil {
 		return err

@@ -4,16 +4,17 @@ import (
 	"context"
 	"errors"
 	"flag"
-	"path/filepath"
+	"fmt"
 	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
-	"golang.org/x/sys/unix"
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/nsredirect/nsredirect/internal/daemon"
 	"github.com/nsredirect/nsredirect/internal/kube"
+	"github.com/nsredirect/nsredirect/internal/loader"
+	"github.com/nsredirect/nsredirect/internal/netnsx"
 )
 
 // apiTimeout bounds the wait for the API server at start: past it the
@@ -62,8 +63,7 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 	if errs := validation.IsQualifiedName(annotation); len(errs) > 0 {
 		return usagef("--annotation %q is not a Kubernetes annotation key (%s); use e.g. %s", annotation, strings.Join(errs, "; "), kube.DefaultAnnotation)
 	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(proc, &st); err != nil || st.Type != unix.PROC_SUPER_MAGIC {
+	if !netnsx.IsProcfs(proc) {
 		return usagef("--proc %q is not a procfs; mount the host's /proc (hostPath /proc) and pass its path", proc)
 	}
 	kube.RouteClientLogs(log)
@@ -81,9 +81,8 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 	}
 	// The pins must outlive this pod for a successor to adopt them: a
 	// private bpffs would vanish with the pod's mount namespace.
-	parent := filepath.Dir(filepath.Clean(kf.pinDir))
-	if !filepath.IsAbs(kf.pinDir) || unix.Statfs(parent, &st) != nil || st.Type != unix.BPF_FS_MAGIC {
-		return usagef("--pin-dir %q: %s is not a bpffs; mount bpffs on the node (mount -t bpf bpf /sys/fs/bpf) and into the pod (hostPath /sys/fs/bpf)", kf.pinDir, parent)
+	if err := loader.CheckBPFFS(kf.pinDir); err != nil {
+		return fmt.Errorf("%w; mount bpffs on the node (mount -t bpf bpf /sys/fs/bpf) and into the pod (hostPath /sys/fs/bpf)", err)
 	}
 	// A DaemonSet mounts the host's /sys/fs/cgroup whatever the node; on a
 	// hybrid (v1 + v2) node preflight attaches at its unified/.
@@ -113,7 +112,7 @@ func kubeCmd(ctx context.Context, io IO, args []string) error {
 	} else {
 		holder = "pod " + podNamespace + "/" + podName
 	}
-	err = serve(ctx, kf, log, ctl, daemon.Config{Owner: "kube", Holder: holder, Proc: proc, WaitForOwners: true, HostNetns: &host})
+	err = serve(ctx, kf, log, ctl, daemon.Config{Owner: "kube", Holder: holder, Proc: proc, HostNetns: &host})
 	if errors.Is(err, context.Canceled) {
 		err = nil
 	}

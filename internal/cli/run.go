@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"net"
@@ -72,7 +73,12 @@ func (k *kernelFlags) parse(fs *flag.FlagSet, args []string, io IO) (*logrus.Log
 	default:
 		return nil, usagef("%s=%q: the only value is processes (a test knob)", hostNetnsKnob, v)
 	}
-	return k.log.logger(io.Stderr)
+	log, err := k.log.logger(io.Stderr)
+	if err != nil {
+		return nil, err
+	}
+	log.AddHook(adviceHook{fs.Name()})
+	return log, nil
 }
 
 // hostNetns finds the identity of the host's netns under proc before
@@ -80,7 +86,7 @@ func (k *kernelFlags) parse(fs *flag.FlagSet, args []string, io IO) (*logrus.Log
 // netns for a target's: it refuses to start (exit 2), saying why and fix,
 // what to change.
 func (k *kernelFlags) hostNetns(proc, fix string) (netnsx.LiveID, error) {
-	id, err := daemon.FindHostNetns(proc, daemon.HostNetnsOptions{IgnoreFixedInode: k.hostByProcesses})
+	id, err := netnsx.FindHost(proc, netnsx.HostOptions{IgnoreFixedInode: k.hostByProcesses})
 	if err != nil {
 		return id, UsageError{fmt.Errorf("%w, so no target can be proven not to be it: %s", err, fix)}
 	}
@@ -189,24 +195,8 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 	if hostErr != nil {
 		log.WithError(hostErr).Warn("--allow-host-netns: the host network namespace cannot be told apart; enrolling every --netns as given")
 	}
-	src := daemon.Fixed{RemoveOnExit: f.removeOnExit}
-	seen := map[netnsx.LiveID]string{}
+	src := daemon.Fixed{RemoveOnExit: f.removeOnExit, AllowHostNetns: f.allowHost}
 	for _, target := range targets {
-		// Each target must exist before anything is attached.
-		_, id, err := target.ResolveWith(kf.cookies.Read)
-		if err != nil {
-			return err
-		}
-		if other, dup := seen[id.Live()]; dup {
-			return usagef("--netns %s and --netns %s are one network namespace; give each namespace once", other, target)
-		}
-		seen[id.Live()] = target.String()
-		if hostErr == nil && id.Live() == host {
-			if !f.allowHost {
-				return usagef("--netns %s is the host network namespace: its rules would redirect the loopback connects of every process on the host; give a container's or a named netns, or pass --allow-host-netns if that is what you mean", target)
-			}
-			log.WithField("netns", target.String()).Warn("--allow-host-netns: redirecting in the host network namespace, for every process on the host")
-		}
 		name := target.Spec
 		if name == "self" {
 			host, _ := os.Hostname()
@@ -214,9 +204,21 @@ func runCmd(ctx context.Context, io IO, args []string) error {
 		}
 		src.Targets = append(src.Targets, daemon.Target{Name: name, Kind: "netns", ID: target.Path, Netns: target, Rules: rules})
 	}
-	cfg := daemon.Config{Owner: "run", Fixed: true, AllowHostNetns: f.allowHost}
+	cfg := daemon.Config{Owner: "run"}
 	if hostErr == nil {
 		cfg.HostNetns = &host
+	}
+	hosts, err := src.Check(kf.cookies.Read, cfg.HostNetns)
+	switch {
+	case errors.Is(err, daemon.ErrSameNetns):
+		return usagef("--netns %v; give each namespace once", err)
+	case errors.Is(err, daemon.ErrHostNetns):
+		return usagef("--netns %v: its rules would redirect the loopback connects of every process on the host; give a container's or a named netns, or pass --allow-host-netns if that is what you mean", err)
+	case err != nil:
+		return err
+	}
+	for _, t := range hosts {
+		log.WithField("netns", t.Netns.String()).Warn("--allow-host-netns: redirecting in the host network namespace, for every process on the host")
 	}
 	return serve(ctx, kf, log, src, cfg)
 }

@@ -9,15 +9,11 @@ package daemon
 import (
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 
 	"github.com/sirupsen/logrus"
-	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/metrics"
@@ -157,21 +153,21 @@ type Daemon struct {
 	// or the loader's BPF probe on kernels before 5.14.
 	cookies netnsx.CookieReader
 
-	// waitOwners: see WaitForOwners.
+	// waitOwners: see Options.WaitForOwners.
 	waitOwners bool
 	// proc is where the host's processes are seen (/proc, or kube's
 	// --proc): <proc>/1/ns/net is the host's netns, and <proc>/*/ns/net
 	// the namespaces known to be alive.
 	proc string
-	// allowHost: see AllowHostNetns.
+	// allowHost: see Options.AllowHostNetns.
 	allowHost bool
-	// holder names this daemon in each enrollment: see Holder.
+	// holder names this daemon in each enrollment: see Options.Holder.
 	holder string
 	// host is the identity of the host's netns once found (hostKnown);
-	// see HostNetns.
+	// see Options.HostNetns.
 	host      netnsx.LiveID
 	hostKnown bool
-	hostOpts  HostNetnsOptions
+	hostOpts  netnsx.HostOptions
 
 	mu      sync.Mutex
 	desired []Target
@@ -190,29 +186,31 @@ type Daemon struct {
 	stale bool
 }
 
-// Option changes how a Daemon treats its targets.
-type Option func(*Daemon)
-
-// WaitForOwners makes a target that another live nsredirect serves (the
-// loader's ErrBusy) a wait, not a failure: it is not counted as an error,
-// it counts as served for Ready, and it is adopted on the first reconcile
-// after the owner lets go. A DaemonSet rollout starts the new daemon while
-// the old one still serves every pod; the new one must become ready then.
-func WaitForOwners() Option { return func(d *Daemon) { d.waitOwners = true } }
-
-// Proc sets where the host's processes are seen (default /proc): kube's
-// --proc. The host's netns is <proc>/1/ns/net.
-func Proc(dir string) Option { return func(d *Daemon) { d.proc = dir } }
-
-// AllowHostNetns lets a target be the host's netns (`run
-// --allow-host-netns`); without it such a target is refused.
-func AllowHostNetns() Option { return func(d *Daemon) { d.allowHost = true } }
-
-// HostNetns gives the identity of the host's netns, found by the caller
-// (FindHostNetns). Without it the daemon looks itself, under its proc root,
-// at the first target, and refuses every target while it cannot tell.
-func HostNetns(id netnsx.LiveID) Option {
-	return func(d *Daemon) { d.host, d.hostKnown = id, true }
+// Options are what a Daemon is told besides its kernel and cookie reader.
+type Options struct {
+	// Owner tags its enrollments with the mode (run, docker, kube).
+	Owner string
+	// Holder names the daemon in each enrollment so a person can find it:
+	// "pod kube-system/nsredirect-x7k2p", "pid 1234 on host web1".
+	Holder string
+	// Proc is where the host's processes are seen (default /proc): kube's
+	// --proc. The host's netns is <proc>/1/ns/net.
+	Proc string
+	// HostNetns is the identity of the host's netns, found by the caller
+	// (netnsx.FindHost). Nil: the daemon looks itself, under Proc, at the
+	// first target, and refuses every target while it cannot tell.
+	HostNetns *netnsx.LiveID
+	// WaitForOwners makes a target that another live nsredirect serves (the
+	// loader's ErrBusy) a wait, not a failure: it is not counted as an
+	// error, it counts as served for Ready, and it is adopted on the first
+	// reconcile after the owner lets go. A DaemonSet rollout starts the new
+	// daemon while the old one still serves every pod; the new one must
+	// become ready then.
+	WaitForOwners bool
+	// AllowHostNetns lets a target be the host's netns (`run
+	// --allow-host-netns`); without it such a target is refused.
+	AllowHostNetns bool
+	Log            logrus.FieldLogger
 }
 
 // hostNetns returns the host netns's identity, looked up until found.
@@ -220,7 +218,7 @@ func (d *Daemon) hostNetns() (netnsx.LiveID, error) {
 	if d.hostKnown {
 		return d.host, nil
 	}
-	id, err := FindHostNetns(d.proc, d.hostOpts)
+	id, err := netnsx.FindHost(d.proc, d.hostOpts)
 	if err != nil {
 		return netnsx.LiveID{}, err
 	}
@@ -228,30 +226,31 @@ func (d *Daemon) hostNetns() (netnsx.LiveID, error) {
 	return id, nil
 }
 
-// Holder names the daemon in each enrollment so a person can find it:
-// "pod kube-system/nsredirect-x7k2p", "pid 1234 on host web1".
-func Holder(h string) Option { return func(d *Daemon) { d.holder = h } }
-
 // New returns a daemon that enrolls through kernel, reading each target's
 // netns cookie with cookies (the loader's CookieSource.Read: the same number
-// the programs see, on every kernel), and tagging its enrollments with owner
-// (the mode: run, docker, kube).
-func New(kernel Kernel, cookies netnsx.CookieReader, owner string, log logrus.FieldLogger, opts ...Option) *Daemon {
+// the programs see, on every kernel).
+func New(kernel Kernel, cookies netnsx.CookieReader, o Options) *Daemon {
 	d := &Daemon{
-		kernel:  kernel,
-		cookies: cookies,
-		owner:   owner,
-		log:     log,
-		live:    map[string]*live{},
-		failing: map[string]error{},
-		errors:  map[string]uint64{},
-		held:    map[string]bool{},
-		pending: map[string]bool{},
-		proc:    procRoot,
-		changed: make(chan struct{}, 1),
+		kernel:     kernel,
+		cookies:    cookies,
+		owner:      o.Owner,
+		holder:     o.Holder,
+		log:        o.Log,
+		waitOwners: o.WaitForOwners,
+		allowHost:  o.AllowHostNetns,
+		live:       map[string]*live{},
+		failing:    map[string]error{},
+		errors:     map[string]uint64{},
+		held:       map[string]bool{},
+		pending:    map[string]bool{},
+		proc:       procRoot,
+		changed:    make(chan struct{}, 1),
 	}
-	for _, o := range opts {
-		o(d)
+	if o.Proc != "" {
+		d.proc = o.Proc
+	}
+	if o.HostNetns != nil {
+		d.host, d.hostKnown = *o.HostNetns, true
 	}
 	return d
 }
@@ -383,7 +382,7 @@ func (d *Daemon) apply(t Target) error {
 			}
 			return fmt.Errorf("%s: refused: %w", t.label(), err)
 		}
-		if id.Ino == initNetIno || id.Live() == host {
+		if id.IsHost(host) {
 			if cur != nil {
 				_ = d.drop(cur)
 			}
@@ -403,7 +402,7 @@ func (d *Daemon) apply(t Target) error {
 		log = log.WithField("id", t.ID)
 	}
 	if err := d.kernel.Enroll(loader.Enrollment{
-		Cookie: cookie, NetnsIno: id.Ino, Name: t.Name, Owner: d.owner, ID: t.ID, Holder: d.holder, Rules: t.Rules,
+		Cookie: cookie, NetnsIno: id.Ino, Name: t.Name, Owner: d.owner, ID: t.ID, Holder: d.holder, Rules: rule.Entries(t.Rules),
 	}); err != nil {
 		return fmt.Errorf("netns %s: %w", t.Name, err)
 	}
@@ -426,49 +425,11 @@ func (d *Daemon) apply(t Target) error {
 // A lookup that failed (a process of a pod exited, the source could not
 // say where the target is right now) keeps them: the namespace may live on.
 func (d *Daemon) dropUnlessAlive(l *live, why error) {
-	if NetnsAlive(d.proc, l.id.Live(), l.target.Netns.Path) {
+	if netnsx.Alive(d.proc, l.id.Live(), l.target.Netns.Path) {
 		d.log.WithFields(logrus.Fields{"netns": l.target.Name, "cookie": l.cookie}).WithError(why).Debug("lookup failed but the netns lives; rules kept")
 		return
 	}
 	_ = d.drop(l)
-}
-
-// NetnsAlive reports whether some path still reaches the netns id: one of
-// paths, or /proc/PID/ns/net of any process under proc, or a bind mount in
-// /run/netns. Live namespaces never share an inode, so a match is that
-// namespace (or, at worst, a new one that took a dead one's inode: then
-// the rules are kept for a cookie nothing uses, until the next look).
-func NetnsAlive(proc string, id netnsx.LiveID, paths ...string) bool {
-	same := func(p string) bool {
-		var st unix.Stat_t
-		return unix.Stat(p, &st) == nil && st.Dev == id.Dev && st.Ino == id.Ino
-	}
-	for _, p := range paths {
-		if p != "" && same(p) {
-			return true
-		}
-	}
-	if entries, err := os.ReadDir("/run/netns"); err == nil {
-		for _, e := range entries {
-			if same(filepath.Join("/run/netns", e.Name())) {
-				return true
-			}
-		}
-	}
-	entries, err := os.ReadDir(proc)
-	if err != nil {
-		return true // cannot look: not proven gone
-	}
-	// Not ourselves: the Go runtime may have parked our main thread in a
-	// target's netns (see netnsx.Target), which would keep it "alive" for
-	// good. <proc>/self names us in that procfs's pid namespace.
-	self, _ := os.Readlink(filepath.Join(proc, "self"))
-	for _, e := range entries {
-		if _, err := strconv.Atoi(e.Name()); err == nil && e.Name() != self && same(filepath.Join(proc, e.Name(), "ns", "net")) {
-			return true
-		}
-	}
-	return false
 }
 
 // Moved reports whether the path of a live target that nothing watches

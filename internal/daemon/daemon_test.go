@@ -36,14 +36,14 @@ func quiet() logrus.FieldLogger {
 func TestReconcileAddUpdateRemove(t *testing.T) {
 	a, b := testenv.NewNetns(t), testenv.NewNetns(t)
 	k := newFake()
-	d := New(k, testenv.Cookies(t), "test", quiet())
+	d := New(k, testenv.Cookies(t), Options{Owner: "test", Log: quiet()})
 
 	err := d.Reconcile([]Target{{Name: "a", Netns: a.Target(), Rules: rules(t, "80=3210")}, {Name: "b", Netns: b.Target(), Rules: rules(t, "80=3211")}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ca, cb := a.Cookie(t), b.Cookie(t)
-	if len(k.Enrolled) != 2 || k.Enrolled[ca].Name != "a" || k.Enrolled[cb].Rules[0].ToPort != 3211 || k.Enrolled[ca].Owner != "test" {
+	if len(k.Enrolled) != 2 || k.Enrolled[ca].Name != "a" || k.Enrolled[cb].Rules[0].Label != "80=3211" || k.Enrolled[ca].Owner != "test" {
 		t.Fatalf("enrolled %+v", k.Enrolled)
 	}
 	if err := d.Ready(); err != nil {
@@ -68,7 +68,7 @@ func TestFailureIsolatedAndCounted(t *testing.T) {
 	a := testenv.NewNetns(t)
 	k := newFake()
 	k.Fail["bad"] = errors.New("boom")
-	d := New(k, testenv.Cookies(t), "test", quiet())
+	d := New(k, testenv.Cookies(t), Options{Owner: "test", Log: quiet()})
 	missing, _ := netnsx.ParseTarget("/run/netns/nsr-missing-for-test")
 	err := d.Reconcile([]Target{
 		{Name: "good", Netns: a.Target(), Rules: rules(t, "80=3210")},
@@ -95,7 +95,7 @@ func TestFailureIsolatedAndCounted(t *testing.T) {
 func TestHandoverReleasesWithoutRemoving(t *testing.T) {
 	a := testenv.NewNetns(t)
 	k := newFake()
-	d := New(k, testenv.Cookies(t), "test", quiet())
+	d := New(k, testenv.Cookies(t), Options{Owner: "test", Log: quiet()})
 	if err := d.Reconcile([]Target{{Name: "a", Netns: a.Target(), Rules: rules(t, "80=3210")}}); err != nil {
 		t.Fatal(err)
 	}
@@ -111,7 +111,7 @@ func TestHandoverReleasesWithoutRemoving(t *testing.T) {
 func TestTargetErrIsCountedNotEnrolled(t *testing.T) {
 	a := testenv.NewNetns(t)
 	k := newFake()
-	d := New(k, testenv.Cookies(t), "test", quiet())
+	d := New(k, testenv.Cookies(t), Options{Owner: "test", Log: quiet()})
 	_, badErr := rule.ParseList("80=99999")
 	err := d.Reconcile([]Target{
 		{Name: "good", Netns: a.Target(), Rules: rules(t, "80=3210")},
@@ -139,7 +139,7 @@ func TestWaitForOwners(t *testing.T) {
 
 	k := newFake()
 	k.Fail["a"] = busy
-	d := New(k, testenv.Cookies(t), "kube", quiet(), WaitForOwners())
+	d := New(k, testenv.Cookies(t), Options{Owner: "kube", Log: quiet(), WaitForOwners: true})
 	_ = d.Reconcile(want)
 	if err := d.Ready(); err != nil {
 		t.Errorf("Ready while another owner serves: %v; want ready", err)
@@ -157,7 +157,7 @@ func TestWaitForOwners(t *testing.T) {
 
 	k2 := newFake()
 	k2.Fail["a"] = busy
-	d2 := New(k2, testenv.Cookies(t), "run", quiet())
+	d2 := New(k2, testenv.Cookies(t), Options{Owner: "run", Log: quiet()})
 	_ = d2.Reconcile(want)
 	if err := d2.Ready(); err == nil || d2.Snapshot().EnrollErrors["a"] != 1 {
 		t.Errorf("without WaitForOwners: Ready = %v, errors %v; want a failure", err, d2.Snapshot().EnrollErrors)

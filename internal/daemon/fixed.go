@@ -1,6 +1,12 @@
 package daemon
 
-import "context"
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/nsredirect/nsredirect/internal/netnsx"
+)
 
 // Fixed is the source of `nsredirect run`: targets given by flags.
 //
@@ -15,7 +21,13 @@ import "context"
 type Fixed struct {
 	Targets      []Target
 	RemoveOnExit bool
+	// AllowHostNetns lets a target be the host's netns
+	// (--allow-host-netns).
+	AllowHostNetns bool
 }
+
+// Policy: the targets are fixed, and may be the host's netns if allowed.
+func (f Fixed) Policy() Policy { return Policy{Fixed: true, AllowHostNetns: f.AllowHostNetns} }
 
 // Desired returns the fixed targets.
 func (f Fixed) Desired(context.Context) ([]Target, error) { return f.Targets, nil }
@@ -29,3 +41,34 @@ func (Fixed) Watch(ctx context.Context, _ func()) error {
 
 // Handover keeps the rules unless RemoveOnExit.
 func (f Fixed) Handover(context.Context, []string) bool { return !f.RemoveOnExit }
+
+// ErrSameNetns: two targets given are one network namespace.
+var ErrSameNetns = errors.New("one network namespace")
+
+// Check resolves every target once, before anything is attached, so that
+// bad input leaves nothing behind: each must exist, no two may be one netns
+// (ErrSameNetns), and none may be the host's (ErrHostNetns, when host is
+// known) unless AllowHostNetns. It returns the targets that are the host's,
+// which AllowHostNetns let through. The loop makes the same host check on
+// every resync; this one makes it a refusal to start.
+func (f Fixed) Check(cookies netnsx.CookieReader, host *netnsx.LiveID) ([]Target, error) {
+	seen := map[netnsx.LiveID]netnsx.Target{}
+	var hosts []Target
+	for _, t := range f.Targets {
+		_, id, err := t.Netns.ResolveWith(cookies)
+		if err != nil {
+			return nil, err
+		}
+		if other, dup := seen[id.Live()]; dup {
+			return nil, fmt.Errorf("%s and %s are %w", other, t.Netns, ErrSameNetns)
+		}
+		seen[id.Live()] = t.Netns
+		if host != nil && id.IsHost(*host) {
+			if !f.AllowHostNetns {
+				return nil, fmt.Errorf("%s: %w", t.Netns, ErrHostNetns)
+			}
+			hosts = append(hosts, t)
+		}
+	}
+	return hosts, nil
+}

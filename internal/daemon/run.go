@@ -17,8 +17,9 @@ import (
 )
 
 // Source is a discovery mode: run's fixed targets, Docker, Kubernetes. It
-// only says what should be redirected, when that may have changed, and
-// whether to hand over on shutdown; Run does everything else.
+// only says what should be redirected, when that may have changed, how its
+// targets are served (its Policy) and whether to hand over on shutdown; Run
+// does everything else.
 type Source interface {
 	// Desired describes every target that should have rules now. An error
 	// means the source could not be asked (Docker is down): nothing
@@ -27,24 +28,37 @@ type Source interface {
 	// Watch calls wake whenever Desired may have changed, until ctx ends.
 	// An error ends the daemon.
 	Watch(ctx context.Context, wake func()) error
+	// Policy is how Run serves the source's targets; read once, at start.
+	Policy() Policy
 	// Handover decides, at shutdown, whether the rules of the targets
 	// still served stay in the kernel for a successor to adopt (true) or
 	// are removed.
 	Handover(ctx context.Context, serving []string) bool
 }
 
-// Reporter is a Source that wants the outcome of each reconcile (kube posts
-// Events on its pods).
-type Reporter interface {
-	Reconciled(ctx context.Context, desired []Target, serving []string, failures map[string]error)
-}
-
-// Redescriber is a Source whose descriptions go stale on their own (a
-// pod's processes come and go): it is asked on every resync that looks at
-// every target (each one while the daemon is not settled, every fullEvery-th
-// otherwise), not only on wake-ups and when a target stops resolving.
-type Redescriber interface {
-	RedescribeEachResync() bool
+// Policy is what a source declares about how its targets are served, as a
+// value Run reads: the loop asks no source what type it is.
+type Policy struct {
+	// Fixed: the targets are given by flags (run). A failure to enroll
+	// them at start ends the daemon; there is no last look at the targets
+	// at shutdown; and, as the source does not know every target its mode
+	// serves on the host, an ownerless record of the mode is removed only
+	// once its netns is proven gone.
+	Fixed bool
+	// WaitForOwners: see Options.WaitForOwners (a DaemonSet rollout).
+	WaitForOwners bool
+	// AllowHostNetns lets a target be the host's netns (run
+	// --allow-host-netns); without it such a target is refused.
+	AllowHostNetns bool
+	// RedescribeEachResync: the source's descriptions go stale on their
+	// own (a pod's processes come and go). It is asked on every resync that
+	// looks at every target (each one while the daemon is not settled,
+	// every fullEvery-th otherwise), not only on wake-ups and when a target
+	// stops resolving.
+	RedescribeEachResync bool
+	// Reconciled, if set, is told the outcome of each reconcile (kube posts
+	// Events on its pods).
+	Reconciled func(ctx context.Context, desired []Target, serving []string, failures map[string]error)
 }
 
 // Attached is the loader as Run drives it.
@@ -52,11 +66,14 @@ type Attached interface {
 	Kernel
 	Intact() error
 	Heal(cgroup string) ([]string, error)
-	Fill() ([]loader.MapFill, error)
+	Fill() ([]metrics.MapFill, error)
 	PeerStorageFailures() (uint64, error)
 	Records() ([]loader.Record, error)
-	RemoveOrphans(owner string, keep func(loader.Record) bool) ([]loader.Record, error)
+	RemoveWhere(match func(loader.Record) bool) ([]loader.Record, error)
 	RemoveAllIfUnused() (bool, error)
+	// StartupRepairs names the links Attach found detached or defunct and
+	// replaced, counted like the loop's repairs.
+	StartupRepairs() []string
 	Close() error
 }
 
@@ -72,18 +89,9 @@ type Config struct {
 	Cgroup string
 	// Proc is where the host's processes are seen (default /proc).
 	Proc string
-	// AllowHostNetns lets a target be the host's netns (run only).
-	AllowHostNetns bool
 	// HostNetns is the host netns's identity, found before start
-	// (FindHostNetns); nil: the daemon looks under Proc itself.
+	// (netnsx.FindHost); nil: the daemon looks under Proc itself.
 	HostNetns *netnsx.LiveID
-	// WaitForOwners: see the option of that name.
-	WaitForOwners bool
-	// Fixed says the source's targets are given by flags (run): a failure
-	// to enroll them at start ends the daemon, and, as the source does not
-	// know every target its mode serves on the host, an ownerless record of
-	// the mode is removed only once its netns is proven gone.
-	Fixed bool
 	// Resync is how often targets are re-resolved and links checked
 	// (default 1 s).
 	Resync time.Duration
@@ -112,18 +120,12 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 	}
 	log := cfg.Log
 	kernel := cfg.Kernel
-	opts := []Option{Proc(cfg.Proc), Holder(cfg.Holder)}
-	if cfg.WaitForOwners {
-		opts = append(opts, WaitForOwners())
-	}
-	if cfg.AllowHostNetns {
-		opts = append(opts, AllowHostNetns())
-	}
-	if cfg.HostNetns != nil {
-		opts = append(opts, HostNetns(*cfg.HostNetns))
-	}
-	d := New(kernel, cfg.Cookies, cfg.Owner, log, opts...)
-	r := &runner{src: src, cfg: cfg, d: d, repairs: map[string]uint64{}}
+	policy := src.Policy()
+	d := New(kernel, cfg.Cookies, Options{
+		Owner: cfg.Owner, Holder: cfg.Holder, Proc: cfg.Proc, HostNetns: cfg.HostNetns, Log: log,
+		WaitForOwners: policy.WaitForOwners, AllowHostNetns: policy.AllowHostNetns,
+	})
+	r := &runner{src: src, policy: policy, cfg: cfg, d: d, repairs: map[string]uint64{}}
 	stop := func(handingOver bool) error {
 		err := d.Shutdown(handingOver)
 		if !handingOver {
@@ -135,9 +137,7 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 	}
 	// A link detached while no daemon ran: Attach has replaced it already
 	// (the loader's StartupRepairs); count it like a repair of the loop's.
-	if sr, ok := kernel.(interface{ StartupRepairs() []string }); ok {
-		r.repaired(sr.StartupRepairs())
-	}
+	r.repaired(kernel.StartupRepairs())
 	r.heal()
 
 	sctx, cancel := context.WithTimeout(ctx, cfg.StartTimeout)
@@ -147,7 +147,7 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 		return errors.Join(err, stop(false))
 	}
 	err = r.reconcile(ctx, desired)
-	if err != nil && cfg.Fixed {
+	if err != nil && policy.Fixed {
 		return errors.Join(err, stop(false))
 	}
 	if err := r.removeOrphans(desired); err != nil {
@@ -173,10 +173,6 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 	}()
 	log.WithFields(logrus.Fields{"cgroup": cfg.Cgroup, "netns": d.Serving(), "holder": cfg.Holder}).Info("nsredirect running")
 
-	redescribe := false
-	if rd, ok := src.(Redescriber); ok {
-		redescribe = rd.RedescribeEachResync()
-	}
 	// One timer for everything periodic: an idle daemon wakes once per
 	// resync, and does as little as it can then.
 	tick := time.NewTicker(cfg.Resync)
@@ -203,7 +199,7 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 				break
 			}
 			r.heal()
-			// Every target is looked at again (and a Redescriber asked)
+			// Every target is looked at again (and a source that RedescribeEachResync asked)
 			// on every fullEvery-th resync, and on each one while some
 			// target is not settled. In between, the probe (one stat per
 			// live target that nothing else watches), the source's events
@@ -220,7 +216,7 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 				}
 				break
 			}
-			if redescribe {
+			if policy.RedescribeEachResync {
 				r.describe(ctx)
 				break
 			}
@@ -233,7 +229,7 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 		}
 	}
 	cancelRun()
-	if !cfg.Fixed {
+	if !policy.Fixed {
 		// One last look: what stopped meanwhile is removed, not handed over.
 		hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
 		if desired, err := src.Desired(hctx); err != nil {
@@ -256,9 +252,10 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 const fullEvery = 10
 
 type runner struct {
-	src Source
-	cfg Config
-	d   *Daemon
+	src    Source
+	policy Policy
+	cfg    Config
+	d      *Daemon
 
 	mu          sync.Mutex
 	repairs     map[string]uint64 // hook -> links re-created
@@ -282,8 +279,8 @@ func (r *runner) describe(ctx context.Context) {
 
 func (r *runner) reconcile(ctx context.Context, desired []Target) error {
 	err := r.d.Reconcile(desired)
-	if rep, ok := r.src.(Reporter); ok {
-		rep.Reconciled(ctx, desired, r.d.Serving(), r.d.Failures())
+	if r.policy.Reconciled != nil {
+		r.policy.Reconciled(ctx, desired, r.d.Serving(), r.d.Failures())
 	}
 	return err
 }
@@ -336,36 +333,23 @@ func (r *runner) removeOrphans(desired []Target) error {
 		delete(wantName, n)
 		delete(wantID, idOf[n])
 	}
-	removed, err := r.cfg.Kernel.RemoveOrphans(r.cfg.Owner, func(rec loader.Record) bool {
-		if r.cfg.Fixed {
-			return rec.NetnsIno == 0 || netnsInoAlive(r.cfg.Proc, rec.NetnsIno)
+	claimed := func(rec loader.Record) bool {
+		if r.policy.Fixed {
+			return rec.NetnsIno == 0 || netnsx.InoAlive(r.cfg.Proc, rec.NetnsIno)
 		}
 		if rec.ID != "" {
 			return wantID[rec.ID]
 		}
 		return wantName[rec.Name]
+	}
+	// Enrollments of live owners and of other modes are never touched.
+	removed, err := r.cfg.Kernel.RemoveWhere(func(rec loader.Record) bool {
+		return rec.Owner == r.cfg.Owner && !rec.OwnerAlive && !claimed(rec)
 	})
 	for _, rec := range removed {
 		r.cfg.Log.WithFields(logrus.Fields{"netns": rec.Name, "cookie": rec.Cookie, "id": rec.ID}).Info("removed rules handed over for a target that is gone")
 	}
 	return err
-}
-
-// netnsInoAlive is NetnsAlive for a record, which keeps only the inode.
-func netnsInoAlive(proc string, ino uint64) bool {
-	dev, err := nsfsDev(proc)
-	if err != nil {
-		return true
-	}
-	return NetnsAlive(proc, netnsx.LiveID{Dev: dev, Ino: ino})
-}
-
-func nsfsDev(proc string) (uint64, error) {
-	id, err := (netnsx.Target{Spec: "self", Path: "/proc/thread-self/ns/net"}).Stat()
-	if err != nil {
-		return 0, err
-	}
-	return id.Dev, nil
 }
 
 // snapshot is what a scrape reports: the daemon's rules and errors, and
@@ -379,9 +363,7 @@ func (r *runner) snapshot() metrics.Snapshot {
 	}
 	r.mu.Unlock()
 	if fill, err := r.cfg.Kernel.Fill(); err == nil {
-		for _, f := range fill {
-			s.Maps = append(s.Maps, metrics.MapFill{Map: f.Name, Entries: f.Entries, Capacity: f.Capacity})
-		}
+		s.Maps = fill
 		sort.Slice(s.Maps, func(i, j int) bool { return s.Maps[i].Map < s.Maps[j].Map })
 	}
 	if n, err := r.cfg.Kernel.PeerStorageFailures(); err == nil {

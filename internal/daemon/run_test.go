@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
+	"github.com/nsredirect/nsredirect/internal/metrics"
 	"github.com/nsredirect/nsredirect/internal/netnsx"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
@@ -42,7 +43,7 @@ func TestHostNetnsRefusedByIdentity(t *testing.T) {
 	kthreadd, _ := netnsx.ParseTarget("/proc/2/ns/net")
 	for _, tg := range []netnsx.Target{self, kthreadd, pidTarget(t, os.Getppid())} {
 		k := newFake()
-		d := New(k, testenv.Cookies(t), "docker", quiet())
+		d := New(k, testenv.Cookies(t), Options{Owner: "docker", Log: quiet()})
 		err := d.Reconcile([]Target{{Name: "h", Kind: "container", Netns: tg, Rules: rules(t, "80=3210")}})
 		if !errors.Is(err, ErrHostNetns) || !strings.Contains(err.Error(), "container h") || !strings.Contains(err.Error(), "host network namespace") {
 			t.Errorf("target %s: Reconcile = %v; want a refusal naming container h and the host network namespace", tg, err)
@@ -55,7 +56,7 @@ func TestHostNetnsRefusedByIdentity(t *testing.T) {
 		}
 	}
 	k := newFake()
-	d := New(k, testenv.Cookies(t), "run", quiet(), AllowHostNetns())
+	d := New(k, testenv.Cookies(t), Options{Owner: "run", Log: quiet(), AllowHostNetns: true})
 	if err := d.Reconcile([]Target{{Name: "h", Netns: self, Rules: rules(t, "80=3210")}}); err != nil || len(k.Enrolled) != 1 {
 		t.Errorf("AllowHostNetns: %v, enrolled %v; want enrolled", err, k.Enrolled)
 	}
@@ -69,7 +70,7 @@ func TestFailedLookupKeepsLiveNetns(t *testing.T) {
 	ns := testenv.NewNetns(t)
 	p := testenv.Sleeper(t, ns)
 	k := newFake()
-	d := New(k, testenv.Cookies(t), "kube", quiet())
+	d := New(k, testenv.Cookies(t), Options{Owner: "kube", Log: quiet()})
 	want := []Target{{Name: "shop/web", Kind: "pod", Netns: pidTarget(t, p.Cmd.Process.Pid), Rules: rules(t, "80=3210")}}
 	if err := d.Reconcile(want); err != nil {
 		t.Fatal(err)
@@ -101,7 +102,7 @@ func TestPendingIsNotAnError(t *testing.T) {
 	ns := testenv.NewNetns(t)
 	k := newFake()
 	log, hook := test.NewNullLogger()
-	d := New(k, testenv.Cookies(t), "kube", log)
+	d := New(k, testenv.Cookies(t), Options{Owner: "kube", Log: log})
 	if err := d.Reconcile([]Target{{Name: "shop/web", Netns: ns.Target(), Rules: rules(t, "80=3210")}}); err != nil {
 		t.Fatal(err)
 	}
@@ -128,8 +129,8 @@ type attachedFake struct {
 	mu     sync.Mutex
 	heal   [][]string // what each Heal call returns, in turn
 	closed bool
-	// orphans are the ownerless records RemoveOrphans is offered; what
-	// keep does not claim goes to removed, and orphaned is closed.
+	// orphans are the records RemoveWhere is offered; what match selects
+	// goes to removed, and orphaned is closed.
 	orphans  []loader.Record
 	removed  []loader.Record
 	orphaned chan struct{}
@@ -146,19 +147,20 @@ func (a *attachedFake) Heal(string) ([]string, error) {
 	a.heal = a.heal[1:]
 	return h, nil
 }
-func (a *attachedFake) Fill() ([]loader.MapFill, error) {
-	return []loader.MapFill{{Name: "rules", Entries: 3, Capacity: 65536}, {Name: "enrollments", Entries: 1, Capacity: 16384}}, nil
+func (a *attachedFake) Fill() ([]metrics.MapFill, error) {
+	return []metrics.MapFill{{Map: "rules", Entries: 3, Capacity: 65536}, {Map: "enrollments", Entries: 1, Capacity: 16384}}, nil
 }
 func (a *attachedFake) PeerStorageFailures() (uint64, error) { return 7, nil }
 func (a *attachedFake) Records() ([]loader.Record, error)    { return nil, nil }
 func (a *attachedFake) RemoveAllIfUnused() (bool, error)     { return true, nil }
+func (a *attachedFake) StartupRepairs() []string             { return nil }
 func (a *attachedFake) Close() error                         { a.closed = true; return nil }
-func (a *attachedFake) RemoveOrphans(_ string, keep func(loader.Record) bool) ([]loader.Record, error) {
+func (a *attachedFake) RemoveWhere(match func(loader.Record) bool) ([]loader.Record, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	var removed []loader.Record
 	for _, r := range a.orphans {
-		if !keep(r) {
+		if match(r) {
 			removed = append(removed, r)
 		}
 	}
@@ -178,6 +180,7 @@ func (listed) Watch(ctx context.Context, _ func()) error {
 	return nil
 }
 func (listed) Handover(context.Context, []string) bool { return false }
+func (listed) Policy() Policy                          { return Policy{} }
 
 // TestOrphansClaimedByID: a record a predecessor handed over is claimed by
 // the target with its stable ID, not by a name: a container recreated under
@@ -189,6 +192,8 @@ func TestOrphansClaimedByID(t *testing.T) {
 		{Enrollment: loader.Enrollment{Cookie: 1, Name: "web", ID: "old-container", Owner: "docker"}},
 		{Enrollment: loader.Enrollment{Cookie: 2, Name: "web", ID: "new-container", Owner: "docker"}},
 		{Enrollment: loader.Enrollment{Cookie: 3, Name: "web", Owner: "docker"}}, // layout 1: no ID
+		{Enrollment: loader.Enrollment{Cookie: 4, Name: "gone", Owner: "kube"}},  // another mode's
+		{Enrollment: loader.Enrollment{Cookie: 5, Name: "gone", Owner: "docker"}, OwnerAlive: true},
 	}}
 	k.Fail["web"] = errors.New("map full")
 	log, _ := test.NewNullLogger()
@@ -201,7 +206,7 @@ func TestOrphansClaimedByID(t *testing.T) {
 	select {
 	case <-k.orphaned:
 	case <-time.After(30 * time.Second):
-		t.Fatal("RemoveOrphans was not called within 30s")
+		t.Fatal("RemoveWhere was not called within 30s")
 	}
 	cancel()
 	if err := <-done; err != nil {
@@ -214,7 +219,7 @@ func TestOrphansClaimedByID(t *testing.T) {
 		got = append(got, r.Cookie)
 	}
 	if fmt.Sprint(got) != "[1]" {
-		t.Errorf("removed the records with cookies %v; want [1] (the old container's), keeping the same container's and the one without an ID that the name claims", got)
+		t.Errorf("removed the records with cookies %v; want [1] (the old container's), keeping the same container's, the one without an ID that the name claims, another mode's and a live owner's", got)
 	}
 }
 
@@ -251,7 +256,7 @@ func TestRunHealsAndExports(t *testing.T) {
 		done := make(chan error, 1)
 		src := Fixed{Targets: []Target{{Name: "n", Netns: ns.Target(), Rules: rules(t, "80=3210")}}, RemoveOnExit: removeOnExit}
 		go func() {
-			done <- Run(ctx, src, Config{Kernel: k, Cookies: testenv.Cookies(t), Owner: "run", Fixed: true, Resync: 20 * time.Millisecond, Metrics: ln, Log: log})
+			done <- Run(ctx, src, Config{Kernel: k, Cookies: testenv.Cookies(t), Owner: "run", Resync: 20 * time.Millisecond, Metrics: ln, Log: log})
 		}()
 		var body string
 		testenv.WaitFor(t, "a link repair counted", 10*time.Second, func() bool {
@@ -305,7 +310,7 @@ func (slowHook) Fire(e *logrus.Entry) error {
 func TestBadTargetDropsRules(t *testing.T) {
 	ns := testenv.NewNetns(t)
 	k := newFake()
-	d := New(k, testenv.Cookies(t), "kube", quiet())
+	d := New(k, testenv.Cookies(t), Options{Owner: "kube", Log: quiet()})
 	good := []Target{{Name: "p", Netns: ns.Target(), Rules: rules(t, "80=3210")}}
 	if err := d.Reconcile(good); err != nil {
 		t.Fatal(err)
@@ -353,7 +358,7 @@ func TestReusedPidNotFollowed(t *testing.T) {
 	point(pa, 1000)
 	tg, _ := netnsx.ParseTarget(dir + "/ns/net")
 	k := newFake()
-	d := New(k, testenv.Cookies(t), "docker", quiet())
+	d := New(k, testenv.Cookies(t), Options{Owner: "docker", Log: quiet()})
 	want := []Target{{Name: "web", Kind: "container", Netns: tg, Rules: rules(t, "80=3210")}}
 	if err := d.Reconcile(want); err != nil {
 		t.Fatal(err)
@@ -381,7 +386,7 @@ func TestExitOfWatchedProcessTold(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := New(newFake(), testenv.Cookies(t), "docker", quiet())
+	d := New(newFake(), testenv.Cookies(t), Options{Owner: "docker", Log: quiet()})
 	if err := d.Reconcile([]Target{{Name: "web", Kind: "container", Netns: tg, Rules: rules(t, "80=3210")}}); err != nil {
 		t.Fatal(err)
 	}
@@ -419,7 +424,7 @@ func TestSameNetnsThroughNewPathFollowed(t *testing.T) {
 		}
 		return []Target{{Name: "web", Kind: "container", Netns: tg, Rules: rules(t, "80=3210")}}
 	}
-	d := New(newFake(), testenv.Cookies(t), "docker", quiet())
+	d := New(newFake(), testenv.Cookies(t), Options{Owner: "docker", Log: quiet()})
 	defer func() { _ = d.Shutdown(false) }()
 	if err := d.Reconcile(target(first)); err != nil {
 		t.Fatal(err)
@@ -441,7 +446,7 @@ func TestSameNetnsThroughNewPathFollowed(t *testing.T) {
 // not there yet or one that cannot be enrolled unsettles it.
 func TestSettled(t *testing.T) {
 	ns := testenv.NewNetns(t)
-	d := New(newFake(), testenv.Cookies(t), "kube", quiet())
+	d := New(newFake(), testenv.Cookies(t), Options{Owner: "kube", Log: quiet()})
 	defer func() { _ = d.Shutdown(false) }()
 	good := Target{Name: "good", Netns: ns.Target(), Rules: rules(t, "80=3210")}
 	for _, c := range []struct {
@@ -489,7 +494,7 @@ func TestBindMountTargetWatched(t *testing.T) {
 		t.Fatal(err)
 	}
 	k := newFake()
-	d := New(k, testenv.Cookies(t), "run", quiet())
+	d := New(k, testenv.Cookies(t), Options{Owner: "run", Log: quiet()})
 	defer func() { _ = d.Shutdown(false) }()
 	want := []Target{{Name: path, Netns: tg, Rules: rules(t, "80=3210")}}
 	if err := d.Reconcile(want); err != nil {

@@ -2,11 +2,7 @@ package docker
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,134 +13,58 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/nsredirect/nsredirect/internal/daemon"
+	"github.com/nsredirect/nsredirect/internal/testenv"
+	"github.com/nsredirect/nsredirect/internal/testenv/enginefake"
 )
 
-// fakeEngine is a Docker Engine API on a unix socket: enough of /version,
-// /containers/json, /containers/{id}/json and /events to drive a Watcher.
-type fakeEngine struct {
-	t          *testing.T
-	apiVersion string
-	socket     string
-	srv        *http.Server
+// fakeEngine is the fake Docker Engine of enginefake, for a test.
+type fakeEngine struct{ *enginefake.Engine }
 
-	mu         sync.Mutex
-	containers map[string]Inspected
-	paths      []string      // request paths seen, e.g. /v1.41/containers/json
-	filters    []string      // filters of the requests seen
-	events     chan Event    // delivered to the current /events subscriber
-	dropStream chan struct{} // closes the current /events stream
-}
-
-func newFakeEngine(t *testing.T, apiVersion string) *fakeEngine {
+func newFakeEngine(t *testing.T, apiVersion string) fakeEngine {
 	t.Helper()
-	dir := t.TempDir()
-	e := &fakeEngine{
-		t: t, apiVersion: apiVersion, socket: filepath.Join(dir, "docker.sock"),
-		containers: map[string]Inspected{}, events: make(chan Event, 16), dropStream: make(chan struct{}, 1),
-	}
-	ln, err := net.Listen("unix", e.socket)
+	e, err := enginefake.Start(t.TempDir(), apiVersion)
 	if err != nil {
 		t.Fatal(err)
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/", e.serve)
-	e.srv = &http.Server{Handler: mux, ReadHeaderTimeout: time.Second}
-	go func() { _ = e.srv.Serve(ln) }()
-	t.Cleanup(func() { _ = e.srv.Close() })
-	return e
+	t.Cleanup(func() { _ = e.Close() })
+	return fakeEngine{e}
 }
 
-func (e *fakeEngine) add(id, name string, pid int, labels map[string]string) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	var in Inspected
-	in.ID, in.Name, in.State.Running, in.State.Pid, in.Config.Labels = id, "/"+name, pid > 0, pid, labels
-	e.containers[id] = in
+// add puts a container that runs as pid (stopped: 0) with labels.
+func (e fakeEngine) add(id, name string, pid int, labels map[string]string) {
+	e.Put(enginefake.Container{ID: id, Name: name, Pid: pid, Labels: labels})
 }
 
-func (e *fakeEngine) remove(id string) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	delete(e.containers, id)
-}
-
-func (e *fakeEngine) seen() ([]string, []string) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return append([]string(nil), e.paths...), append([]string(nil), e.filters...)
-}
-
-func (e *fakeEngine) serve(w http.ResponseWriter, r *http.Request) {
-	e.mu.Lock()
-	e.paths = append(e.paths, r.URL.Path)
-	if f := r.URL.Query().Get("filters"); f != "" {
-		e.filters = append(e.filters, f)
-	}
-	e.mu.Unlock()
-	path := r.URL.Path
-	if path == "/version" {
-		fmt.Fprintf(w, `{"Version":"fake","ApiVersion":%q,"MinAPIVersion":"1.12"}`, e.apiVersion)
-		return
-	}
-	path = strings.TrimPrefix(path, "/v"+e.apiVersion)
-	path = strings.TrimPrefix(path, "/v"+MaxAPIVersion)
-	switch {
-	case path == "/containers/json":
-		var f map[string][]string
-		_ = json.Unmarshal([]byte(r.URL.Query().Get("filters")), &f)
-		e.mu.Lock()
-		var out []Container
-		for id, c := range e.containers {
-			if _, ok := c.Config.Labels[f["label"][0]]; ok && c.State.Running {
-				out = append(out, Container{ID: id, Names: []string{c.Name}, Labels: c.Config.Labels, State: "running"})
-			}
-		}
-		e.mu.Unlock()
-		_ = json.NewEncoder(w).Encode(out)
-	case strings.HasPrefix(path, "/containers/") && strings.HasSuffix(path, "/json"):
-		id := strings.TrimSuffix(strings.TrimPrefix(path, "/containers/"), "/json")
-		e.mu.Lock()
-		c, ok := e.containers[id]
-		e.mu.Unlock()
-		if !ok {
-			w.WriteHeader(http.StatusNotFound)
-			fmt.Fprintf(w, `{"message":"No such container: %s"}`, id)
-			return
-		}
-		_ = json.NewEncoder(w).Encode(c)
-	case path == "/events":
-		w.WriteHeader(http.StatusOK)
-		w.(http.Flusher).Flush()
-		enc := json.NewEncoder(w)
-		for {
-			select {
-			case <-r.Context().Done():
-				return
-			case <-e.dropStream:
-				return
-			case ev := <-e.events:
-				_ = enc.Encode(ev)
-				w.(http.Flusher).Flush()
-			}
-		}
-	default:
-		w.WriteHeader(http.StatusNotFound)
-		fmt.Fprintf(w, `{"message":"page not found: %s"}`, r.URL.Path)
-	}
-}
-
-// recorder is a Reconciler that keeps every desired set it is given.
+// recorder keeps every desired set the Watcher describes.
 type recorder struct {
 	mu    sync.Mutex
 	calls [][]daemon.Target
 }
 
-func (r *recorder) Reconcile(ts []daemon.Target) error {
+func (r *recorder) add(ts []daemon.Target) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.calls = append(r.calls, ts)
-	return nil
 }
+
+// recording is a Watcher as daemon.Run's source whose descriptions rec
+// keeps.
+type recording struct {
+	*Watcher
+	rec *recorder
+}
+
+func (s recording) Desired(ctx context.Context) ([]daemon.Target, error) {
+	ts, err := s.Watcher.Desired(ctx)
+	if err == nil {
+		s.rec.add(ts)
+	}
+	return ts, err
+}
+
+// noCookies reads no netns cookie: the targets of the fake Engine are not
+// ours to enter, so none is enrolled.
+func noCookies() (uint64, error) { return 0, errors.New("no netns cookies in this test") }
 
 // waitFor waits until the latest desired set satisfies ok.
 func (r *recorder) waitFor(t *testing.T, what string, ok func([]daemon.Target) bool) {
@@ -195,7 +115,7 @@ func TestNegotiateUsesOlderOfServerAndOurs(t *testing.T) {
 		{MaxAPIVersion, MaxAPIVersion},
 	} {
 		e := newFakeEngine(t, tc.server)
-		c, err := New("unix://" + e.socket)
+		c, err := New("unix://" + e.Socket())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -208,7 +128,7 @@ func TestNegotiateUsesOlderOfServerAndOurs(t *testing.T) {
 		if _, err := c.Running(context.Background(), DefaultLabel); err != nil {
 			t.Fatal(err)
 		}
-		paths, _ := e.seen()
+		paths, _ := e.Seen()
 		if got := paths[len(paths)-1]; got != "/v"+tc.want+"/containers/json" {
 			t.Errorf("server %s: listed at %s; want the negotiated version in the path", tc.server, got)
 		}
@@ -217,7 +137,7 @@ func TestNegotiateUsesOlderOfServerAndOurs(t *testing.T) {
 
 func TestNegotiateRefusesAncientEngineAndMissingSocket(t *testing.T) {
 	e := newFakeEngine(t, "1.19")
-	c, _ := New("unix://" + e.socket)
+	c, _ := New("unix://" + e.Socket())
 	if err := c.Negotiate(context.Background()); err == nil || !strings.Contains(err.Error(), "upgrade Docker") {
 		t.Errorf("API 1.19: %v; want a refusal saying to upgrade", err)
 	}
@@ -234,12 +154,8 @@ func TestDesiredTargets(t *testing.T) {
 	e.add("ccc", "plain", 1236, map[string]string{"other": "x"})
 	e.add("ddd", "stopped", 0, map[string]string{DefaultLabel: "80=3210"})
 	e.add("fff", "hostnet", 1237, map[string]string{DefaultLabel: "80=3210"})
-	e.mu.Lock()
-	h := e.containers["fff"]
-	h.HostConfig.NetworkMode = "host"
-	e.containers["fff"] = h
-	e.mu.Unlock()
-	c, _ := New("unix://" + e.socket)
+	e.Update("fff", func(c *enginefake.Container) { c.NetworkMode = "host" })
+	c, _ := New("unix://" + e.Socket())
 	if err := c.Negotiate(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -260,7 +176,7 @@ func TestDesiredTargets(t *testing.T) {
 	if got[1].Err == nil || !strings.Contains(got[1].Err.Error(), `container broken: label nsredirect.redirect="80=99999"`) {
 		t.Errorf("broken target error = %v; want it to name the container and label", got[1].Err)
 	}
-	_, filters := e.seen()
+	_, filters := e.Seen()
 	if !strings.Contains(filters[0], `"label":["nsredirect.redirect"]`) || !strings.Contains(filters[0], `"status":["running"]`) {
 		t.Errorf("list filters %s", filters[0])
 	}
@@ -269,7 +185,7 @@ func TestDesiredTargets(t *testing.T) {
 func TestRunRelistsOnEventsAndReconnect(t *testing.T) {
 	e := newFakeEngine(t, "1.41")
 	e.add("aaa", "backend", 1234, map[string]string{DefaultLabel: "80=3210"})
-	c, _ := New("unix://" + e.socket)
+	c, _ := New("unix://" + e.Socket())
 	if err := c.Negotiate(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -278,7 +194,9 @@ func TestRunRelistsOnEventsAndReconnect(t *testing.T) {
 	rec := &recorder{}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- w.Run(ctx, rec) }()
+	go func() {
+		done <- daemon.Run(ctx, recording{w, rec}, daemon.Config{Kernel: testenv.NewFakeKernel(), Cookies: noCookies, Owner: "docker", Resync: time.Hour, Log: quiet()})
+	}()
 
 	// Subscribing lists once.
 	rec.waitFor(t, "backend", func(ts []daemon.Target) bool { return names(ts) == "backend" })
@@ -286,17 +204,17 @@ func TestRunRelistsOnEventsAndReconnect(t *testing.T) {
 	e.add("aaa", "backend", 2222, map[string]string{DefaultLabel: "80=3210"})
 	ev := Event{Type: "container", Action: "restart"}
 	ev.Actor.Attributes = map[string]string{DefaultLabel: "80=3210", "name": "backend"} // engines send the labels
-	e.events <- ev
+	e.Send(ev)
 	rec.waitFor(t, "backend at its new pid", func(ts []daemon.Target) bool {
 		return len(ts) == 1 && ts[0].Netns.Spec == "pid:2222"
 	})
 	// The stream breaks; meanwhile the container goes and another comes.
-	e.remove("aaa")
+	e.Remove("aaa")
 	e.add("eee", "late", 3333, map[string]string{DefaultLabel: "81=3210"})
-	e.dropStream <- struct{}{}
+	e.DropStream()
 	rec.waitFor(t, "the relisting after reconnect", func(ts []daemon.Target) bool { return names(ts) == "late" })
 
-	_, filters := e.seen()
+	_, filters := e.Seen()
 	var evFilter string
 	for _, f := range filters {
 		if strings.Contains(f, `"type"`) {
@@ -312,14 +230,14 @@ func TestRunRelistsOnEventsAndReconnect(t *testing.T) {
 	select {
 	case err := <-done:
 		if err != nil {
-			t.Errorf("Run returned %v after cancel; want nil", err)
+			t.Errorf("daemon.Run returned %v after cancel; want nil", err)
 		}
-	case <-time.After(2 * time.Second):
-		t.Fatal("Run did not return after cancel")
+	case <-time.After(5 * time.Second):
+		t.Fatal("daemon.Run did not return after cancel")
 	}
 }
 
-func TestRunRetriesWhileEngineIsDown(t *testing.T) {
+func TestWatchRetriesWhileEngineIsDown(t *testing.T) {
 	dir := t.TempDir()
 	c, _ := New("unix://" + filepath.Join(dir, "later.sock"))
 	w := NewWatcher(c, DefaultLabel, quiet())
@@ -327,12 +245,20 @@ func TestRunRetriesWhileEngineIsDown(t *testing.T) {
 	rec := &recorder{}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go func() { _ = w.Run(ctx, rec) }()
+	// Watch alone: daemon.Run would end on the first failed listing, and
+	// the cli negotiates with Docker before it starts.
+	go func() {
+		_ = w.Watch(ctx, func() {
+			if ts, err := w.Desired(ctx); err == nil {
+				rec.add(ts)
+			}
+		})
+	}()
 	time.Sleep(100 * time.Millisecond) // several failed attempts
 	// The Engine comes up at that path.
 	e := newFakeEngine(t, "1.41")
 	e.add("aaa", "backend", 1234, map[string]string{DefaultLabel: "80=3210"})
-	if err := os.Rename(e.socket, filepath.Join(dir, "later.sock")); err != nil {
+	if err := os.Rename(e.Socket(), filepath.Join(dir, "later.sock")); err != nil {
 		t.Fatal(err)
 	}
 	rec.waitFor(t, "backend once the Engine is up", func(ts []daemon.Target) bool { return names(ts) == "backend" })
@@ -344,7 +270,7 @@ func TestSharedNetnsEnrolledOnce(t *testing.T) {
 	// network_mode: container:X.
 	e.add("aaa", "app", os.Getpid(), map[string]string{DefaultLabel: "80=3210"})
 	e.add("bbb", "sidecar", os.Getppid(), map[string]string{DefaultLabel: "81=3210"})
-	c, _ := New("unix://" + e.socket)
+	c, _ := New("unix://" + e.Socket())
 	if err := c.Negotiate(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -365,13 +291,13 @@ func TestDesiredInspectsOnlyWhatChanged(t *testing.T) {
 	pid := os.Getpid() // a pid that exists, as a running container's does
 	e.add("aaa", "a", pid, map[string]string{DefaultLabel: "80=3210"})
 	e.add("bbb", "b", pid, map[string]string{DefaultLabel: "80=3210"})
-	c, _ := New("unix://" + e.socket)
+	c, _ := New("unix://" + e.Socket())
 	if err := c.Negotiate(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	w := NewWatcher(c, DefaultLabel, quiet())
 	inspects := func() int {
-		paths, _ := e.seen()
+		paths, _ := e.Seen()
 		n := 0
 		for _, p := range paths {
 			if strings.HasSuffix(p, "/json") && !strings.HasSuffix(p, "/containers/json") {
@@ -390,8 +316,8 @@ func TestDesiredInspectsOnlyWhatChanged(t *testing.T) {
 		if n := inspects() - before; n != want {
 			t.Errorf("%s: %d inspects, want %d", what, n, want)
 		}
-		if len(got) != len(e.containers) {
-			t.Errorf("%s: %d targets, want %d", what, len(got), len(e.containers))
+		if len(got) != e.Len() {
+			t.Errorf("%s: %d targets, want %d", what, len(got), e.Len())
 		}
 	}
 	step("first listing", 2)

@@ -19,11 +19,6 @@ import (
 // DefaultLabel carries a container's specs: nsredirect.redirect=80=3210.
 const DefaultLabel = "nsredirect.redirect"
 
-// Reconciler takes the full desired set; *daemon.Daemon is one.
-type Reconciler interface {
-	Reconcile([]daemon.Target) error
-}
-
 // Timings of the watch; variables of a Watcher so tests can shorten them.
 const (
 	// relistEvery is a safety net: a full listing even when no event came.
@@ -181,43 +176,6 @@ func (w *Watcher) target(in Inspected) daemon.Target {
 	return t
 }
 
-// Sync lists once and hands the result to r. Enrollment failures of single
-// containers are the daemon's to log and count; only a failure to talk to
-// Docker is returned.
-func (w *Watcher) Sync(ctx context.Context, r Reconciler) ([]daemon.Target, error) {
-	desired, err := w.Desired(ctx)
-	if err != nil {
-		return nil, err
-	}
-	_ = r.Reconcile(desired)
-	return desired, nil
-}
-
-// Run syncs r on every wake-up of Watch until ctx ends (a test harness;
-// the daemon drives the Watcher as a daemon.Source).
-func (w *Watcher) Run(ctx context.Context, r Reconciler) error {
-	kick := make(chan struct{}, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- w.Watch(ctx, func() {
-			select {
-			case kick <- struct{}{}:
-			default:
-			}
-		})
-	}()
-	for {
-		select {
-		case err := <-done:
-			return err
-		case <-kick:
-			if _, err := w.Sync(ctx, r); err != nil && ctx.Err() == nil {
-				w.log.WithError(err).Warn("cannot list containers")
-			}
-		}
-	}
-}
-
 // Watch follows the event stream until ctx ends, calling wake on every
 // event, on every (re)connection (after subscribing, so nothing that
 // happened while Docker restarted or the stream was down is missed) and
@@ -288,6 +246,11 @@ func (w *Watcher) follow(ctx context.Context, wake func()) error {
 // then refuses no connection, while `compose down`, which stops the
 // labelled containers first, leaves nothing behind.
 func (w *Watcher) Handover(context.Context, []string) bool { return true }
+
+// Policy: the daemon's defaults. The listing names every container of the
+// mode, so orphans are told by it; a container in the host's netns is
+// refused.
+func (w *Watcher) Policy() daemon.Policy { return daemon.Policy{} }
 
 func shortID(id string) string {
 	if len(id) > 12 {

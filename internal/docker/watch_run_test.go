@@ -23,6 +23,7 @@ import (
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/netnsx"
 	"github.com/nsredirect/nsredirect/internal/testenv"
+	"github.com/nsredirect/nsredirect/internal/testenv/enginefake"
 )
 
 // ownNetns starts a process in a netns of its own, held by it alone (as a
@@ -92,9 +93,9 @@ func runDaemon(t *testing.T, w *Watcher, log logrus.FieldLogger) (string, func()
 	return ln.Addr().String(), records
 }
 
-func newTestWatcher(t *testing.T, e *fakeEngine, log logrus.FieldLogger) *Watcher {
+func newTestWatcher(t *testing.T, e fakeEngine, log logrus.FieldLogger) *Watcher {
 	t.Helper()
-	c, _ := New("unix://" + e.socket)
+	c, _ := New("unix://" + e.Socket())
 	if err := c.Negotiate(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -147,11 +148,7 @@ func TestChainedHostNetnsRefused(t *testing.T) {
 	e.add("aaa", "app", good.Cmd.Process.Pid, map[string]string{DefaultLabel: "80=3210"})
 	// Our parent runs in the host's netns: the pid such a container shows.
 	e.add("bbb", "chained", os.Getppid(), map[string]string{DefaultLabel: "80=3210"})
-	e.mu.Lock()
-	c := e.containers["bbb"]
-	c.HostConfig.NetworkMode = "container:ccc"
-	e.containers["bbb"] = c
-	e.mu.Unlock()
+	e.Update("bbb", func(c *enginefake.Container) { c.NetworkMode = "container:ccc" })
 	log, hook := test.NewNullLogger()
 	addr, records := runDaemon(t, newTestWatcher(t, e, log), log)
 	waitRecords(t, records, "app enrolled", func(m map[uint64]loader.Record) bool { return m[goodCookie].Name == "app" })

@@ -28,13 +28,6 @@ const (
 	ReasonRedirected = "Redirected"
 )
 
-// Reconciler takes the full desired set and says which targets are live;
-// *daemon.Daemon is one.
-type Reconciler interface {
-	Reconcile([]daemon.Target) error
-	Serving() []string
-}
-
 // Config is what a Controller watches and where it finds pods' netns.
 type Config struct {
 	API API
@@ -57,11 +50,7 @@ type Controller struct {
 	informer cache.SharedIndexInformer
 	kick     chan struct{}
 
-	mu sync.Mutex // guards the fields below
-	// syncMu makes a Sync (Desired, Reconcile, Reconciled) one step:
-	// Reconciled reads the pods of the last Desired, which a concurrent
-	// Sync (pod events and the resync tick) would otherwise replace.
-	syncMu  sync.Mutex
+	mu      sync.Mutex        // guards the fields below
 	warned  map[string]string // pod UID -> the warning last posted for it
 	serving map[string]bool   // target names live after the last sync
 	// last and lastWarn are the pods and warnings of the last Desired,
@@ -146,19 +135,6 @@ func (c *Controller) Start(ctx context.Context, timeout time.Duration) error {
 	return fmt.Errorf("list the pods of node %s within %s: %w", c.cfg.Node, timeout, last)
 }
 
-// Run syncs r on every pod change until ctx ends (a test harness; the
-// daemon drives the Controller as a daemon.Source).
-func (c *Controller) Run(ctx context.Context, r Reconciler) error {
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-c.kick:
-			c.Sync(ctx, r)
-		}
-	}
-}
-
 // Watch calls wake on every pod change until ctx ends.
 func (c *Controller) Watch(ctx context.Context, wake func()) error {
 	for {
@@ -171,11 +147,15 @@ func (c *Controller) Watch(ctx context.Context, wake func()) error {
 	}
 }
 
-// RedescribeEachResync: a pod's processes come and go (a sandbox
-// re-created, the process its netns was found through exiting), so a resync
-// that looks at every target scans the proc root again rather than
-// re-resolving old paths (see daemon.Redescriber).
-func (*Controller) RedescribeEachResync() bool { return true }
+// Policy: a rollout starts the new daemon while the old one serves every
+// pod (WaitForOwners); a pod's processes come and go (a sandbox re-created,
+// the process its netns was found through exiting), so a resync that looks
+// at every target scans the proc root again rather than re-resolving old
+// paths (RedescribeEachResync); each reconcile's outcome is posted as
+// Events on the pods (Reconciled).
+func (c *Controller) Policy() daemon.Policy {
+	return daemon.Policy{WaitForOwners: true, RedescribeEachResync: true, Reconciled: c.Reconciled}
+}
 
 // pods returns the cached pods of this node.
 func (c *Controller) pods() []*Pod {
@@ -249,19 +229,6 @@ func (c *Controller) Desired(context.Context) ([]daemon.Target, error) {
 	ts, pods, warn := c.desired()
 	c.last, c.lastWarn = pods, warn
 	return ts, nil
-}
-
-// Sync hands the desired set to r and posts the Events it calls for.
-func (c *Controller) Sync(ctx context.Context, r Reconciler) {
-	c.syncMu.Lock()
-	defer c.syncMu.Unlock()
-	ts, _ := c.Desired(ctx)
-	_ = r.Reconcile(ts) // per-target failures are the daemon's to log and count
-	var failures map[string]error
-	if f, ok := r.(interface{ Failures() map[string]error }); ok {
-		failures = f.Failures()
-	}
-	c.Reconciled(ctx, ts, r.Serving(), failures)
 }
 
 // Reconciled posts the Events a reconcile of ts calls for: a Warning once

@@ -58,7 +58,7 @@ func TestEventsOncePerProblem(t *testing.T) {
 	cached(t, c, "default", "host", anyPod)
 	r := &recorder{}
 	for range 3 {
-		c.Sync(context.Background(), r)
+		step(context.Background(), c, r)
 	}
 	if got := f.eventsOf(t, "default", "bad", ReasonInvalid); len(got) != 1 || got[0].Type != corev1.EventTypeWarning || !strings.Contains(got[0].Message, `"80=nope"`) {
 		t.Fatalf("bad annotation: events %+v; want one Warning naming the value", got)
@@ -76,8 +76,8 @@ func TestEventsOncePerProblem(t *testing.T) {
 	bad.Annotations[DefaultAnnotation] = "80=3210=9"
 	f.update(t, bad)
 	cached(t, c, "default", "bad", func(p *Pod) bool { return p.Annotations[DefaultAnnotation] == "80=3210=9" })
-	c.Sync(context.Background(), r)
-	c.Sync(context.Background(), r)
+	step(context.Background(), c, r)
+	step(context.Background(), c, r)
 	if got := f.eventsOf(t, "default", "bad", ReasonInvalid); len(got) != 2 {
 		t.Fatalf("a new problem: %d events, want 2", len(got))
 	}

@@ -3,9 +3,11 @@ package kube
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -54,76 +56,103 @@ func waitDial(t *testing.T, ns testenv.Netns, port int, want bool) {
 	waitFor(t, fmt.Sprintf("dial 127.0.0.1:%d in %s to work=%v", port, ns.Name, want), func() bool { return dials(ns, port) == want })
 }
 
-// node is one nsredirect daemon of the test: its own loader on the shared
-// pin dir, a daemon and a controller, synced on pod events and on a tick
-// (as serve does every second).
+// node is one nsredirect daemon of the test: daemon.Run with a Controller
+// as its source and its own loader on the shared pin dir, as `nsredirect
+// kube` runs, seen through its /metrics and /readyz.
 type node struct {
-	kernel *loader.Loader
-	d      *daemon.Daemon
-	c      *Controller
-	stop   context.CancelFunc
-	done   chan struct{}
-	syncs  atomic.Int64 // resync ticks done
+	c    *Controller
+	addr string // of /metrics and /readyz
+	stop context.CancelFunc
+	done chan error
+	// describes counts the Controller's descriptions daemon.Run asked for
+	// (every wake-up and every resync that looks at every target).
+	describes atomic.Int64
+}
+
+// counted is the node's Controller, counting its descriptions.
+type counted struct {
+	*Controller
+	n *node
+}
+
+func (c counted) Desired(ctx context.Context) ([]daemon.Target, error) {
+	c.n.describes.Add(1)
+	return c.Controller.Desired(ctx)
 }
 
 func startNode(t *testing.T, f *fakeAPI, pinDir string, cfg Config) *node {
 	t.Helper()
 	log := quietLog()
 	cfg.Log = log
-	kernel, err := loader.Attach(pinDir, testenv.RootCgroup(t), log)
+	cg := testenv.RootCgroup(t)
+	kernel, err := loader.Attach(pinDir, cg, log)
 	if err != nil {
 		t.Fatalf("attach: %v", err)
 	}
-	n := &node{kernel: kernel, d: daemon.New(kernel, testenv.Cookies(t), "kube", log, daemon.WaitForOwners()), c: startController(t, f, cfg), done: make(chan struct{})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &node{c: startController(t, f, cfg), addr: ln.Addr().String(), done: make(chan error, 1)}
 	ctx, cancel := context.WithCancel(context.Background())
 	n.stop = cancel
-	n.c.Sync(ctx, n.d)
-	runDone := make(chan struct{})
 	go func() {
-		defer close(runDone)
-		_ = n.c.Run(ctx, n.d)
+		n.done <- daemon.Run(ctx, counted{n.c, n}, daemon.Config{
+			Kernel: kernel, Cookies: testenv.Cookies(t), Owner: "kube", Cgroup: cg,
+			Resync: 100 * time.Millisecond, Metrics: ln, Log: log,
+		})
 	}()
-	go func() {
-		defer close(n.done)
-		defer func() { <-runDone }()
-		tick := time.NewTicker(100 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-				n.c.Sync(ctx, n.d)
-				n.syncs.Add(1)
-			}
-		}
-	}()
-	t.Cleanup(func() { n.shutdown(t, false) })
+	t.Cleanup(func() { n.shutdown(t) })
+	// Run serves /readyz once its first reconcile is done.
+	waitFor(t, "the daemon's first reconcile", func() bool { code, _ := n.get("/readyz"); return code != 0 })
 	return n
 }
 
-// shutdown ends the node as serve does: hand over, or remove its rules and,
-// last out, everything.
-func (n *node) shutdown(t *testing.T, handover bool) {
-	if n.kernel == nil {
+// shutdown stops the daemon as SIGTERM does: the Controller decides whether
+// it hands over or removes its rules (and, last out, everything).
+func (n *node) shutdown(t *testing.T) {
+	if n.stop == nil {
 		return
 	}
 	n.stop()
-	<-n.done
-	if err := n.d.Shutdown(handover); err != nil {
-		t.Errorf("shutdown: %v", err)
+	n.stop = nil
+	if err := <-n.done; err != nil {
+		t.Errorf("daemon.Run: %v", err)
 	}
-	if !handover {
-		if _, err := n.kernel.RemoveAllIfUnused(); err != nil {
-			t.Errorf("remove all: %v", err)
-		}
+}
+
+// get asks the daemon's metrics server; code 0 while it does not answer.
+func (n *node) get(path string) (int, string) {
+	c := &http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get("http://" + n.addr + path)
+	if err != nil {
+		return 0, ""
 	}
-	_ = n.kernel.Close()
-	n.kernel = nil
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// serves reports whether the daemon has rules live for the pod name.
+func (n *node) serves(name string) bool {
+	_, body := n.get("/metrics")
+	return strings.Contains(body, `nsredirect_redirects_total{netns="`+name+`"`)
+}
+
+// rules is how many rules the daemon has live.
+func (n *node) rules() float64 {
+	_, body := n.get("/metrics")
+	return testenv.MetricValue(body, "nsredirect_rules ")
+}
+
+// enrollErrors is the daemon's count of failed enrollments of the pod name.
+func (n *node) enrollErrors(name string) float64 {
+	_, body := n.get("/metrics")
+	return max(testenv.MetricValue(body, `nsredirect_enroll_errors_total{netns="`+name+`"}`), 0)
 }
 
 func serving(n *node, name string) func() bool {
-	return func() bool { return slices.Contains(n.d.Serving(), name) }
+	return func() bool { return n.serves(name) }
 }
 
 // TestControllerEndToEnd drives the controller with the fake clientset and
@@ -160,9 +189,7 @@ func TestControllerEndToEnd(t *testing.T) {
 	bad := pod("shop", "broken", "node-a", "81=oops")
 	f.add(t, bad)
 	waitFor(t, "an InvalidRedirect event", func() bool { return len(f.eventsOf(t, "shop", "broken", ReasonInvalid)) == 1 })
-	if got := n.d.Snapshot().EnrollErrors["shop/broken"]; got < 1 {
-		t.Errorf("enroll errors of shop/broken = %d, want >= 1", got)
-	}
+	waitFor(t, "an enroll error counted for shop/broken", func() bool { return n.enrollErrors("shop/broken") >= 1 })
 	if !dials(sb.Netns, 81) {
 		t.Error("a bad annotation on another pod broke shop/web")
 	}
@@ -192,11 +219,11 @@ func TestControllerEndToEnd(t *testing.T) {
 	f.add(t, other)
 	cached(t, n.c, "shop", "web", anyPod) // the cache is current up to here
 	time.Sleep(300 * time.Millisecond)    // three ticks: it would have been enrolled by now
-	if dials(so.Netns, 80) || slices.Contains(n.d.Serving(), "shop/elsewhere") {
+	if dials(so.Netns, 80) || n.serves("shop/elsewhere") {
 		t.Error("a pod of node-b was enrolled by node-a's daemon")
 	}
-	if got := n.d.Serving(); !slices.Equal(got, []string{"shop/web"}) {
-		t.Errorf("serving %v, want only shop/web", got)
+	if !n.serves("shop/web") || n.rules() != 1 {
+		t.Errorf("serving %v rules; want only shop/web's", n.rules())
 	}
 	// Events are posted once per problem, not on every tick.
 	if got := len(f.eventsOf(t, "shop", "broken", ReasonInvalid)); got != 1 {
@@ -206,7 +233,7 @@ func TestControllerEndToEnd(t *testing.T) {
 	// delete: the rules go
 	f.remove(t, a)
 	waitDial(t, sb.Netns, 81, false)
-	waitFor(t, "nothing served", func() bool { return len(n.d.Serving()) == 0 })
+	waitFor(t, "nothing served", func() bool { return n.rules() == 0 })
 }
 
 // TestRolloutHandsOver: a new daemon starts beside the old one (maxSurge),
@@ -261,14 +288,14 @@ func TestRolloutHandsOver(t *testing.T) {
 	newPod := daemonPod("nsredirect-new")
 	f.add(t, newPod)
 	next := startNode(t, f, pinDir, Config{Node: "node-a", PodName: newPod.Name, PodNamespace: newPod.Namespace})
-	if err := next.d.Ready(); err != nil {
-		t.Fatalf("new daemon not ready while the old one serves: %v", err)
+	if code, body := next.get("/readyz"); code != http.StatusOK {
+		t.Fatalf("new daemon not ready while the old one serves: %d %s", code, body)
 	}
-	if got := next.d.Serving(); len(got) != 0 {
-		t.Fatalf("new daemon took %v from a live owner", got)
+	if next.serves("shop/web") {
+		t.Fatal("new daemon took shop/web from a live owner")
 	}
-	if got := next.d.Snapshot().EnrollErrors["shop/web"]; got != 0 {
-		t.Errorf("waiting for the old owner counted %d enroll errors", got)
+	if got := next.enrollErrors("shop/web"); got != 0 {
+		t.Errorf("waiting for the old owner counted %v enroll errors", got)
 	}
 	// The new daemon replaced the programs in place (link.Update).
 	progs = append(progs, testenv.ProgIDs(t, pinDir)...)
@@ -279,7 +306,7 @@ func TestRolloutHandsOver(t *testing.T) {
 	if !succ || !known {
 		t.Fatalf("old daemon: Successor() = %v, %v; want a successor", succ, known)
 	}
-	old.shutdown(t, true)
+	old.shutdown(t) // hands over: a successor runs
 	waitFor(t, "the new daemon to adopt shop/web", serving(next, "shop/web"))
 	time.Sleep(200 * time.Millisecond) // keep dialling after the adoption too
 	close(stopLoop)
@@ -299,7 +326,7 @@ func TestRolloutHandsOver(t *testing.T) {
 	if succ, known := next.c.Successor(); succ || !known {
 		t.Fatalf("last daemon: Successor() = %v, %v; want none", succ, known)
 	}
-	next.shutdown(t, false)
+	next.shutdown(t) // removes: no successor
 	if dials(sa.Netns, 80) {
 		t.Error("rules still redirect after the uninstall")
 	}

@@ -133,7 +133,7 @@ func (f *fakeAPI) remove(t *testing.T, p *corev1.Pod) {
 	}
 }
 
-// recorder is a Reconciler without a kernel, for the unit tests.
+// recorder is a reconciler without a kernel, for the unit tests.
 type recorder struct {
 	mu   sync.Mutex
 	last []string

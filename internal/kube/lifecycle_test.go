@@ -51,9 +51,9 @@ func TestSandboxRecreationIsNotAnError(t *testing.T) {
 	p := pod("shop", "web", "node-a", "80=3210")
 	f.add(t, p)
 	cached(t, c, "shop", "web", anyPod)
-	d := daemon.New(testenv.NewFakeKernel(), testenv.Cookies(t), "kube", log, daemon.WaitForOwners())
+	d := daemon.New(testenv.NewFakeKernel(), testenv.Cookies(t), daemon.Options{Owner: "kube", Log: log, WaitForOwners: true})
 	for range 3 {
-		c.Sync(context.Background(), d)
+		step(context.Background(), c, d)
 	}
 	if n := d.Snapshot().EnrollErrors["shop/web"]; n != 0 {
 		t.Errorf("enroll errors of a pod being re-created = %d; want 0", n)
@@ -99,7 +99,7 @@ func TestWarningOnceAcrossRestarts(t *testing.T) {
 		if err := c.Start(ctx, 10*time.Second); err != nil {
 			t.Fatal(err)
 		}
-		c.Sync(ctx, &recorder{})
+		step(ctx, c, &recorder{})
 		cancel()
 		if got := f.eventsOf(t, "shop", "bad", ReasonInvalid); len(got) != 1 {
 			t.Fatalf("after daemon start %d: %d Warnings for one problem; want 1", i+1, len(got))
@@ -176,10 +176,11 @@ func TestChosenProcessExitsRefusesNothing(t *testing.T) {
 	progress("connects before", 50)
 	procs[100].Kill() // the newest, lowest pid: what the lowest-pid rule chose
 	progress("connects across two resyncs", 300)
-	waitFor(t, "two resyncs", func() bool { return n.syncs.Load() > 2 })
+	at := n.describes.Load()
+	waitFor(t, "two resyncs", func() bool { return n.describes.Load() > at+2 })
 	procs[500].Kill() // the oldest: the next oldest takes over
-	at := n.syncs.Load()
-	waitFor(t, "two more resyncs", func() bool { return n.syncs.Load() > at+2 })
+	at = n.describes.Load()
+	waitFor(t, "two more resyncs", func() bool { return n.describes.Load() > at+2 })
 	progress("connects after", 300)
 	close(stop)
 	if err := <-done; err != nil {
@@ -189,9 +190,13 @@ func TestChosenProcessExitsRefusesNothing(t *testing.T) {
 	if failed.Load() != 0 {
 		t.Errorf("%d connects refused; want 0", failed.Load())
 	}
-	if got := n.d.Serving(); len(got) != 1 {
-		t.Errorf("serving %v; want shop/web", got)
+	if !n.serves("shop/web") || n.rules() != 1 {
+		t.Errorf("serving %v rules; want shop/web's", n.rules())
 	}
+	// The pod goes, and its rules with it: the daemon (its own pod unknown)
+	// then has nothing to hand over at the end of the test.
+	f.remove(t, p)
+	waitFor(t, "shop/web's rules removed with the pod", func() bool { return n.rules() == 0 })
 }
 
 // TestHostNetnsPodWarned: a pod whose processes are in the host's netns
@@ -214,9 +219,9 @@ func TestHostNetnsPodWarned(t *testing.T) {
 	cached(t, c, "shop", "sneaky", anyPod)
 	k := testenv.NewFakeKernel()
 	log, _ := test.NewNullLogger()
-	d := daemon.New(k, testenv.Cookies(t), "kube", log, daemon.WaitForOwners())
-	c.Sync(context.Background(), d)
-	c.Sync(context.Background(), d)
+	d := daemon.New(k, testenv.Cookies(t), daemon.Options{Owner: "kube", Log: log, WaitForOwners: true})
+	step(context.Background(), c, d)
+	step(context.Background(), c, d)
 	ev := f.eventsOf(t, "shop", "sneaky", ReasonInvalid)
 	if len(ev) != 1 || ev[0].Type != corev1.EventTypeWarning || !strings.Contains(ev[0].Message, "host network namespace") || !strings.Contains(ev[0].Message, "pod shop/sneaky") {
 		t.Errorf("events %+v; want one Warning naming the pod and the host network namespace", ev)

@@ -110,7 +110,7 @@ func (l *Loader) mapIDs() (map[ebpf.MapID]bool, error) {
 // stateStillOurs reports whether the pinned rule map is the one this
 // loader holds: else another nsredirect replaced the state.
 func (l *Loader) stateStillOurs() bool {
-	pinned, err := ebpf.LoadPinnedMap(l.pins.mapPath("nsr_rules"), nil)
+	pinned, err := ebpf.LoadPinnedMap(l.pins.mapPath(bpfobj.RedirectMapNsrRules), nil)
 	if err != nil {
 		return false
 	}

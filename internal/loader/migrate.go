@@ -83,24 +83,15 @@ func (l *Loader) migrateV1(spec *ebpf.CollectionSpec, cgroup string, cgroupID ui
 		return err
 	}
 
-	coll, err := l.load(spec, repl)
-	if err != nil {
-		return err
-	}
-	defer coll.Close()
 	// Version 1 had no UDP rules: only the UDP programs are pinned.
-	b, err := l.swapPrograms(coll, cgroup, cgroupID)
+	err = l.switchOver(spec, repl, staging, cgroup, cgroupID, func() {
+		// After the swap: counts the old programs made up to it are kept.
+		if _, err := copyMap(old[bpfobj.RedirectMapNsrCounters], repl[bpfobj.RedirectMapNsrCounters]); err != nil {
+			l.log.WithError(err).Warn("migration: redirect counters not carried over; they restart at zero")
+		}
+	})
 	if err != nil {
 		return err
-	}
-	defer b.close()
-	// After the swap: counts the old programs made up to it are kept.
-	if _, err := copyMap(old[bpfobj.RedirectMapNsrCounters], repl[bpfobj.RedirectMapNsrCounters]); err != nil {
-		l.log.WithError(err).Warn("migration: redirect counters not carried over; they restart at zero")
-	}
-	if err := os.Rename(staging, l.pins.stateDir()); err != nil {
-		l.putBack(allHooks(), b, cgroup, cgroupID)
-		return fmt.Errorf("rename %s into place: %w", staging, err)
 	}
 	for _, name := range v1Maps {
 		_ = os.Remove(l.pins.v1Map(name))
@@ -170,7 +161,7 @@ func (l *Loader) migrateV2(spec *ebpf.CollectionSpec, cgroup string, cgroupID ui
 		}
 		if err := ms.Compatible(m); err != nil {
 			m.Close()
-			return nil, fmt.Errorf("pinned map %s is not the version 2 map this build knows (%v); stop all instances and run `nsredirect cleanup --all`", old, err)
+			return nil, errorOf(ErrIncompatible, "pinned map %s is not the version 2 map this build knows (%v)", old, err)
 		}
 		if err := pinAtomically(m, l.pins.mapIn(staging, name)); err != nil {
 			m.Close()
@@ -204,6 +195,20 @@ func (l *Loader) migrateV2(spec *ebpf.CollectionSpec, cgroup string, cgroupID ui
 		}
 	}
 
+	if err := l.switchOver(spec, repl, staging, cgroup, cgroupID, nil); err != nil {
+		return err
+	}
+	_ = os.RemoveAll(l.pins.v2Dir())
+	l.logMigrated(logrus.Fields{"from": 2, "enrollments": n}, live)
+	return nil
+}
+
+// switchOver is the end every migration shares: the programs are loaded on
+// the maps in repl and swapped in on every hook, then (after the swap, while
+// the old programs can be put back) afterSwap runs, if given, and the
+// staging dir is renamed into place. A failure after the swap puts the old
+// programs back.
+func (l *Loader) switchOver(spec *ebpf.CollectionSpec, repl map[string]*ebpf.Map, staging, cgroup string, cgroupID uint64, afterSwap func()) error {
 	coll, err := l.load(spec, repl)
 	if err != nil {
 		return err
@@ -214,12 +219,13 @@ func (l *Loader) migrateV2(spec *ebpf.CollectionSpec, cgroup string, cgroupID ui
 		return err
 	}
 	defer b.close()
+	if afterSwap != nil {
+		afterSwap()
+	}
 	if err := os.Rename(staging, l.pins.stateDir()); err != nil {
 		l.putBack(allHooks(), b, cgroup, cgroupID)
 		return fmt.Errorf("rename %s into place: %w", staging, err)
 	}
-	_ = os.RemoveAll(l.pins.v2Dir())
-	l.logMigrated(logrus.Fields{"from": 2, "enrollments": n}, live)
 	return nil
 }
 
@@ -242,8 +248,6 @@ func (l *Loader) swapPrograms(coll *ebpf.Collection, cgroup string, cgroupID uin
 	}
 	return b, nil
 }
-
-func allHooks() []hook { return append(append([]hook(nil), hooks...), udpHooks...) }
 
 // before is what the hooks had before a migration: the pinned program of
 // each, and whether it had a pinned link (a UDP hook has none while no UDP

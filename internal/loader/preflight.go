@@ -281,6 +281,18 @@ func CheckCgroup2(path string) error {
 	return nil
 }
 
+// CheckBPFFS makes sure dir's parent is a bpffs already, mounting none: a
+// daemon in a pod needs the node's, which outlives the pod for a successor
+// to adopt the pins (one it mounted would vanish with its mount namespace).
+func CheckBPFFS(dir string) error {
+	parent := filepath.Dir(filepath.Clean(dir))
+	var st unix.Statfs_t
+	if !filepath.IsAbs(dir) || unix.Statfs(parent, &st) != nil || st.Type != unix.BPF_FS_MAGIC {
+		return envErr("pin dir %q: %s is not a bpffs", dir, parent)
+	}
+	return nil
+}
+
 // EnsureBPFFS makes sure dir's parent is a bpffs. At the standard
 // /sys/fs/bpf it mounts one, as Cilium's agent does; anywhere else it says
 // how to.

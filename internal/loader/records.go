@@ -9,8 +9,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-
-	"github.com/nsredirect/nsredirect/internal/rule"
 )
 
 // The enrollment records: who enrolled a netns and with what. Only userspace
@@ -31,13 +29,16 @@ const (
 
 // storedRecord is the JSON of one record.
 type storedRecord struct {
-	NetnsIno uint64   `json:"netns_ino"`
-	Name     string   `json:"name"`
-	Owner    string   `json:"owner"`
-	ID       string   `json:"id,omitempty"`
-	Holder   string   `json:"holder,omitempty"`
-	Specs    []string `json:"specs"`
-	OwnerPID uint32   `json:"owner_pid"`
+	NetnsIno uint64 `json:"netns_ino"`
+	Name     string `json:"name"`
+	Owner    string `json:"owner"`
+	ID       string `json:"id,omitempty"`
+	Holder   string `json:"holder,omitempty"`
+	// Specs are the labels of the rules (older versions parsed them).
+	Specs []string `json:"specs"`
+	// Entries counts the kernel entries of each rule (see Live).
+	Entries  []int  `json:"entries,omitempty"`
+	OwnerPID uint32 `json:"owner_pid"`
 	// EnrolledUnixNs is when the netns was enrolled, in ns since the epoch.
 	EnrolledUnixNs int64 `json:"enrolled_unix_ns"`
 }
@@ -59,7 +60,7 @@ func encodeRecord(r storedRecord) ([]byte, error) {
 		return nil, err
 	}
 	if len(doc) > recordValueSize-4 {
-		return nil, fmt.Errorf("%w: the enrollment record of %q takes %d bytes, more than the %d one record holds; use a shorter name or fewer rules", rule.ErrSpec, r.Name, len(doc), recordValueSize-4)
+		return nil, errorOf(ErrRecordTooLarge, "the enrollment record of %q takes %d bytes, more than the %d one record holds", r.Name, len(doc), recordValueSize-4)
 	}
 	v := make([]byte, recordValueSize)
 	binary.LittleEndian.PutUint32(v, uint32(len(doc)))
@@ -84,7 +85,11 @@ func decodeRecord(v []byte) (storedRecord, error) {
 	return r, nil
 }
 
-func newStoredRecord(e Enrollment, specs []string, pid int, now time.Time) storedRecord {
+func newStoredRecord(e Enrollment, pid int, now time.Time) storedRecord {
+	specs := make([]string, len(e.Rules))
+	for i, r := range e.Rules {
+		specs[i] = r.Label
+	}
 	return storedRecord{
 		NetnsIno:       e.NetnsIno,
 		Name:           e.Name,
@@ -92,6 +97,7 @@ func newStoredRecord(e Enrollment, specs []string, pid int, now time.Time) store
 		ID:             e.ID,
 		Holder:         e.Holder,
 		Specs:          specs,
+		Entries:        entryCounts(e.Cookie, e.Rules),
 		OwnerPID:       uint32(pid),
 		EnrolledUnixNs: now.UnixNano(),
 	}

@@ -9,8 +9,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
-
-	"github.com/nsredirect/nsredirect/internal/rule"
 )
 
 // The frozen Go copy of layout version 1's record matches, field by field,
@@ -64,11 +62,11 @@ func TestRecordRoundTrip(t *testing.T) {
 	}
 }
 
-// A record that does not fit is refused as a usage error naming the
-// netns, never truncated.
+// A record that does not fit is refused, naming the netns, never truncated
+// (the CLI makes it a usage error).
 func TestRecordTooLongRefused(t *testing.T) {
 	_, err := encodeRecord(storedRecord{Name: strings.Repeat("x", recordValueSize)})
-	if !errors.Is(err, rule.ErrSpec) || !strings.Contains(err.Error(), "use a shorter name") {
+	if !errors.Is(err, ErrRecordTooLarge) || !strings.Contains(err.Error(), `"`+strings.Repeat("x", recordValueSize)+`"`) {
 		t.Fatalf("oversized record: %v", err)
 	}
 }

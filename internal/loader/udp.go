@@ -9,7 +9,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/nsredirect/nsredirect/internal/bpfobj"
-	"github.com/nsredirect/nsredirect/internal/rule"
+	"github.com/nsredirect/nsredirect/internal/entry"
 )
 
 // udpHooks run only while some netns of the host has a UDP rule: sendmsg
@@ -19,12 +19,12 @@ import (
 // connect programs sit on the connect hooks next to the TCP ones (a cgroup
 // bpf_link attaches with multi-program semantics); getpeername is shared.
 var udpHooks = []hook{
-	{bpfobj.RedirectProgNsrUdpConnect4, ebpf.AttachCGroupInet4Connect, "udp_connect4"},
-	{bpfobj.RedirectProgNsrUdpConnect6, ebpf.AttachCGroupInet6Connect, "udp_connect6"},
-	{bpfobj.RedirectProgNsrSendmsg4, ebpf.AttachCGroupUDP4Sendmsg, "sendmsg4"},
-	{bpfobj.RedirectProgNsrSendmsg6, ebpf.AttachCGroupUDP6Sendmsg, "sendmsg6"},
-	{bpfobj.RedirectProgNsrRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg, "recvmsg4"},
-	{bpfobj.RedirectProgNsrRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg, "recvmsg6"},
+	{bpfobj.RedirectProgNsrUdpConnect4, ebpf.AttachCGroupInet4Connect, HookUDPConnect4},
+	{bpfobj.RedirectProgNsrUdpConnect6, ebpf.AttachCGroupInet6Connect, HookUDPConnect6},
+	{bpfobj.RedirectProgNsrSendmsg4, ebpf.AttachCGroupUDP4Sendmsg, HookSendmsg4},
+	{bpfobj.RedirectProgNsrSendmsg6, ebpf.AttachCGroupUDP6Sendmsg, HookSendmsg6},
+	{bpfobj.RedirectProgNsrRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg, HookRecvmsg4},
+	{bpfobj.RedirectProgNsrRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg, HookRecvmsg6},
 }
 
 // Kernel protocol numbers in rule_key.proto.
@@ -33,8 +33,8 @@ const (
 	ipprotoUDP = 17
 )
 
-func protoNumber(p rule.Proto) uint8 {
-	if p == rule.UDP {
+func protoNumber(p entry.Proto) uint8 {
+	if p == entry.UDP {
 		return ipprotoUDP
 	}
 	return ipprotoTCP
@@ -161,13 +161,4 @@ func (l *Loader) UDPHooksAttached() (bool, error) {
 		}
 	}
 	return true, nil
-}
-
-// UDPHookNames names the UDP hooks, as their pins are named (link_<name>).
-func UDPHookNames() []string {
-	out := make([]string, len(udpHooks))
-	for i, h := range udpHooks {
-		out[i] = h.name
-	}
-	return out
 }

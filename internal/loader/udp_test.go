@@ -18,23 +18,22 @@ func TestRuleKeysCarryProtocol(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	keys := ruleKeys(42, rules)
-	if len(keys) != 12 {
-		t.Fatalf("%d keys, want 6 per spec", len(keys))
-	}
+	entries := rule.Entries(rules)
 	seen := map[any]bool{}
-	for i, k := range keys {
-		want := uint8(ipprotoUDP)
-		if i >= 6 {
-			want = ipprotoTCP
+	for i, want := range []uint8{ipprotoUDP, ipprotoTCP} {
+		keys := ruleEntries(42, uint32(i), entries[i])
+		if len(keys) != 6 {
+			t.Fatalf("%s: %d keys, want 6", entries[i].Label, len(keys))
 		}
-		if k.Proto != want {
-			t.Errorf("key %d: proto %d, want %d", i, k.Proto, want)
+		for k := range keys {
+			if k.Proto != want {
+				t.Errorf("%s: key %+v has proto %d, want %d", entries[i].Label, k, k.Proto, want)
+			}
+			if seen[k] {
+				t.Errorf("key %+v written twice", k)
+			}
+			seen[k] = true
 		}
-		if seen[k] {
-			t.Errorf("key %d written twice: %+v", i, k)
-		}
-		seen[k] = true
 	}
 }
 

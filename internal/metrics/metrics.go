@@ -37,10 +37,12 @@ type Snapshot struct {
 	Maps []MapFill
 }
 
-// MapFill is the fill level of one pinned map.
+// MapFill is the fill level of one pinned map, as the loader reads it and
+// as scrapes and `status` show it.
 type MapFill struct {
-	Map               string
-	Entries, Capacity int
+	Map      string `json:"map"`
+	Entries  int    `json:"entries"`
+	Capacity int    `json:"capacity"`
 }
 
 type collector struct {

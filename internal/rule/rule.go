@@ -18,6 +18,8 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+
+	"github.com/nsredirect/nsredirect/internal/entry"
 )
 
 // MaxPerTarget bounds the rules of one network namespace; the pinned
@@ -29,19 +31,12 @@ const MaxPerTarget = 16
 var ErrSpec = errors.New("invalid redirect spec")
 
 // Proto is the transport protocol of a rule; the zero value is TCP.
-type Proto uint8
+type Proto = entry.Proto
 
 const (
-	TCP Proto = iota
-	UDP
+	TCP = entry.TCP
+	UDP = entry.UDP
 )
-
-func (p Proto) String() string {
-	if p == UDP {
-		return "udp"
-	}
-	return "tcp"
-}
 
 // Rule is one parsed spec. A zero From/To address means "omitted".
 type Rule struct {
@@ -52,22 +47,11 @@ type Rule struct {
 	Proto    Proto
 }
 
-// Dest is one concrete destination a rule matches, as the kernel sees it in
-// connect() or sendmsg(): a v4 address on AF_INET sockets, a v6 (possibly
-// v4-mapped) address on AF_INET6 sockets.
-type Dest struct {
-	Addr  netip.Addr
-	Port  uint16
-	Proto Proto
-}
+// Dest is one concrete destination a rule matches (entry.Dest).
+type Dest = entry.Dest
 
-// Expansion is one kernel entry of a rule: match Match, send to To (zero
-// address: keep the dialled one) on ToPort.
-type Expansion struct {
-	Match  Dest
-	To     netip.Addr
-	ToPort uint16
-}
+// Expansion is one kernel entry of a rule (entry.Entry).
+type Expansion = entry.Entry
 
 var (
 	loopback4       = netip.MustParseAddr("127.0.0.1")
@@ -183,7 +167,7 @@ func (r Rule) Expand() []Expansion {
 	to := r.To
 	var out []Expansion
 	add := func(match netip.Addr, to netip.Addr) {
-		out = append(out, Expansion{Match: Dest{match, r.FromPort, r.Proto}, To: to, ToPort: r.ToPort})
+		out = append(out, Expansion{Match: Dest{Addr: match, Port: r.FromPort, Proto: r.Proto}, To: to, ToPort: r.ToPort})
 	}
 	mapped := func(a netip.Addr) netip.Addr {
 		if !a.IsValid() {
@@ -211,6 +195,19 @@ func (r Rule) Expand() []Expansion {
 		add(mapped(r.From.Unmap()), mapped(v4))
 	default:
 		add(r.From, to)
+	}
+	return out
+}
+
+// Entry is the rule as the loader takes it: its kernel entries, labelled
+// with the spec.
+func (r Rule) Entry() entry.Rule { return entry.Rule{Label: r.String(), Entries: r.Expand()} }
+
+// Entries is Entry of each of rs.
+func Entries(rs []Rule) []entry.Rule {
+	out := make([]entry.Rule, len(rs))
+	for i, r := range rs {
+		out[i] = r.Entry()
 	}
 	return out
 }

@@ -98,8 +98,8 @@ func TestParseRejects(t *testing.T) {
 }
 
 func TestExpand(t *testing.T) {
-	d := func(s string, p uint16) Dest { return Dest{a(s), p, TCP} }
-	u := func(s string, p uint16) Dest { return Dest{a(s), p, UDP} }
+	d := func(s string, p uint16) Dest { return Dest{Addr: a(s), Port: p, Proto: TCP} }
+	u := func(s string, p uint16) Dest { return Dest{Addr: a(s), Port: p, Proto: UDP} }
 	for _, tc := range []struct {
 		spec string
 		want []Expansion
@@ -107,39 +107,39 @@ func TestExpand(t *testing.T) {
 		// Linux delivers connect() to 0.0.0.0, :: and ::ffff:0.0.0.0 to
 		// loopback: an omitted FROM_ADDR covers them too.
 		{"80=3210", []Expansion{
-			{d("127.0.0.1", 80), netip.Addr{}, 3210},
-			{d("::ffff:127.0.0.1", 80), netip.Addr{}, 3210},
-			{d("::1", 80), netip.Addr{}, 3210},
-			{d("0.0.0.0", 80), netip.Addr{}, 3210},
-			{d("::ffff:0.0.0.0", 80), netip.Addr{}, 3210},
-			{d("::", 80), netip.Addr{}, 3210},
+			{Match: d("127.0.0.1", 80), To: netip.Addr{}, ToPort: 3210},
+			{Match: d("::ffff:127.0.0.1", 80), To: netip.Addr{}, ToPort: 3210},
+			{Match: d("::1", 80), To: netip.Addr{}, ToPort: 3210},
+			{Match: d("0.0.0.0", 80), To: netip.Addr{}, ToPort: 3210},
+			{Match: d("::ffff:0.0.0.0", 80), To: netip.Addr{}, ToPort: 3210},
+			{Match: d("::", 80), To: netip.Addr{}, ToPort: 3210},
 		}},
 		{"80=127.0.0.2:3210", []Expansion{
-			{d("127.0.0.1", 80), a("127.0.0.2"), 3210},
-			{d("::ffff:127.0.0.1", 80), a("::ffff:127.0.0.2"), 3210},
-			{d("0.0.0.0", 80), a("127.0.0.2"), 3210},
-			{d("::ffff:0.0.0.0", 80), a("::ffff:127.0.0.2"), 3210},
+			{Match: d("127.0.0.1", 80), To: a("127.0.0.2"), ToPort: 3210},
+			{Match: d("::ffff:127.0.0.1", 80), To: a("::ffff:127.0.0.2"), ToPort: 3210},
+			{Match: d("0.0.0.0", 80), To: a("127.0.0.2"), ToPort: 3210},
+			{Match: d("::ffff:0.0.0.0", 80), To: a("::ffff:127.0.0.2"), ToPort: 3210},
 		}},
 		// Not a self-redirect: 127.0.0.1:80 goes to 127.0.0.2.
 		{"80=127.0.0.2:80", []Expansion{
-			{d("127.0.0.1", 80), a("127.0.0.2"), 80},
-			{d("::ffff:127.0.0.1", 80), a("::ffff:127.0.0.2"), 80},
-			{d("0.0.0.0", 80), a("127.0.0.2"), 80},
-			{d("::ffff:0.0.0.0", 80), a("::ffff:127.0.0.2"), 80},
+			{Match: d("127.0.0.1", 80), To: a("127.0.0.2"), ToPort: 80},
+			{Match: d("::ffff:127.0.0.1", 80), To: a("::ffff:127.0.0.2"), ToPort: 80},
+			{Match: d("0.0.0.0", 80), To: a("127.0.0.2"), ToPort: 80},
+			{Match: d("::ffff:0.0.0.0", 80), To: a("::ffff:127.0.0.2"), ToPort: 80},
 		}},
 		{"127.0.0.5:80=3210", []Expansion{
-			{d("127.0.0.5", 80), netip.Addr{}, 3210},
-			{d("::ffff:127.0.0.5", 80), netip.Addr{}, 3210},
+			{Match: d("127.0.0.5", 80), To: netip.Addr{}, ToPort: 3210},
+			{Match: d("::ffff:127.0.0.5", 80), To: netip.Addr{}, ToPort: 3210},
 		}},
-		{"[::1]:80=[::1]:3210", []Expansion{{d("::1", 80), a("::1"), 3210}}},
-		{"[::1]:53=[::1]:5353/udp", []Expansion{{u("::1", 53), a("::1"), 5353}}},
+		{"[::1]:80=[::1]:3210", []Expansion{{Match: d("::1", 80), To: a("::1"), ToPort: 3210}}},
+		{"[::1]:53=[::1]:5353/udp", []Expansion{{Match: u("::1", 53), To: a("::1"), ToPort: 5353}}},
 		{"53=5353/udp", []Expansion{
-			{u("127.0.0.1", 53), netip.Addr{}, 5353},
-			{u("::ffff:127.0.0.1", 53), netip.Addr{}, 5353},
-			{u("::1", 53), netip.Addr{}, 5353},
-			{u("0.0.0.0", 53), netip.Addr{}, 5353},
-			{u("::ffff:0.0.0.0", 53), netip.Addr{}, 5353},
-			{u("::", 53), netip.Addr{}, 5353},
+			{Match: u("127.0.0.1", 53), To: netip.Addr{}, ToPort: 5353},
+			{Match: u("::ffff:127.0.0.1", 53), To: netip.Addr{}, ToPort: 5353},
+			{Match: u("::1", 53), To: netip.Addr{}, ToPort: 5353},
+			{Match: u("0.0.0.0", 53), To: netip.Addr{}, ToPort: 5353},
+			{Match: u("::ffff:0.0.0.0", 53), To: netip.Addr{}, ToPort: 5353},
+			{Match: u("::", 53), To: netip.Addr{}, ToPort: 5353},
 		}},
 	} {
 		r, err := Parse(tc.spec)

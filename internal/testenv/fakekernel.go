@@ -4,10 +4,13 @@ import (
 	"sync"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
+	"github.com/nsredirect/nsredirect/internal/metrics"
 )
 
-// FakeKernel is the loader side of a daemon (daemon.Kernel) without a
-// kernel: it records what the daemon asks of it. Hold its lock to read the
+// FakeKernel is the loader side of a daemon (daemon.Kernel, and the
+// daemon.Attached that daemon.Run drives) without a kernel: it records what
+// the daemon asks of it; its pinned state is always intact, has nothing to
+// heal and no records of predecessors. Hold its lock to read the
 // maps while a daemon runs.
 type FakeKernel struct {
 	sync.Mutex
@@ -49,3 +52,30 @@ func (k *FakeKernel) Release(c uint64) {
 
 // Redirects reports no redirects yet for each of n rules.
 func (k *FakeKernel) Redirects(_ uint64, n int) []uint64 { return make([]uint64, n) }
+
+// Intact: nothing can be removed from under it.
+func (k *FakeKernel) Intact() error { return nil }
+
+// Heal finds nothing to repair.
+func (k *FakeKernel) Heal(string) ([]string, error) { return nil, nil }
+
+// Fill reports no maps.
+func (k *FakeKernel) Fill() ([]metrics.MapFill, error) { return nil, nil }
+
+// PeerStorageFailures reports none.
+func (k *FakeKernel) PeerStorageFailures() (uint64, error) { return 0, nil }
+
+// Records reports no records of predecessors.
+func (k *FakeKernel) Records() ([]loader.Record, error) { return nil, nil }
+
+// RemoveWhere has no records to remove.
+func (k *FakeKernel) RemoveWhere(func(loader.Record) bool) ([]loader.Record, error) { return nil, nil }
+
+// RemoveAllIfUnused has nothing pinned to remove.
+func (k *FakeKernel) RemoveAllIfUnused() (bool, error) { return true, nil }
+
+// StartupRepairs: nothing was repaired at start.
+func (k *FakeKernel) StartupRepairs() []string { return nil }
+
+// Close releases nothing.
+func (k *FakeKernel) Close() error { return nil }

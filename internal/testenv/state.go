@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"runtime"
 	"strconv"
@@ -18,6 +17,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/nsredirect/nsredirect/internal/loader"
 )
 
 // StatusRow is one line of `nsredirect status --json`.
@@ -83,7 +84,7 @@ type PinnedLink struct {
 // Hooks are the hooks whose links are pinned whatever the rules, in the
 // order the loader attaches them: the one that drops a closed socket's
 // record, then the TCP programs.
-var Hooks = []string{"sock_release", "connect4", "connect6", "getpeername4", "getpeername6"}
+var Hooks = loader.HookNames()
 
 // Links returns the links of Hooks pinned in pinDir, in that order, read by
 // bpftool, an outside witness. A hook an older layout did not have
@@ -93,10 +94,10 @@ func Links(t testing.TB, pinDir string) []PinnedLink {
 	bpftool := Tool(t, "bpftool")
 	var links []PinnedLink
 	for _, h := range Hooks {
-		if _, err := os.Lstat(filepath.Join(pinDir, "link_"+h)); h == "sock_release" && os.IsNotExist(err) {
+		if _, err := os.Lstat(loader.LinkPin(pinDir, h)); h == loader.HookSockRelease && os.IsNotExist(err) {
 			continue
 		}
-		out, err := exec.Command(bpftool, "link", "show", "pinned", filepath.Join(pinDir, "link_"+h), "--json").CombinedOutput()
+		out, err := exec.Command(bpftool, "link", "show", "pinned", loader.LinkPin(pinDir, h), "--json").CombinedOutput()
 		if err != nil {
 			t.Fatalf("bpftool link show %s: %v\n%s", h, err, out)
 		}

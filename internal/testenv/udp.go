@@ -2,7 +2,6 @@ package testenv
 
 import (
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"testing"
@@ -100,7 +99,7 @@ func UDPProgIDs(t testing.TB, pinDir string) []int {
 	t.Helper()
 	var ids []int
 	for _, h := range loader.UDPHookNames() {
-		p, err := ebpf.LoadPinnedProgram(filepath.Join(pinDir, "prog_"+h), nil)
+		p, err := ebpf.LoadPinnedProgram(loader.ProgPin(pinDir, h), nil)
 		if err != nil {
 			t.Fatalf("pinned UDP program %s: %v", h, err)
 		}

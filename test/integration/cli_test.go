@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nsredirect/nsredirect/internal/bpfobj"
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
@@ -259,7 +260,7 @@ func TestStatusShowsMapFill(t *testing.T) {
 	rules := mustRules(t, specs)
 	perNetns := 0
 	for _, r := range rules {
-		perNetns += len(r.Expand())
+		perNetns += len(r.Entries)
 	}
 	for i := 0; i < n; i++ {
 		ns := testenv.NewNetns(t)
@@ -276,7 +277,7 @@ func TestStatusShowsMapFill(t *testing.T) {
 	}
 	// The kernel's own count, as a witness of what status should say.
 	var inKernel int
-	it := openPinnedMap(t, loader.MapPin(pin, "nsr_rules")).Iterate()
+	it := openPinnedMap(t, loader.MapPin(pin, bpfobj.RedirectMapNsrRules)).Iterate()
 	var k, v []byte
 	for it.Next(&k, &v) {
 		inKernel++

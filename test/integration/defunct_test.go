@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -40,11 +39,11 @@ func makeDefunct(t *testing.T, pin, cg string) {
 		return true
 	})
 	t.Logf("links defunct %s after the cgroup was removed", took.Round(time.Millisecond))
-	lnk, err := link.LoadPinnedLink(filepath.Join(pin, "link_connect4"), nil)
+	lnk, err := link.LoadPinnedLink(loader.LinkPin(pin, loader.HookConnect4), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	prog, err := ebpf.LoadPinnedProgram(filepath.Join(pin, "prog_connect4"), nil)
+	prog, err := ebpf.LoadPinnedProgram(loader.ProgPin(pin, loader.HookConnect4), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +60,7 @@ func makeDefunct(t *testing.T, pin, cg string) {
 
 func linkCgroupID(t *testing.T, pin, hook string) uint64 {
 	t.Helper()
-	lnk, err := link.LoadPinnedLink(filepath.Join(pin, "link_"+hook), nil)
+	lnk, err := link.LoadPinnedLink(loader.LinkPin(pin, hook), nil)
 	if err != nil {
 		return 0
 	}
@@ -92,9 +91,9 @@ func TestDefunctLinkRepaired(t *testing.T) {
 	log.SetLevel(logrus.InfoLevel)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	src := daemon.Fixed{Targets: []daemon.Target{{Name: "n", Netns: ns.Target(), Rules: mustRules(t, "80=3210")}}}
+	src := daemon.Fixed{Targets: []daemon.Target{{Name: "n", Netns: ns.Target(), Rules: mustParse(t, "80=3210")}}}
 	go func() {
-		done <- daemon.Run(ctx, src, daemon.Config{Kernel: l, Cookies: testenv.Cookies(t), Owner: "run", Fixed: true, Cgroup: cg, Resync: time.Second, Log: log})
+		done <- daemon.Run(ctx, src, daemon.Config{Kernel: l, Cookies: testenv.Cookies(t), Owner: "run", Cgroup: cg, Resync: time.Second, Log: log})
 	}()
 	stopped := false
 	stop := func() {

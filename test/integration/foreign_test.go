@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 
+	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
@@ -69,8 +70,8 @@ func TestForeignProgramOnOurLinkSwappedBack(t *testing.T) {
 		t.Fatalf("redirect before: %s", peer)
 	}
 	foreign := passConnect4(t)
-	linkPin := filepath.Join(pin, "link_connect4")
-	progPin := filepath.Join(pin, "prog_connect4")
+	linkPin := loader.LinkPin(pin, loader.HookConnect4)
+	progPin := loader.ProgPin(pin, loader.HookConnect4)
 	for round, alsoPin := range []bool{false, true} {
 		lnk, err := link.LoadPinnedLink(linkPin, nil)
 		if err != nil {
@@ -91,13 +92,13 @@ func TestForeignProgramOnOurLinkSwappedBack(t *testing.T) {
 		}
 		lnk.Close()
 		took := waitFor(t, "our program back on our connect4 link", 10*time.Second, func() bool {
-			return testenv.LinkOf(t, pin, "connect4").ProgID != progID(t, foreign)
+			return testenv.LinkOf(t, pin, loader.HookConnect4).ProgID != progID(t, foreign)
 		})
 		t.Logf("round %d (foreign program also pinned: %v): ours back after %s (target: the next resync, within 2 s)", round, alsoPin, took.Round(time.Millisecond))
 		if peer := hostPeer(ns, "127.0.0.1:80"); peer != "127.0.0.1:80" {
 			t.Errorf("round %d: redirect after the swap back: %s", round, peer)
 		}
-		if got, pinned := testenv.LinkOf(t, pin, "connect4").ProgID, pinnedProgID(t, progPin); got != pinned {
+		if got, pinned := testenv.LinkOf(t, pin, loader.HookConnect4).ProgID, pinnedProgID(t, progPin); got != pinned {
 			t.Errorf("round %d: link runs program %d, the pinned one is %d", round, got, pinned)
 		}
 		_, body := testenv.HTTPGet(t, url+"/metrics")
@@ -126,7 +127,7 @@ func TestOtherProgramsAtRootLeftAlone(t *testing.T) {
 	}
 	t.Cleanup(func() { otherLink.Close() })
 	// A repair of ours proves a Heal ran after the other link came.
-	detachLink(t, pin, "connect6")
+	detachLink(t, pin, loader.HookConnect6)
 	waitFor(t, "our connect6 link repaired", 10*time.Second, func() bool {
 		_, body := testenv.HTTPGet(t, url+"/metrics")
 		return testenv.MetricValue(body, `nsredirect_link_repairs_total{hook="connect6"}`) == 1

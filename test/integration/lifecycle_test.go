@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
@@ -152,7 +153,7 @@ func TestDetachedLinkHealed(t *testing.T) {
 	testenv.Server(t, ns, ":3210")
 	d := testenv.Daemon(t, pin, "run", "--netns", ns.Path, "--redirect", "80=3210", "--metrics-addr", "127.0.0.1:0", "--remove-on-exit")
 	url := testenv.MetricsURL(t, d)
-	connect4 := testenv.LinkOf(t, pin, "connect4")
+	connect4 := testenv.LinkOf(t, pin, loader.HookConnect4)
 	bpftool := testenv.Tool(t, "bpftool")
 	if out, err := exec.Command(bpftool, "link", "detach", "id", strconv.Itoa(connect4.ID)).CombinedOutput(); err != nil {
 		t.Fatalf("bpftool link detach: %v\n%s", err, out)
@@ -172,7 +173,7 @@ func TestDetachedLinkHealed(t *testing.T) {
 	for _, m := range []string{`nsredirect_map_entries{map="rules"}`, `nsredirect_map_capacity{map="rules"}`, `nsredirect_peer_storage_failures_total`} {
 		metricValue(t, body, m)
 	}
-	if got := testenv.LinkOf(t, pin, "connect4"); got.ID == connect4.ID {
+	if got := testenv.LinkOf(t, pin, loader.HookConnect4); got.ID == connect4.ID {
 		t.Errorf("connect4 link %d not replaced", got.ID)
 	}
 }

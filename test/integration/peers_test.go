@@ -15,6 +15,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/nsredirect/nsredirect/internal/bpfobj"
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
@@ -151,8 +152,8 @@ func TestPeerRecordsDroppedOnClose(t *testing.T) {
 	if err := l.Enroll(loader.Enrollment{Cookie: ns.Cookie(t), Name: "peers", Owner: "test", Rules: mustRules(t, "80=3210")}); err != nil {
 		t.Fatal(err)
 	}
-	peers := openPinnedMap(t, loader.MapPin(pin, "nsr_peers"))
-	sockets := openPinnedMap(t, loader.MapPin(pin, "nsr_sockets"))
+	peers := openPinnedMap(t, loader.MapPin(pin, bpfobj.RedirectMapNsrPeers))
+	sockets := openPinnedMap(t, loader.MapPin(pin, bpfobj.RedirectMapNsrSockets))
 	if n := countEntries(t, peers); n != 0 {
 		t.Fatalf("nsr_peers holds %d entries before any connect", n)
 	}
@@ -188,8 +189,8 @@ func TestPeerRecordsFallBackWhenHashFull(t *testing.T) {
 	if err := l.Enroll(loader.Enrollment{Cookie: ns.Cookie(t), Name: "full", Owner: "test", Rules: mustRules(t, "80=3210")}); err != nil {
 		t.Fatal(err)
 	}
-	peers := openPinnedMap(t, loader.MapPin(pin, "nsr_peers"))
-	sockets := openPinnedMap(t, loader.MapPin(pin, "nsr_sockets"))
+	peers := openPinnedMap(t, loader.MapPin(pin, bpfobj.RedirectMapNsrPeers))
+	sockets := openPinnedMap(t, loader.MapPin(pin, bpfobj.RedirectMapNsrSockets))
 	full := fillPeers(t, peers)
 	t.Logf("nsr_peers full at %d entries", full)
 	for _, addr := range []string{"127.0.0.1:80", "[::1]:80"} {
@@ -237,8 +238,8 @@ func pinV2State(t *testing.T, pin string, cookie uint64, name, specs string) {
 	if err := records.Put(cookie, rec); err != nil {
 		t.Fatal(err)
 	}
-	for _, hook := range []string{"udp_connect4", "udp_connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"} {
-		if err := coll.Programs["nsr_"+hook].Pin(filepath.Join(pin, "prog_"+hook)); err != nil {
+	for _, hook := range loader.UDPHookNames() {
+		if err := coll.Programs["nsr_"+hook].Pin(loader.ProgPin(pin, hook)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -259,7 +260,7 @@ func TestMigratesV2LayoutUnderLoad(t *testing.T) {
 	pinV2State(t, pin, cookie, "v2-netns", "80=3210")
 	t.Cleanup(func() {
 		for _, h := range testenv.Hooks {
-			_ = os.Remove(filepath.Join(pin, "link_"+h))
+			_ = os.Remove(loader.LinkPin(pin, h))
 		}
 	})
 	old := dialHeld(t, ns, "127.0.0.1:80", 1)[0]
@@ -279,7 +280,7 @@ func TestMigratesV2LayoutUnderLoad(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(pin, "v2")); !os.IsNotExist(err) {
 		t.Errorf("version 2 state dir left after the migration (%v)", err)
 	}
-	rulesAfter := openPinnedMap(t, loader.MapPin(pin, "nsr_rules"))
+	rulesAfter := openPinnedMap(t, loader.MapPin(pin, bpfobj.RedirectMapNsrRules))
 	if a, b := mapID(t, rulesBefore), mapID(t, rulesAfter); a != b {
 		t.Errorf("nsr_rules is map %d after the migration, was %d: the maps are carried over, not copied", b, a)
 	}
@@ -299,7 +300,7 @@ func TestMigratesV2LayoutUnderLoad(t *testing.T) {
 		t.Fatalf("records after the migration: %v %+v", err, recs)
 	}
 	r := recs[0]
-	if r.Cookie != cookie || r.Name != "v2-netns" || r.Owner != "run" || r.OwnerPID != 4242 || strings.Join(r.Specs, ",") != "80=3210" || r.NetnsIno != 7 {
+	if r.Cookie != cookie || r.Name != "v2-netns" || r.Owner != "run" || r.OwnerPID != 4242 || strings.Join(r.Labels, ",") != "80=3210" || r.NetnsIno != 7 {
 		t.Errorf("migrated record %+v", r)
 	}
 	if r.Redirects[0] < 1000 {
@@ -309,7 +310,7 @@ func TestMigratesV2LayoutUnderLoad(t *testing.T) {
 	if fresh.peer != "127.0.0.1:80" {
 		t.Errorf("after the migration: %s", fresh.peer)
 	}
-	peers := openPinnedMap(t, loader.MapPin(pin, "nsr_peers"))
+	peers := openPinnedMap(t, loader.MapPin(pin, bpfobj.RedirectMapNsrPeers))
 	if n := countEntries(t, peers); n != 1 {
 		t.Errorf("nsr_peers holds %d entries with one socket redirected after the migration open", n)
 	}

@@ -18,7 +18,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsredirect/nsredirect/internal/loader"
-	"github.com/nsredirect/nsredirect/internal/rule"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
@@ -53,7 +52,7 @@ func dumpMaps(t *testing.T, pinDir string) string {
 		b.WriteString(strings.Join(lines, "\n"))
 		b.WriteString("\n")
 	}
-	entries, _ := os.ReadDir(filepath.Join(pinDir, "owners"))
+	entries, _ := os.ReadDir(loader.OwnersDir(pinDir))
 	for _, e := range entries {
 		fmt.Fprintf(&b, "owner %s\n", e.Name())
 	}
@@ -82,8 +81,8 @@ func TestChurnLeavesMapsAsTheyStarted(t *testing.T) {
 		_, _ = l.RemoveAllIfUnused()
 		l.Close()
 	})
-	r1, _ := rule.ParseList("80=3210")
-	r2, _ := rule.ParseList("80=3210,127.0.0.2:443=127.0.0.1:3211,[::1]:8080=[::1]:3212")
+	r1 := mustRules(t, "80=3210")
+	r2 := mustRules(t, "80=3210,127.0.0.2:443=127.0.0.1:3211,[::1]:8080=[::1]:3212")
 	if err := l.Enroll(loader.Enrollment{Cookie: stay.Cookie(t), Name: "stay", Owner: "test", Rules: r1}); err != nil {
 		t.Fatal(err)
 	}
@@ -324,7 +323,7 @@ func TestFullMapRefusedCleanly(t *testing.T) {
 	pin := testenv.BPFFS(t)
 	ns := testenv.NewNetns(t)
 	l := attachLoader(t, pin)
-	enroll, err := ebpf.LoadPinnedMap(loader.MapPin(pin, "nsr_records"), nil)
+	enroll, err := ebpf.LoadPinnedMap(loader.MapPin(pin, loader.RecordsMap), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -337,8 +336,7 @@ func TestFullMapRefusedCleanly(t *testing.T) {
 		}
 	}
 	before := dumpMaps(t, pin)
-	r, _ := rule.ParseList("80=3210")
-	err = l.Enroll(loader.Enrollment{Cookie: ns.Cookie(t), Name: "full", Owner: "test", Rules: r})
+	err = l.Enroll(loader.Enrollment{Cookie: ns.Cookie(t), Name: "full", Owner: "test", Rules: mustRules(t, "80=3210")})
 	if err == nil || !strings.Contains(err.Error(), "enrollment map is full") {
 		t.Fatalf("Enroll into a full map: %v; want a clear 'full' error", err)
 	}

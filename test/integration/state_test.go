@@ -17,6 +17,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
+	"github.com/nsredirect/nsredirect/internal/bpfobj"
+	"github.com/nsredirect/nsredirect/internal/entry"
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/rule"
 	"github.com/nsredirect/nsredirect/internal/testenv"
@@ -35,7 +37,14 @@ func attachLoader(t *testing.T, pin string) *loader.Loader {
 	return l
 }
 
-func mustRules(t *testing.T, specs string) []rule.Rule {
+// mustRules is specs as the loader takes them.
+func mustRules(t *testing.T, specs string) []entry.Rule {
+	t.Helper()
+	return rule.Entries(mustParse(t, specs))
+}
+
+// mustParse is specs as a source yields them.
+func mustParse(t *testing.T, specs string) []rule.Rule {
 	t.Helper()
 	r, err := rule.ParseList(specs)
 	if err != nil {
@@ -99,7 +108,7 @@ func TestUnenrollDeletesWhatTheMapsHold(t *testing.T) {
 	}
 	// Rewrite the record: one spec that parses to other keys, one that no
 	// parser of this version reads.
-	records := openPinnedMap(t, loader.MapPin(pin, "nsr_records"))
+	records := openPinnedMap(t, loader.MapPin(pin, loader.RecordsMap))
 	raw, err := records.LookupBytes(cookie)
 	if err != nil || raw == nil {
 		t.Fatalf("record of the enrolled netns: %v", err)
@@ -134,7 +143,7 @@ func TestUnenrollDeletesWhatTheMapsHold(t *testing.T) {
 // has, and removes them at cleanup.
 func fillRules(t *testing.T, pin string) {
 	t.Helper()
-	m := openPinnedMap(t, loader.MapPin(pin, "nsr_rules"))
+	m := openPinnedMap(t, loader.MapPin(pin, bpfobj.RedirectMapNsrRules))
 	key := make([]byte, m.KeySize())
 	val := make([]byte, m.ValueSize())
 	var added []uint64
@@ -169,7 +178,7 @@ func TestFailedUpdateRollsBackExactly(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A count that a reset to zero would lose.
-	counters := openPinnedMap(t, loader.MapPin(pin, "nsr_counters"))
+	counters := openPinnedMap(t, loader.MapPin(pin, bpfobj.RedirectMapNsrCounters))
 	ck := make([]byte, counters.KeySize())
 	binary.NativeEndian.PutUint64(ck, cookie)
 	perCPU := make([]uint64, len(mustPossibleCPUs(t)))
@@ -283,8 +292,8 @@ func TestRecordsKeepIDHolderAndLongNames(t *testing.T) {
 	rules, counters := cookieKeys(t, pin, e.Cookie)
 	got := map[string]int{"rules": rules, "counters": counters, "enrollments": 1, "peers": 0}
 	for _, f := range fill {
-		if f.Capacity != want[f.Name] || f.Entries != got[f.Name] {
-			t.Errorf("fill of %s: %d of %d, want %d of %d", f.Name, f.Entries, f.Capacity, got[f.Name], want[f.Name])
+		if f.Capacity != want[f.Map] || f.Entries != got[f.Map] {
+			t.Errorf("fill of %s: %d of %d, want %d of %d", f.Map, f.Entries, f.Capacity, got[f.Map], want[f.Map])
 		}
 	}
 	if len(fill) != len(want) {
@@ -311,7 +320,7 @@ func TestPeerStorageFailuresCounted(t *testing.T) {
 	if out, err := exec.Command("ip", "netns", "exec", ns.Name, "sh", "-c", "test -w /proc/sys/net/core/optmem_max && echo 0 > /proc/sys/net/core/optmem_max").CombinedOutput(); err != nil {
 		t.Skipf("net.core.optmem_max is not per netns on this kernel (Linux < 6.8), so storage failure cannot be provoked in a test netns alone: %v %s", err, out)
 	}
-	fillPeers(t, openPinnedMap(t, loader.MapPin(pin, "nsr_peers")))
+	fillPeers(t, openPinnedMap(t, loader.MapPin(pin, bpfobj.RedirectMapNsrPeers)))
 	const dials = 5
 	for i := range dials {
 		peer, err := ns.Dial("tcp", "127.0.0.1:80")
@@ -346,7 +355,7 @@ func detachLink(t *testing.T, pin, hook string) int {
 
 func linkAttachedAt(t *testing.T, pin, hook string) bool {
 	t.Helper()
-	lnk, err := link.LoadPinnedLink(filepath.Join(pin, "link_"+hook), nil)
+	lnk, err := link.LoadPinnedLink(loader.LinkPin(pin, hook), nil)
 	if err != nil {
 		return false
 	}
@@ -370,18 +379,18 @@ func TestHealReattachesDetachedLink(t *testing.T) {
 	if err := l.Enroll(loader.Enrollment{Cookie: ns.Cookie(t), Name: "heal", Owner: "test", Rules: mustRules(t, "80=3210")}); err != nil {
 		t.Fatal(err)
 	}
-	old := detachLink(t, pin, "connect4")
-	if linkAttachedAt(t, pin, "connect4") {
+	old := detachLink(t, pin, loader.HookConnect4)
+	if linkAttachedAt(t, pin, loader.HookConnect4) {
 		t.Fatal("link still attached after bpftool link detach")
 	}
 	if _, err := ns.Dial("tcp", "127.0.0.1:80"); err == nil {
 		t.Fatal("connect redirected with connect4 detached: the test does not detach what it thinks")
 	}
 	repaired, err := l.Heal(testenv.RootCgroup(t))
-	if err != nil || len(repaired) != 1 || repaired[0] != "connect4" {
+	if err != nil || len(repaired) != 1 || repaired[0] != loader.HookConnect4 {
 		t.Fatalf("Heal = %v, %v; want [connect4]", repaired, err)
 	}
-	if !linkAttachedAt(t, pin, "connect4") || testenv.LinkOf(t, pin, "connect4").ID == old {
+	if !linkAttachedAt(t, pin, loader.HookConnect4) || testenv.LinkOf(t, pin, loader.HookConnect4).ID == old {
 		t.Fatal("Heal did not pin a new attached link")
 	}
 	if peer := hostPeer(ns, "127.0.0.1:80"); peer != "127.0.0.1:80" {
@@ -407,12 +416,12 @@ func TestAttachReplacesDetachedLink(t *testing.T) {
 		t.Fatal(err)
 	}
 	first.Close()
-	detachLink(t, pin, "connect6")
+	detachLink(t, pin, loader.HookConnect6)
 	l := attachLoader(t, pin)
-	if !linkAttachedAt(t, pin, "connect6") {
+	if !linkAttachedAt(t, pin, loader.HookConnect6) {
 		t.Fatal("connect6 link not attached after a start that found it detached")
 	}
-	if got := l.StartupRepairs(); len(got) != 1 || got[0] != "connect6" {
+	if got := l.StartupRepairs(); len(got) != 1 || got[0] != loader.HookConnect6 {
 		t.Errorf("StartupRepairs = %v, want [connect6]", got)
 	}
 	if peer := hostPeer(ns, "[::1]:80"); peer != "[::1]:80" {
@@ -481,7 +490,7 @@ func pinOldState(t *testing.T, object, pin, mapDir string, cookie uint64, specs 
 	}
 	rules := mustRules(t, specs)
 	for i, r := range rules {
-		for _, x := range r.Expand() {
+		for _, x := range r.Entries {
 			k, v := v1RuleEntry(cookie, uint32(i), x)
 			if proto != 0 {
 				k[27] = proto
@@ -500,8 +509,8 @@ func pinOldState(t *testing.T, object, pin, mapDir string, cookie uint64, specs 
 		}
 	}
 	attach := map[string]ebpf.AttachType{
-		"connect4": ebpf.AttachCGroupInet4Connect, "connect6": ebpf.AttachCGroupInet6Connect,
-		"getpeername4": ebpf.AttachCgroupInet4GetPeername, "getpeername6": ebpf.AttachCgroupInet6GetPeername,
+		loader.HookConnect4: ebpf.AttachCGroupInet4Connect, loader.HookConnect6: ebpf.AttachCGroupInet6Connect,
+		loader.HookGetpeername4: ebpf.AttachCgroupInet4GetPeername, loader.HookGetpeername6: ebpf.AttachCgroupInet6GetPeername,
 	}
 	for hook, typ := range attach {
 		prog := coll.Programs["nsr_"+hook]
@@ -509,11 +518,11 @@ func pinOldState(t *testing.T, object, pin, mapDir string, cookie uint64, specs 
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := lnk.Pin(filepath.Join(pin, "link_"+hook)); err != nil {
+		if err := lnk.Pin(loader.LinkPin(pin, hook)); err != nil {
 			t.Fatal(err)
 		}
 		lnk.Close()
-		if err := prog.Pin(filepath.Join(pin, "prog_"+hook)); err != nil {
+		if err := prog.Pin(loader.ProgPin(pin, hook)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -523,7 +532,7 @@ func pinOldState(t *testing.T, object, pin, mapDir string, cookie uint64, specs 
 
 // v1RuleEntry lays a rule entry out as version 1 did (the layout of
 // rule_key and rule_val has not changed since).
-func v1RuleEntry(cookie uint64, index uint32, x rule.Expansion) ([]byte, []byte) {
+func v1RuleEntry(cookie uint64, index uint32, x entry.Entry) ([]byte, []byte) {
 	words := func(a netip.Addr) (uint8, []byte) {
 		if a.Is4() {
 			b := a.As4()
@@ -565,7 +574,7 @@ func TestMigratesV1LayoutUnderLoad(t *testing.T) {
 	t.Cleanup(func() {
 		// Whatever the test reached: unpin everything (links first).
 		for _, h := range testenv.Hooks {
-			_ = os.Remove(filepath.Join(pin, "link_"+h))
+			_ = os.Remove(loader.LinkPin(pin, h))
 		}
 	})
 	if peer := hostPeer(ns, "127.0.0.1:80"); peer != "127.0.0.1:80" {
@@ -595,7 +604,7 @@ func TestMigratesV1LayoutUnderLoad(t *testing.T) {
 		t.Fatalf("records after the migration: %v %+v", err, recs)
 	}
 	r := recs[0]
-	if r.Cookie != cookie || r.Name != "v1-netns" || r.Owner != "run" || r.OwnerPID != 4242 || strings.Join(r.Specs, ",") != "80=3210" || r.NetnsIno != 7 {
+	if r.Cookie != cookie || r.Name != "v1-netns" || r.Owner != "run" || r.OwnerPID != 4242 || strings.Join(r.Labels, ",") != "80=3210" || r.NetnsIno != 7 {
 		t.Errorf("migrated record %+v", r)
 	}
 	if r.Redirects[0] < 1000 {

@@ -2,7 +2,6 @@ package integration
 
 import (
 	"os"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -149,7 +148,7 @@ func udpLinkIDs(t *testing.T, pin string) map[string]int {
 func removeUDPLinkPins(t *testing.T, pin string, hooks ...string) {
 	t.Helper()
 	for _, h := range hooks {
-		if err := os.Remove(filepath.Join(pin, "link_"+h)); err != nil {
+		if err := os.Remove(loader.LinkPin(pin, h)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -170,9 +169,9 @@ func TestUDPLinkPinRemovedHealed(t *testing.T) {
 	ids := udpProgIDs(t, pin)
 	before := udpLinkIDs(t, pin)
 
-	removeUDPLinkPins(t, pin, "recvmsg4")
-	waitFor(t, "link_recvmsg4 re-created by the heal", 30*time.Second, func() bool { return linkAttachedAt(t, pin, "recvmsg4") })
-	if got := pinnedLinkID(t, pin, "recvmsg4"); got == before["recvmsg4"] {
+	removeUDPLinkPins(t, pin, loader.HookRecvmsg4)
+	waitFor(t, "link_recvmsg4 re-created by the heal", 30*time.Second, func() bool { return linkAttachedAt(t, pin, loader.HookRecvmsg4) })
+	if got := pinnedLinkID(t, pin, loader.HookRecvmsg4); got == before[loader.HookRecvmsg4] {
 		t.Errorf("link_recvmsg4 is still link %d: the pin was not removed", got)
 	}
 	assertUDPAttached(t, pin, "link_recvmsg4 healed", ids, ns, "backend")
@@ -198,7 +197,7 @@ func TestUDPLinkPinRemovedHealed(t *testing.T) {
 	_, body := testenv.HTTPGet(t, url+"/metrics")
 	for _, h := range loader.UDPHookNames() {
 		want := 1.0
-		if h == "recvmsg4" {
+		if h == loader.HookRecvmsg4 {
 			want = 2
 		}
 		if v := metricValue(t, body, `nsredirect_link_repairs_total{hook="`+h+`"}`); v != want {
@@ -219,11 +218,11 @@ func TestUDPRestartRepairsRemovedLinkPin(t *testing.T) {
 	d := testenv.Daemon(t, pin, args...)
 	ids := udpProgIDs(t, pin)
 	recvmsg4 := ids[4]
-	if loader.UDPHookNames()[4] != "recvmsg4" {
+	if loader.UDPHookNames()[4] != loader.HookRecvmsg4 {
 		t.Fatalf("UDP hooks %v: the test takes the fifth for recvmsg4", loader.UDPHookNames())
 	}
 	d.Kill()
-	removeUDPLinkPins(t, pin, "recvmsg4")
+	removeUDPLinkPins(t, pin, loader.HookRecvmsg4)
 	waitDetached(t, []int{recvmsg4})
 	got := mustClient(t, ns, testenv.Tool(t, "python3"), "-c", udpClient, "127.0.0.1", "53")
 	if !hasLine(got, "unconnected backend:unconnected 127.0.0.1 5353") {

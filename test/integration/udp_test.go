@@ -83,7 +83,7 @@ func hasLine(out, line string) bool {
 func udpLinksPinned(pin string) []string {
 	var out []string
 	for _, h := range loader.UDPHookNames() {
-		if _, err := os.Stat(filepath.Join(pin, "link_"+h)); err == nil {
+		if _, err := os.Stat(loader.LinkPin(pin, h)); err == nil {
 			out = append(out, h)
 		}
 	}
@@ -209,11 +209,11 @@ func TestUDPHooksOnlyWhileUDPRules(t *testing.T) {
 
 	// Healed: bpftool detaches the sendmsg4 link; the next resync
 	// re-creates it.
-	id := pinnedLinkID(t, pin, "sendmsg4")
+	id := pinnedLinkID(t, pin, loader.HookSendmsg4)
 	if out, err := exec.Command(testenv.Tool(t, "bpftool"), "link", "detach", "id", strconv.Itoa(id)).CombinedOutput(); err != nil {
 		t.Fatalf("bpftool link detach: %v\n%s", err, out)
 	}
-	waitFor(t, "the sendmsg4 link re-created", 20*time.Second, func() bool { return linkAttachedAt(t, pin, "sendmsg4") })
+	waitFor(t, "the sendmsg4 link re-created", 20*time.Second, func() bool { return linkAttachedAt(t, pin, loader.HookSendmsg4) })
 	ids := udpProgIDs(t, pin)
 	if got := mustClient(t, udpNs, py, "-c", udpClient, "127.0.0.1", "53"); !hasLine(got, "unconnected backend:unconnected 127.0.0.1 53") {
 		t.Errorf("UDP redirect after the heal: %s", got)
@@ -236,7 +236,7 @@ func TestUDPHooksOnlyWhileUDPRules(t *testing.T) {
 
 func pinnedLinkID(t *testing.T, pin, hook string) int {
 	t.Helper()
-	out, err := exec.Command(testenv.Tool(t, "bpftool"), "link", "show", "pinned", filepath.Join(pin, "link_"+hook)).CombinedOutput()
+	out, err := exec.Command(testenv.Tool(t, "bpftool"), "link", "show", "pinned", loader.LinkPin(pin, hook)).CombinedOutput()
 	if err != nil {
 		t.Fatalf("bpftool link show %s: %v\n%s", hook, err, out)
 	}
@@ -277,7 +277,7 @@ func TestUDPKill9RestartLosesNoReply(t *testing.T) {
 	startUDPServer(t, &ns, "::", 5353, "backend")
 	args := []string{"run", "--netns", ns.Path, "--redirect", "53=5353/udp", "--remove-on-exit"}
 	d := testenv.Daemon(t, pin, args...)
-	before := pinnedLinkID(t, pin, "recvmsg4")
+	before := pinnedLinkID(t, pin, loader.HookRecvmsg4)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -352,7 +352,7 @@ func TestUDPKill9RestartLosesNoReply(t *testing.T) {
 	if n < 200 {
 		t.Errorf("only %d requests in the loop; want enough to span the restart", n)
 	}
-	if after := pinnedLinkID(t, pin, "recvmsg4"); after != before {
+	if after := pinnedLinkID(t, pin, loader.HookRecvmsg4); after != before {
 		t.Errorf("the recvmsg4 link was replaced (%d -> %d), not adopted", before, after)
 	}
 	t.Logf("%d requests answered across kill -9 and restart", n)

@@ -22,6 +22,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/nsredirect/nsredirect/internal/bpfobj"
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
@@ -294,7 +295,7 @@ func hasRow(t *testing.T, pin, name string) bool {
 
 func countEntries(t *testing.T, pin string) int {
 	t.Helper()
-	m, err := ebpf.LoadPinnedMap(loader.MapPin(pin, "nsr_rules"), nil)
+	m, err := ebpf.LoadPinnedMap(loader.MapPin(pin, bpfobj.RedirectMapNsrRules), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

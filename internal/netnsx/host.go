@@ -1,4 +1,4 @@
-package daemon
+package netnsx
 
 import (
 	"errors"
@@ -9,14 +9,12 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/nsredirect/nsredirect/internal/netnsx"
 )
 
-// ErrHostNetnsUnknown: the identity of the host's netns could not be
-// found, so no target can be proven not to be it. Every mode refuses to
-// redirect then (fails closed); `run --allow-host-netns` is the way past.
-var ErrHostNetnsUnknown = errors.New("cannot identify the host network namespace")
+// ErrHostUnknown: the identity of the host's netns could not be found, so
+// no target can be proven not to be it. Every mode refuses to redirect then
+// (fails closed); `run --allow-host-netns` is the way past.
+var ErrHostUnknown = errors.New("cannot identify the host network namespace")
 
 // Inode numbers of the initial namespaces (include/linux/proc_ns.h,
 // include/uapi/linux/nsfs.h). The pid one is fixed since Linux 3.8. The net
@@ -26,18 +24,19 @@ var ErrHostNetnsUnknown = errors.New("cannot identify the host network namespace
 // 0xF0000000 up, so on any kernel a netns with this inode is init_net, but
 // on older ones init_net does not have it.
 const (
-	initNetIno = 0xEFFFFFF9
+	// InitNetIno: a netns with this inode is the host's (init_net).
+	InitNetIno = 0xEFFFFFF9
 	initPidIno = 0xEFFFFFFC
 )
 
 // fixedInitNetSince is the first release relied on to number init_net
-// initNetIno without a witness (see FindHostNetns): 6.18 is the first seen
+// InitNetIno without a witness (see FindHost): 6.18 is the first seen
 // to (the commit went in for 6.17; one release of margin is cheap, as a
 // witness still proves it there).
 var fixedInitNetSince = [2]int{6, 18}
 
-// HostNetnsOptions change how FindHostNetns looks.
-type HostNetnsOptions struct {
+// HostOptions change how FindHost looks.
+type HostOptions struct {
 	// IgnoreFixedInode makes it look as on a kernel whose init_net has no
 	// fixed inode: only the host's processes can tell then. A test knob
 	// (NSREDIRECT_HOST_NETNS=processes); it can only make the answer
@@ -47,7 +46,7 @@ type HostNetnsOptions struct {
 	Release string
 }
 
-// FindHostNetns returns the identity of the host's network namespace, from
+// FindHost returns the identity of the host's network namespace, from
 // the first of:
 //   - the netns of the host's init (<proc>/1) or of kthreadd (<proc>/2,
 //     always in init_net), each only while its pid namespace is the initial
@@ -59,9 +58,9 @@ type HostNetnsOptions struct {
 //   - a kernel release of fixedInitNetSince or later: init_net has the
 //     fixed inode.
 //
-// Otherwise the error, wrapping ErrHostNetnsUnknown, says why: the caller
+// Otherwise the error, wrapping ErrHostUnknown, says why: the caller
 // refuses to redirect (fail closed) and tells the user what to grant.
-func FindHostNetns(proc string, o HostNetnsOptions) (netnsx.LiveID, error) {
+func FindHost(proc string, o HostOptions) (LiveID, error) {
 	var why []string
 	for _, pid := range []string{"1", "2"} {
 		dir := filepath.Join(proc, pid)
@@ -85,7 +84,7 @@ func FindHostNetns(proc string, o HostNetnsOptions) (netnsx.LiveID, error) {
 			why = append(why, lookErr(dir+"/ns/net", err))
 			continue
 		}
-		return netnsx.LiveID{Dev: st.Dev, Ino: st.Ino}, nil
+		return LiveID{Dev: st.Dev, Ino: st.Ino}, nil
 	}
 	if !o.IgnoreFixedInode {
 		var dev uint64
@@ -94,8 +93,8 @@ func FindHostNetns(proc string, o HostNetnsOptions) (netnsx.LiveID, error) {
 			if unix.Stat(p, &st) != nil {
 				continue
 			}
-			if st.Ino == initNetIno {
-				return netnsx.LiveID{Dev: st.Dev, Ino: st.Ino}, nil
+			if st.Ino == InitNetIno {
+				return LiveID{Dev: st.Dev, Ino: st.Ino}, nil
 			}
 			if dev == 0 {
 				dev = st.Dev // nsfs is one filesystem: every netns has this dev
@@ -109,14 +108,14 @@ func FindHostNetns(proc string, o HostNetnsOptions) (netnsx.LiveID, error) {
 			}
 		}
 		if dev != 0 && releaseAtLeast(release, fixedInitNetSince) {
-			return netnsx.LiveID{Dev: dev, Ino: initNetIno}, nil
+			return LiveID{Dev: dev, Ino: InitNetIno}, nil
 		}
 		why = append(why, fmt.Sprintf("Linux %s gives the host network namespace no fixed inode (that needs %d.%d)", release, fixedInitNetSince[0], fixedInitNetSince[1]))
 	}
 	if len(why) == 0 {
 		why = append(why, "no process of the host is visible under "+proc)
 	}
-	return netnsx.LiveID{}, fmt.Errorf("%w: %s", ErrHostNetnsUnknown, strings.Join(why, "; "))
+	return LiveID{}, fmt.Errorf("%w: %s", ErrHostUnknown, strings.Join(why, "; "))
 }
 
 func lookErr(path string, err error) string {
@@ -143,4 +142,72 @@ func releaseAtLeast(release string, want [2]int) bool {
 		return false
 	}
 	return major > want[0] || major == want[0] && minor >= want[1]
+}
+
+// IsProcfs reports whether path is a procfs mount, where processes and
+// their netns are found.
+func IsProcfs(path string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(path, &st) == nil && st.Type == unix.PROC_SUPER_MAGIC
+}
+
+// IsHost reports whether the netns of identity a is the host's, known as
+// host (FindHost): init_net's fixed inode is the host's on any kernel.
+func (a ID) IsHost(host LiveID) bool { return a.Ino == InitNetIno || a.Live() == host }
+
+// Alive reports whether some path still reaches the netns id: one of
+// paths, or /proc/PID/ns/net of any process under proc, or a bind mount in
+// /run/netns. Live namespaces never share an inode, so a match is that
+// namespace (or, at worst, a new one that took a dead one's inode: then
+// the rules are kept for a cookie nothing uses, until the next look).
+func Alive(proc string, id LiveID, paths ...string) bool {
+	same := func(p string) bool {
+		var st unix.Stat_t
+		return unix.Stat(p, &st) == nil && st.Dev == id.Dev && st.Ino == id.Ino
+	}
+	for _, p := range paths {
+		if p != "" && same(p) {
+			return true
+		}
+	}
+	if entries, err := os.ReadDir("/run/netns"); err == nil {
+		for _, e := range entries {
+			if same(filepath.Join("/run/netns", e.Name())) {
+				return true
+			}
+		}
+	}
+	entries, err := os.ReadDir(proc)
+	if err != nil {
+		return true // cannot look: not proven gone
+	}
+	// Not ourselves: the Go runtime may have parked our main thread in a
+	// target's netns (see Target), which would keep it "alive" for good.
+	// <proc>/self names us in that procfs's pid namespace.
+	self, _ := os.Readlink(filepath.Join(proc, "self"))
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err == nil && e.Name() != self && same(filepath.Join(proc, e.Name(), "ns", "net")) {
+			return true
+		}
+	}
+	return false
+}
+
+// InoAlive is Alive for a netns known by its inode only (an enrollment
+// record keeps no more): every netns is on the one nsfs, whose device is
+// our own netns's.
+func InoAlive(proc string, ino uint64) bool {
+	dev, err := nsfsDev()
+	if err != nil {
+		return true
+	}
+	return Alive(proc, LiveID{Dev: dev, Ino: ino})
+}
+
+func nsfsDev() (uint64, error) {
+	id, err := (Target{Spec: "self", Path: "/proc/thread-self/ns/net"}).Stat()
+	if err != nil {
+		return 0, err
+	}
+	return id.Dev, nil
 }
