@@ -36,6 +36,7 @@ func TestUsageErrors(t *testing.T) {
 		{nil, []string{"status", "--json=maybe"}, "maybe"},
 		{nil, []string{"check", "--netns", "self", "--dial", "nohost"}, `"nohost"`},
 		{nil, []string{"version", "extra"}, `"extra"`},
+		{nil, []string{"cleanup", "--all", "--gone"}, "--gone"},
 	} {
 		code, _, stderr := run(t, tc.env, tc.args...)
 		if code != ExitUsage {

@@ -23,13 +23,17 @@ import (
 
 // StatusRow is one line of `nsredirect status --json`.
 type StatusRow struct {
-	Netns     string `json:"netns"`
-	Cookie    uint64 `json:"cookie"`
-	Mode      string `json:"mode"`
-	Rule      string `json:"rule"`
-	OwnerPID  int    `json:"owner_pid"`
-	Alive     bool   `json:"owner_alive"`
-	Redirects uint64 `json:"redirects"`
+	Netns    string `json:"netns"`
+	Cookie   uint64 `json:"cookie"`
+	Mode     string `json:"mode"`
+	Rule     string `json:"rule"`
+	OwnerPID int    `json:"owner_pid"`
+	Alive    bool   `json:"owner_alive"`
+	// NetnsAlive, State and Fix: see statusRow in internal/cli.
+	NetnsAlive bool   `json:"netns_alive"`
+	State      string `json:"state"`
+	Fix        string `json:"fix"`
+	Redirects  uint64 `json:"redirects"`
 }
 
 // Status reads the pinned state through the binary, as a user would.
