@@ -83,6 +83,7 @@ func commands() []command {
 		{"kube", "--node-name NODE [--annotation nsredirect.io/redirect] [--kubeconfig PATH] [--proc /proc]", "redirect in every running pod of this node annotated nsredirect.io/redirect: SPEC[,SPEC...] (a DaemonSet)", kubeCmd},
 		{"check", "--netns TARGET [--dial ADDR:PORT]", "exit 0 when a rule for TARGET is live (healthcheck)", checkCmd},
 		{"status", "[--json]", "list live rules from the pinned state", statusCmd},
+		{"trace", "[--netns TARGET | --container NAME | --pod NS/NAME] [--port N] [--verdict V] [--peer] [--json]", "show each redirect decision the kernel makes in enrolled netns, live, until Ctrl-C", traceCmd},
 		{"cleanup", "[--all | --gone]", "remove rules left by dead daemons (--gone: only those of netns that no longer exist; --all: everything of ours)", cleanupCmd},
 		{"version", "", "print the version", versionCmd},
 	}

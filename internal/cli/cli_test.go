@@ -37,6 +37,11 @@ func TestUsageErrors(t *testing.T) {
 		{nil, []string{"check", "--netns", "self", "--dial", "nohost"}, `"nohost"`},
 		{nil, []string{"version", "extra"}, `"extra"`},
 		{nil, []string{"cleanup", "--all", "--gone"}, "--gone"},
+		{nil, []string{"trace", "--port", "-1"}, "--port -1"},
+		{nil, []string{"trace", "--verdict", "all"}, `"all"`},
+		{nil, []string{"trace", "--buffer-kib", "1000"}, "--buffer-kib 1000"},
+		{nil, []string{"trace", "--pod", "nons"}, `"nons"`},
+		{nil, []string{"trace", "--netns", "netns1"}, `"netns1"`},
 	} {
 		code, _, stderr := run(t, tc.env, tc.args...)
 		if code != ExitUsage {

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"runtime"
 	"strconv"
@@ -158,7 +159,30 @@ var ourHooks = map[ebpf.AttachType]bool{
 // Linux 5.10 refuses (E2BIG) as soon as a program is attached.
 func AttachedAtRoot(t testing.TB) map[int]string {
 	t.Helper()
-	root, err := os.Open(RootCgroup(t))
+	return queryCgroup(t, RootCgroup(t), 0)
+}
+
+// EffectiveForSelf returns every program the kernel runs for this
+// process's own cgroup (BPF_F_QUERY_EFFECTIVE: attached there or at any
+// ancestor), by ID, with its name: what a connect of this process runs.
+func EffectiveForSelf(t testing.TB) map[int]string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := ""
+	for _, line := range strings.Split(string(b), "\n") {
+		if p, ok := strings.CutPrefix(line, "0::"); ok {
+			path = p
+		}
+	}
+	return queryCgroup(t, filepath.Join(RootCgroup(t), path), unix.BPF_F_QUERY_EFFECTIVE)
+}
+
+func queryCgroup(t testing.TB, path string, flags uint32) map[int]string {
+	t.Helper()
+	root, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,7 +195,7 @@ func AttachedAtRoot(t testing.TB) map[int]string {
 			progIDs                                       uint64
 			progCnt                                       uint32
 			_                                             uint32
-		}{targetFd: uint32(root.Fd()), attachType: typ, progIDs: uint64(uintptr(unsafe.Pointer(&ids[0]))), progCnt: uint32(len(ids))}
+		}{targetFd: uint32(root.Fd()), attachType: typ, queryFlags: flags, progIDs: uint64(uintptr(unsafe.Pointer(&ids[0]))), progCnt: uint32(len(ids))}
 		_, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_PROG_QUERY, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
 		runtime.KeepAlive(ids)
 		if errno != 0 {
