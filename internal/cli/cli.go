@@ -84,6 +84,7 @@ func commands() []command {
 		{"check", "--netns TARGET [--dial ADDR:PORT]", "exit 0 when a rule for TARGET is live (healthcheck)", checkCmd},
 		{"status", "[--json]", "list live rules from the pinned state", statusCmd},
 		{"trace", "[--netns TARGET | --container NAME | --pod NS/NAME] [--port N] [--verdict V] [--peer] [--json]", "show each redirect decision the kernel makes in enrolled netns, live, until Ctrl-C", traceCmd},
+		{"explain", "--netns TARGET | --container NAME | --pod NS/NAME [--dial] [--json] ADDR:PORT[/udp]", "walk the decision for one destination in one target, step by step, with the fix for a step that fails; exit 0 when the redirect would happen, 1 when not", explainCmd},
 		{"cleanup", "[--all | --gone]", "remove rules left by dead daemons (--gone: only those of netns that no longer exist; --all: everything of ours)", cleanupCmd},
 		{"version", "", "print the version", versionCmd},
 	}

@@ -42,6 +42,10 @@ func TestUsageErrors(t *testing.T) {
 		{nil, []string{"trace", "--buffer-kib", "1000"}, "--buffer-kib 1000"},
 		{nil, []string{"trace", "--pod", "nons"}, `"nons"`},
 		{nil, []string{"trace", "--netns", "netns1"}, `"netns1"`},
+		{nil, []string{"explain", "--netns", "self"}, "no destination"},
+		{nil, []string{"explain", "127.0.0.1:80"}, "no target"},
+		{nil, []string{"explain", "--netns", "self", "127.0.0.1:80/sctp"}, `"sctp"`},
+		{nil, []string{"explain", "--netns", "self", "--pod", "a/b", "127.0.0.1:80"}, "give one"},
 	} {
 		code, _, stderr := run(t, tc.env, tc.args...)
 		if code != ExitUsage {
