@@ -208,11 +208,23 @@ func (t *Tracer) Drops() uint64 {
 // ErrClosed is what Read returns once the Tracer is closed.
 var ErrClosed = ringbuf.ErrClosed
 
+// pollEvery is how often Read looks at the ring: the programs wake it
+// only once the ring is a quarter full (see emit in bpf/trace.c).
+const pollEvery = 100 * time.Millisecond
+
 // Read waits for the next event; it returns ErrClosed after Close.
 func (t *Tracer) Read() (Event, error) {
-	rec, err := t.reader.Read()
-	if err != nil {
-		return Event{}, err
+	var rec ringbuf.Record
+	for {
+		t.reader.SetDeadline(time.Now().Add(pollEvery))
+		err := t.reader.ReadInto(&rec)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			continue
+		}
+		if err != nil {
+			return Event{}, err
+		}
+		break
 	}
 	var raw bpfobj.TraceTraceEvent
 	if err := binary.Read(bytes.NewReader(rec.RawSample), binary.NativeEndian, &raw); err != nil {
