@@ -4,12 +4,16 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"os"
+	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
 
@@ -92,6 +96,14 @@ func TestTraceShowsDecisions(t *testing.T) {
 	}
 	// In the other netns: not in the --netns trace.
 	_, _ = client(t, other, py, "-c", "import socket\ntry: socket.create_connection(('127.0.0.1', 82), 2)\nexcept OSError: pass")
+
+	// What one trace takes: its resident memory and the kernel memory
+	// charged for its maps and programs (memlock in their fdinfo).
+	rss, memlock := procMemory(t, all.Cmd.Process.Pid, pinnedMapIDs(t, pin))
+	t.Logf("one trace: %d KiB resident, %d KiB of kernel memory for its own maps and programs", rss>>10, memlock>>10)
+	if rss+memlock > 64<<20 {
+		t.Errorf("one trace takes %d MiB (resident and kernel): more than half the DaemonSet pod's 128 MiB limit", (rss+memlock)>>20)
+	}
 
 	redirected := func(e traceEvent) bool {
 		return e.Verdict == "redirected" && e.Hook == "connect" && e.Proto == "tcp" && e.Dialled == "127.0.0.1:80" && e.Target == "127.0.0.1:3210"
@@ -295,4 +307,61 @@ func TestTraceBurstDrops(t *testing.T) {
 	if dropped == 0 || shown+dropped != n {
 		t.Errorf("burst of %d no-rule connects through a 4 KiB buffer: %d shown, %d dropped; want drops, and every connect counted", n, shown, dropped)
 	}
+}
+
+// pinnedMapIDs are the IDs of the maps pinned in the state dir of pin: the
+// daemon's, which a trace only reads.
+func pinnedMapIDs(t *testing.T, pin string) map[string]bool {
+	t.Helper()
+	dir := filepath.Dir(loader.MapPin(pin, "nsr_rules"))
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := map[string]bool{}
+	for _, e := range entries {
+		m := openPinnedMap(t, filepath.Join(dir, e.Name()))
+		if info, err := m.Info(); err == nil {
+			if id, ok := info.ID(); ok {
+				ids[fmt.Sprint(id)] = true
+			}
+		}
+	}
+	return ids
+}
+
+// procMemory is pid's resident memory and the memlock its bpf file
+// descriptors (maps, programs, links) are charged, but for the maps of
+// skip (by ID), in bytes.
+func procMemory(t *testing.T, pid int, skip map[string]bool) (rss, memlock uint64) {
+	t.Helper()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kib, _ := strconv.ParseUint(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			rss = kib << 10
+		}
+	}
+	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fdinfo", pid))
+	for _, fd := range fds {
+		info, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", pid, fd.Name()))
+		if err != nil {
+			continue
+		}
+		var n uint64
+		for _, line := range strings.Split(string(info), "\n") {
+			if v, ok := strings.CutPrefix(line, "memlock:"); ok {
+				n, _ = strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+			}
+			if v, ok := strings.CutPrefix(line, "map_id:"); ok && skip[strings.TrimSpace(v)] {
+				n = 0
+				break
+			}
+		}
+		memlock += n
+	}
+	return rss, memlock
 }
