@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/nsredirect/nsredirect/internal/loader"
 	"github.com/nsredirect/nsredirect/internal/testenv"
 )
@@ -364,4 +366,44 @@ func procMemory(t *testing.T, pid int, skip map[string]bool) (rss, memlock uint6
 		memlock += n
 	}
 	return rss, memlock
+}
+
+// A trace attached before our program (our link re-created by heal after
+// the trace started, so it now runs after the trace's) reports the same
+// verdicts: from the rule that is about to apply rather than from what
+// ours left on the socket.
+func TestTraceBeforeOurProgram(t *testing.T) {
+	pin := testenv.BPFFS(t)
+	ns := testenv.NewNetns(t)
+	testenv.Server(t, ns, ":3210")
+	testenv.Daemon(t, pin, "run", "--netns", ns.Path, "--redirect", "80=3210")
+	p := startTrace(t, pin, "--json")
+	old := detachLink(t, pin, loader.HookConnect4)
+	waitFor(t, "the daemon to re-create its connect4 link", 10*time.Second, func() bool {
+		return testenv.LinkOf(t, pin, loader.HookConnect4).ID != old && linkAttachedAt(t, pin, loader.HookConnect4)
+	})
+	// The order the kernel runs them in now: the trace's first.
+	var order []string
+	for _, name := range testenv.EffectiveOrder(t, ebpf.AttachCGroupInet4Connect) {
+		if name == "trace_connect4" || name == "nsr_connect4" {
+			order = append(order, name)
+		}
+	}
+	if !slices.Equal(order, []string{"trace_connect4", "nsr_connect4"}) {
+		t.Fatalf("connect4 programs in effect, in order: %v; want the trace's before ours", order)
+	}
+	if got := curl(t, ns, "http://127.0.0.1/"); !strings.Contains(got, ":3210") {
+		t.Fatalf("curl: %q", got)
+	}
+	_, _ = client(t, ns, testenv.Tool(t, "python3"), "-c", "import socket\ntry: socket.create_connection(('127.0.0.1', 81), 2)\nexcept OSError: pass")
+	var evs []traceEvent
+	waitFor(t, "the trace to show both connects", 10*time.Second, func() bool {
+		evs = traceEvents(t, p.Output())
+		return len(evs) >= 2
+	})
+	if findEvent(evs, func(e traceEvent) bool {
+		return e.Comm == "curl" && e.Verdict == "redirected" && e.Dialled == "127.0.0.1:80" && e.Target == "127.0.0.1:3210"
+	}) == nil || findEvent(evs, func(e traceEvent) bool { return e.Verdict == "no-rule" && e.Dialled == "127.0.0.1:81" }) == nil {
+		t.Errorf("trace before our program: %+v", evs)
+	}
 }
