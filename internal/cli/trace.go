@@ -235,11 +235,13 @@ loop:
 			}
 		}
 	}
-	drops := t.Drops()
-	t.Close()
 	if reading {
+		// Show what is already in the ring, then stop.
+		t.Stop()
 		runErr = errors.Join(runErr, <-done)
 	}
+	drops := t.Drops()
+	t.Close()
 	summary(io.Stderr, shown, filtered, drops)
 	return runErr
 }

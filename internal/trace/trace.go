@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -61,6 +62,7 @@ type Tracer struct {
 	drops    *ebpf.Map
 	withTask bool
 	bootWall time.Time
+	stopping atomic.Bool
 }
 
 // WithTask reports whether events carry the pid and process name: cgroup
@@ -212,13 +214,27 @@ var ErrClosed = ringbuf.ErrClosed
 // only once the ring is a quarter full (see emit in bpf/trace.c).
 const pollEvery = 100 * time.Millisecond
 
-// Read waits for the next event; it returns ErrClosed after Close.
+// Stop makes Read return ErrClosed once it has read every event already
+// in the ring, within pollEvery.
+func (t *Tracer) Stop() { t.stopping.Store(true) }
+
+// Read waits for the next event; it returns ErrClosed after Close, and
+// after Stop once the ring is empty.
 func (t *Tracer) Read() (Event, error) {
 	var rec ringbuf.Record
 	for {
-		t.reader.SetDeadline(time.Now().Add(pollEvery))
+		stopping := t.stopping.Load()
+		deadline := time.Now().Add(pollEvery)
+		if stopping {
+			deadline = time.Now()
+		}
+		t.reader.SetDeadline(deadline)
 		err := t.reader.ReadInto(&rec)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
+			// Every record in the ring was read before this.
+			if stopping {
+				return Event{}, ErrClosed
+			}
 			continue
 		}
 		if err != nil {
