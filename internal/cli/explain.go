@@ -170,9 +170,9 @@ func (e *explainer) enrollHint() string {
 	}
 	switch {
 	case e.targets.container != "":
-		return fmt.Sprintf("label the container nsredirect.redirect=%s and run `nsredirect docker`", spec)
+		return fmt.Sprintf("label the container nsredirect.redirect=%s (or the label `nsredirect docker --label` reads) and recreate it", spec)
 	case e.targets.pod != "":
-		return fmt.Sprintf("annotate the pod nsredirect.io/redirect: %s on a node running `nsredirect kube`", spec)
+		return fmt.Sprintf("annotate the pod nsredirect.io/redirect: %s (or the annotation `nsredirect kube --annotation` reads)", spec)
 	}
 	return fmt.Sprintf("`nsredirect run --netns %s --redirect %s`", e.targets.netns, spec)
 }
