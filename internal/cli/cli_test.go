@@ -44,6 +44,7 @@ func TestUsageErrors(t *testing.T) {
 		{nil, []string{"trace", "--netns", "netns1"}, `"netns1"`},
 		{nil, []string{"explain", "--netns", "self"}, "no destination"},
 		{nil, []string{"explain", "127.0.0.1:80"}, "no target"},
+		{nil, []string{"explain", "--netns", "self", "127.0.0.1:80", "127.0.0.1:81"}, `"127.0.0.1:81"`},
 		{nil, []string{"explain", "--netns", "self", "127.0.0.1:80/sctp"}, `"sctp"`},
 		{nil, []string{"explain", "--netns", "self", "--pod", "a/b", "127.0.0.1:80"}, "give one"},
 	} {

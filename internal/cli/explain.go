@@ -56,15 +56,26 @@ func parseDest(s string) (entry.Dest, error) {
 	return d, nil
 }
 
-// explainArgs splits DEST from the flags: DEST comes first or last.
+// explainArgs splits DEST from the flags, wherever it is among them: an
+// argument that is neither a flag nor a flag's value. More than one such
+// argument leaves the others in flags, for parse to refuse.
 func explainArgs(args []string) (dest string, flags []string) {
-	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		return args[0], args[1:]
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		switch {
+		case strings.HasPrefix(a, "-"):
+			flags = append(flags, a)
+			if takesValue(a) && i+1 < len(args) {
+				i++
+				flags = append(flags, args[i])
+			}
+		case dest == "":
+			dest = a
+		default:
+			flags = append(flags, a)
+		}
 	}
-	if n := len(args); n > 0 && !strings.HasPrefix(args[n-1], "-") && (n < 2 || !strings.HasPrefix(args[n-2], "-") || !takesValue(args[n-2])) {
-		return args[n-1], args[:n-1]
-	}
-	return "", args
+	return dest, flags
 }
 
 // takesValue reports whether flag arg (not in --name=value form) takes

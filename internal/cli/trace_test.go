@@ -73,6 +73,8 @@ func TestExplainArgs(t *testing.T) {
 		{[]string{"--dial", "127.0.0.1:80"}, "127.0.0.1:80", 1},
 		{[]string{"--netns", "/x"}, "", 2},
 		{[]string{"--netns=/x", "127.0.0.1:80"}, "127.0.0.1:80", 1},
+		{[]string{"--netns", "/x", "127.0.0.1:80", "--pin-dir", "/p"}, "127.0.0.1:80", 4},
+		{[]string{"--netns", "/x", "127.0.0.1:80", "127.0.0.1:81"}, "127.0.0.1:80", 3},
 	} {
 		dest, flags := explainArgs(tc.args)
 		if dest != tc.dest || len(flags) != tc.flags {

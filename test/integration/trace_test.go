@@ -1,10 +1,12 @@
 package integration
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"maps"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -271,6 +273,19 @@ func TestTraceBadInput(t *testing.T) {
 		code, _, stderr := testenv.Run(t, nil, append([]string{"trace", "--pin-dir", pin}, tc.args...)...)
 		if code != tc.code || !strings.Contains(stderr, tc.mention) || strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
 			t.Errorf("trace %v: exit %d, %q; want %d and one line naming %s", tc.args, code, stderr, tc.code, tc.mention)
+		}
+	}
+	// Without privileges, with a daemon's state to trace.
+	ns := testenv.NewNetns(t)
+	testenv.Daemon(t, pin, "run", "--netns", ns.Path, "--redirect", "80=3210")
+	bin := testenv.Binary(t, "NSREDIRECT_BIN", "github.com/nsredirect/nsredirect/cmd/nsredirect")
+	for _, args := range [][]string{{"trace"}, {"explain", "--netns", ns.Path, "127.0.0.1:80"}} {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		cmd := exec.CommandContext(ctx, testenv.Tool(t, "setpriv"), append([]string{"--reuid=65534", "--regid=65534", "--clear-groups", "--", bin}, append(args, "--pin-dir", pin)...)...)
+		out, err := cmd.CombinedOutput()
+		cancel()
+		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 2 || !strings.Contains(string(out), "missing CAP_") || strings.Count(strings.TrimSpace(string(out)), "\n") != 0 {
+			t.Errorf("%v as nobody: %v, output %q; want exit 2 and one line naming a capability", args, err, out)
 		}
 	}
 	if left := tracePrograms(testenv.AttachedAtRoot(t)); len(left) > 0 {
