@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"encoding/json"
 	"strings"
 	"syscall"
 	"testing"
@@ -36,6 +37,15 @@ func TestExplain(t *testing.T) {
 		}
 	}
 	t.Logf("explain --netns %s --dial 127.0.0.1:80:\n%s", ns.Path, out)
+	jcode, jout, jerr := explain("--json", "--netns", ns.Path, "127.0.0.1:81")
+	var js struct {
+		Redirected bool `json:"redirected"`
+		Steps      []struct{ Step, Result, Fix string }
+	}
+	if err := json.Unmarshal([]byte(jout), &js); err != nil || jcode != 1 || js.Redirected || len(js.Steps) == 0 ||
+		js.Steps[len(js.Steps)-1].Step != "rule" || js.Steps[len(js.Steps)-1].Result != "fail" || js.Steps[len(js.Steps)-1].Fix == "" {
+		t.Errorf("explain --json of a port with no rule: exit %d, %v\n%s%s", jcode, err, jout, jerr)
+	}
 	// The demo backend's cgroup is where its connects are decided.
 	if !strings.Contains(out, "in effect for cgroup ") || !strings.Contains(out, "(pid ") {
 		t.Errorf("explain names no cgroup of the netns's processes:\n%s", out)
