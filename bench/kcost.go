@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -70,6 +72,8 @@ type kcostRow struct {
 	kcase
 	ours, floor, over      sample
 	rel, relFloor, relOver sample
+	// With a trace running: ours over the floor, and the trace program.
+	oursTraced, traceOver sample
 }
 
 // kernelCost is the table's data.
@@ -186,6 +190,9 @@ func measureKernelCost(e *env) (*kernelCost, error) {
 		}
 	}
 	k.missed = recursionMisses(ours) - missedBefore
+	if err := measureTraced(e, k, bin, root, ours, floor, bare, enrolled, n); err != nil {
+		return nil, err
+	}
 	// The hit rows must have been redirected: the daemon's counter says so.
 	hits := 0
 	for _, c := range kcases {
@@ -199,6 +206,116 @@ func measureKernelCost(e *env) (*kernelCost, error) {
 		return nil, fmt.Errorf("the daemon counted %d redirects in %s, want at least the %d hit connects made", got, enrolled.Path, want)
 	}
 	return k, nil
+}
+
+// measureTraced repeats the cases while `nsredirect trace` runs (its
+// output dropped): what our programs cost then, and what the trace
+// program attached beside them costs, each over the floor.
+func measureTraced(e *env, k *kernelCost, bin, root string, ours, floor map[string]*ebpf.Program, bare, enrolled netnsx.Target, n int) error {
+	ready := &lineWaiter{want: "Ctrl-C ends it", seen: make(chan struct{})}
+	tracer, err := e.startTo(ready, bin, "trace", "--pin-dir", e.pinDir)
+	if err != nil {
+		return err
+	}
+	defer stopNow(tracer)
+	select {
+	case <-ready.seen:
+	case <-time.After(20 * time.Second):
+		return errors.New("nsredirect trace did not start within 20s")
+	}
+	traced := map[string]*ebpf.Program{}
+	for hook, at := range map[string]ebpf.AttachType{"connect4": ebpf.AttachCGroupInet4Connect, "connect6": ebpf.AttachCGroupInet6Connect} {
+		p, err := attachedNamed(root, at, "trace_"+hook)
+		if err != nil {
+			return err
+		}
+		defer p.Close()
+		traced[hook] = p
+	}
+	for rep := 0; rep < e.cfg.reps; rep++ {
+		fmt.Printf("in-kernel cost with a trace running: repeat %d/%d\n", rep+1, e.cfg.reps)
+		for i := range kcases {
+			idx := (i + rep) % len(kcases)
+			c := kcases[idx]
+			if err := e.ctx.Err(); err != nil {
+				return err
+			}
+			ns := bare
+			if c.enrolled {
+				ns = enrolled
+			}
+			o0, f0, err := snap(ours[c.hook], floor[c.hook])
+			if err != nil {
+				return err
+			}
+			t0, _, err := snap(traced[c.hook], floor[c.hook])
+			if err != nil {
+				return err
+			}
+			if err := refusedConnects(ns, c.dst, n); err != nil {
+				return fmt.Errorf("%s, traced: %w", c.name, err)
+			}
+			o1, f1, err := snap(ours[c.hook], floor[c.hook])
+			if err != nil {
+				return err
+			}
+			t1, _, err := snap(traced[c.hook], floor[c.hook])
+			if err != nil {
+				return err
+			}
+			f := perRun(f0, f1)
+			row := &k.rows[idx]
+			row.oursTraced = append(row.oursTraced, perRun(o0, o1)-f)
+			row.traceOver = append(row.traceOver, perRun(t0, t1)-f)
+		}
+	}
+	return nil
+}
+
+// attachedNamed opens the program named name attached at root for at.
+func attachedNamed(root string, at ebpf.AttachType, name string) (*ebpf.Program, error) {
+	cg, err := os.Open(root)
+	if err != nil {
+		return nil, err
+	}
+	defer cg.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(cg.Fd()), Attach: at})
+	if err != nil {
+		return nil, fmt.Errorf("query the programs at %s: %w", root, err)
+	}
+	for _, ap := range res.Programs {
+		p, err := ebpf.NewProgramFromID(ap.ID)
+		if err != nil {
+			continue
+		}
+		if info, err := p.Info(); err == nil && info.Name == name {
+			return p, nil
+		}
+		p.Close()
+	}
+	return nil, fmt.Errorf("no program %s attached at %s", name, root)
+}
+
+// lineWaiter is a Writer that closes seen once want was written.
+type lineWaiter struct {
+	mu   sync.Mutex
+	buf  []byte
+	want string
+	seen chan struct{}
+	done bool
+}
+
+func (w *lineWaiter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.buf = append(w.buf, p...)
+		if strings.Contains(string(w.buf), w.want) {
+			w.done = true
+			close(w.seen)
+		}
+	}
+	return len(p), nil
 }
 
 // redirectCount sums the redirect counters of a netns in `nsredirect status`.
@@ -391,6 +508,12 @@ func renderKernelCost(k *kernelCost) string {
 		rows = append(rows, []string{r.hook, r.name, cell(r.rel, "%.0f ns"), cell(r.relFloor, "%.0f ns"), cell(r.relOver, "%+.0f ns")})
 	}
 	b.WriteString(table([]string{"hook", "socket closed after", "nsr_sock_release", "floor", "over the floor"}, rows))
+	b.WriteString("\nWith `nsredirect trace` running (all netns, output dropped): our connect program, and the trace program attached beside it, each over the floor. With no trace running nothing of the trace is attached: the first table is the cost then.\n\n")
+	rows = nil
+	for _, r := range k.rows {
+		rows = append(rows, []string{r.hook, r.name, cell(r.over, "%+.0f ns"), cell(r.oursTraced, "%+.0f ns"), cell(r.traceOver, "%+.0f ns")})
+	}
+	b.WriteString(table([]string{"hook", "connect", "nsr_connect4/6, tracing off", "nsr_connect4/6, tracing on", "trace_connect4/6, tracing on"}, rows))
 	if k.missed > 0 {
 		fmt.Fprintf(&b, "\n(%d runs of our programs were skipped by the kernel for recursion during the measurement.)\n", k.missed)
 	}

@@ -8,3 +8,4 @@ package bpfobj
 
 //go:generate go tool bpf2go -cc clang-14 -strip llvm-strip-14 -cflags "-O2 -g -Wall -Werror -nostdinc -I../../bpf/include" -target bpfel -type rule_key -type rule_val -type counter_key -type orig_dst -type udp_peer -type nsr_stat Redirect ../../bpf/redirect.c
 //go:generate go tool bpf2go -cc clang-14 -strip llvm-strip-14 -cflags "-O2 -g -Wall -Werror -nostdinc -I../../bpf/include" -target bpfel NetnsCookie ../../bpf/netns_cookie.c
+//go:generate go tool bpf2go -cc clang-14 -strip llvm-strip-14 -cflags "-O2 -g -Wall -Werror -nostdinc -I../../bpf/include" -target bpfel -type rule_key -type rule_val -type orig_dst -type udp_peer Trace ../../bpf/trace.c

@@ -86,7 +86,9 @@ func commands() []command {
 		{"kube", "--node-name NODE [--annotation nsredirect.io/redirect] [--kubeconfig PATH] [--proc /proc]", "redirect in every running pod of this node annotated nsredirect.io/redirect: SPEC[,SPEC...] (a DaemonSet)", kubeCmd, func(fs *flag.FlagSet) { new(kubeFlags).register(fs) }},
 		{"check", "--netns TARGET [--dial ADDR:PORT]", "exit 0 when a rule for TARGET is live (healthcheck)", checkCmd, func(fs *flag.FlagSet) { new(checkFlags).register(fs) }},
 		{"status", "[--json]", "list live rules from the pinned state", statusCmd, func(fs *flag.FlagSet) { new(statusFlags).register(fs) }},
-		{"cleanup", "[--all]", "remove rules left by dead daemons (--all: everything of ours)", cleanupCmd, func(fs *flag.FlagSet) { new(cleanupFlags).register(fs) }},
+		{"trace", "[--netns TARGET | --container NAME | --pod NS/NAME] [--port N] [--verdict V] [--peer] [--json]", "show each redirect decision the kernel makes in enrolled netns, live, until Ctrl-C", traceCmd, func(fs *flag.FlagSet) { new(traceFlags).register(fs) }},
+		{"explain", "--netns TARGET | --container NAME | --pod NS/NAME [--dial] [--json] ADDR:PORT[/udp]", "walk the decision for one destination in one target, step by step, with the fix for a step that fails; exit 0 when the redirect would happen, 1 when not", explainCmd, func(fs *flag.FlagSet) { new(explainFlags).register(fs) }},
+		{"cleanup", "[--all | --gone]", "remove rules left by dead daemons (--gone: only those of netns that no longer exist; --all: everything of ours)", cleanupCmd, func(fs *flag.FlagSet) { new(cleanupFlags).register(fs) }},
 		{"version", "", "print the version", versionCmd, func(*flag.FlagSet) {}},
 	}
 }

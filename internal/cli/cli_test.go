@@ -36,6 +36,17 @@ func TestUsageErrors(t *testing.T) {
 		{nil, []string{"status", "--json=maybe"}, "maybe"},
 		{nil, []string{"check", "--netns", "self", "--dial", "nohost"}, `"nohost"`},
 		{nil, []string{"version", "extra"}, `"extra"`},
+		{nil, []string{"cleanup", "--all", "--gone"}, "--gone"},
+		{nil, []string{"trace", "--port", "-1"}, "--port -1"},
+		{nil, []string{"trace", "--verdict", "all"}, `"all"`},
+		{nil, []string{"trace", "--buffer-kib", "1000"}, "--buffer-kib 1000"},
+		{nil, []string{"trace", "--pod", "nons"}, `"nons"`},
+		{nil, []string{"trace", "--netns", "netns1"}, `"netns1"`},
+		{nil, []string{"explain", "--netns", "self"}, "no destination"},
+		{nil, []string{"explain", "127.0.0.1:80"}, "no target"},
+		{nil, []string{"explain", "--netns", "self", "127.0.0.1:80", "127.0.0.1:81"}, `"127.0.0.1:81"`},
+		{nil, []string{"explain", "--netns", "self", "127.0.0.1:80/sctp"}, `"sctp"`},
+		{nil, []string{"explain", "--netns", "self", "--pod", "a/b", "127.0.0.1:80"}, "give one"},
 	} {
 		code, _, stderr := run(t, tc.env, tc.args...)
 		if code != ExitUsage {

@@ -143,19 +143,76 @@ func aliveWord(alive bool) string {
 	if alive {
 		return "alive"
 	}
-	return "gone (rules kept for adoption)"
+	return "dead (rules handed over, waiting for its daemon)"
+}
+
+// The states of an enrollment in `status`: whose it is and whether its netns
+// still exists. A dead owner of a live netns handed its rules over (they
+// keep redirecting until a daemon adopts them); a netns that no longer
+// exists has rules nothing can use, which `cleanup --gone` removes.
+const (
+	stateAlive      = "alive"
+	stateHandedOver = "handed-over"
+	stateNetnsGone  = "netns-gone"
+)
+
+// enrollmentState says which of the states r is in; netnsAlive tells
+// whether r's netns still exists.
+func enrollmentState(r loader.Record, netnsAlive bool) string {
+	switch {
+	case r.OwnerAlive:
+		return stateAlive
+	case !netnsAlive:
+		return stateNetnsGone
+	default:
+		return stateHandedOver
+	}
+}
+
+// stateText is a state as the status table shows it.
+func stateText(state string) string {
+	switch state {
+	case stateHandedOver:
+		return "handed over, waiting for its daemon"
+	case stateNetnsGone:
+		return "netns gone"
+	}
+	return state
+}
+
+// recordNetnsAlive reports whether the netns of r still exists, looked up
+// by its inode under proc (and /run/netns). A record without an inode (of
+// an older version) is taken as alive: not proven gone.
+func recordNetnsAlive(proc string, r loader.Record) bool {
+	return r.NetnsIno == 0 || netnsx.InoAlive(proc, r.NetnsIno)
+}
+
+// cleanupGoneCmd is the command that removes what `status` shows as netns
+// gone.
+func cleanupGoneCmd(pinDir string) string {
+	if pinDir == loader.DefaultPinDir {
+		return "nsredirect cleanup --gone"
+	}
+	return "nsredirect cleanup --gone --pin-dir " + pinDir
 }
 
 type statusRow struct {
-	Netns     string    `json:"netns"`
-	ID        string    `json:"id,omitempty"`
-	Cookie    uint64    `json:"cookie"`
-	NetnsIno  uint64    `json:"netns_inode"`
-	Mode      string    `json:"mode"`
-	Rule      string    `json:"rule"`
-	OwnerPID  uint32    `json:"owner_pid"`
-	Holder    string    `json:"holder,omitempty"`
-	Alive     bool      `json:"owner_alive"`
+	Netns    string `json:"netns"`
+	ID       string `json:"id,omitempty"`
+	Cookie   uint64 `json:"cookie"`
+	NetnsIno uint64 `json:"netns_inode"`
+	Mode     string `json:"mode"`
+	Rule     string `json:"rule"`
+	OwnerPID uint32 `json:"owner_pid"`
+	Holder   string `json:"holder,omitempty"`
+	Alive    bool   `json:"owner_alive"`
+	// NetnsAlive is whether the netns still exists.
+	NetnsAlive bool `json:"netns_alive"`
+	// State is alive, handed-over (a dead owner of a live netns) or
+	// netns-gone (a dead owner of a netns that no longer exists).
+	State string `json:"state"`
+	// Fix is the command that clears a netns-gone row.
+	Fix       string    `json:"fix,omitempty"`
 	Redirects uint64    `json:"redirects"`
 	Since     time.Time `json:"since"`
 }
@@ -181,6 +238,7 @@ func statusCmd(_ context.Context, io IO, args []string) error {
 	fs := flagSet("status", io)
 	var f statusFlags
 	f.register(fs)
+	proc := "/proc"
 	if err := parse(fs, args, io.Getenv); err != nil {
 		return err
 	}
@@ -199,10 +257,17 @@ func statusCmd(_ context.Context, io IO, args []string) error {
 			return err
 		}
 		for _, r := range recs {
+			netnsAlive := recordNetnsAlive(proc, r)
+			state := enrollmentState(r, netnsAlive)
+			fix := ""
+			if state == stateNetnsGone {
+				fix = cleanupGoneCmd(pinDir)
+			}
 			for i, label := range r.Labels {
 				rows = append(rows, statusRow{
 					Netns: r.Name, ID: r.ID, Cookie: r.Cookie, NetnsIno: r.NetnsIno, Mode: r.Owner, Rule: label,
-					OwnerPID: r.OwnerPID, Holder: r.Holder, Alive: r.OwnerAlive, Redirects: r.Redirects[i], Since: r.Enrolled.UTC(),
+					OwnerPID: r.OwnerPID, Holder: r.Holder, Alive: r.OwnerAlive, NetnsAlive: netnsAlive, State: state, Fix: fix,
+					Redirects: r.Redirects[i], Since: r.Enrolled.UTC(),
 				})
 			}
 		}
@@ -220,19 +285,22 @@ func statusCmd(_ context.Context, io IO, args []string) error {
 	} else {
 		tw := tabwriter.NewWriter(io.Stdout, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "NETNS\tRULE\tMODE\tOWNER\tHELD BY\tREDIRECTS\tCOOKIE\tID")
+		gone := 0
 		for _, r := range rows {
-			alive := "alive"
-			if !r.Alive {
-				alive = "dead"
+			if r.State == stateNetnsGone {
+				gone++
 			}
 			holder := r.Holder
 			if holder == "" {
 				holder = fmt.Sprintf("pid %d", r.OwnerPID)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", r.Netns, r.Rule, r.Mode, alive, holder, r.Redirects, r.Cookie, orDash(r.ID))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", r.Netns, r.Rule, r.Mode, stateText(r.State), holder, r.Redirects, r.Cookie, orDash(r.ID))
 		}
 		if err := tw.Flush(); err != nil {
 			return err
+		}
+		if gone > 0 {
+			fmt.Fprintf(io.Stdout, "\n%d rule(s) of netns that no longer exist: `%s` removes them\n", gone, cleanupGoneCmd(pinDir))
 		}
 	}
 	if len(maps) > 0 {
@@ -260,12 +328,13 @@ func orDash(s string) string {
 
 // cleanupFlags are the flags of `cleanup`.
 type cleanupFlags struct {
-	all    bool
-	pinDir string
+	all, gone bool
+	pinDir    string
 }
 
 func (f *cleanupFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&f.all, "all", false, "remove every rule, program, link and pin of ours, even of live daemons")
+	fs.BoolVar(&f.gone, "gone", false, "remove only the rules of dead daemons whose netns no longer exists (status: netns gone), keeping those handed over for a live netns")
 	fs.StringVar(&f.pinDir, "pin-dir", loader.DefaultPinDir, "bpffs directory of the pinned state")
 }
 
@@ -276,7 +345,10 @@ func cleanupCmd(_ context.Context, io IO, args []string) error {
 	if err := parse(fs, args, io.Getenv); err != nil {
 		return err
 	}
-	all, pinDir := f.all, f.pinDir
+	all, gone, pinDir := f.all, f.gone, f.pinDir
+	if all && gone {
+		return usagef("--all and --gone together: --all removes everything, --gone only the rules of netns that no longer exist; pick one")
+	}
 	if err := loader.CheckPrivileges(); err != nil {
 		return err
 	}
@@ -289,7 +361,11 @@ func cleanupCmd(_ context.Context, io IO, args []string) error {
 		return err
 	}
 	defer l.Close()
-	removed, err := l.Cleanup(all)
+	match := func(r loader.Record) bool { return all || !r.OwnerAlive }
+	if gone {
+		match = func(r loader.Record) bool { return !r.OwnerAlive && !recordNetnsAlive("/proc", r) }
+	}
+	removed, err := l.CleanupWhere(match)
 	for _, r := range removed {
 		fmt.Fprintf(io.Stdout, "removed netns %s (%s), owner pid %d %s\n", r.Name, strings.Join(r.Labels, ","), r.OwnerPID, map[bool]string{true: "alive", false: "dead"}[r.OwnerAlive])
 	}

@@ -17,6 +17,12 @@ func (l *Loader) Cleanup(all bool) ([]Record, error) {
 	return l.removeWhere(func(r Record) bool { return all || !r.OwnerAlive }, true)
 }
 
+// CleanupWhere is Cleanup for the enrollments match selects (the caller's
+// policy, e.g. dead owners of netns that no longer exist).
+func (l *Loader) CleanupWhere(match func(Record) bool) ([]Record, error) {
+	return l.removeWhere(match, true)
+}
+
 // removeWhere unenrolls every record that match selects, under the lock,
 // and with sweep also removes every pin if nothing is left enrolled.
 func (l *Loader) removeWhere(match func(Record) bool, sweep bool) ([]Record, error) {

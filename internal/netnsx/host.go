@@ -211,3 +211,32 @@ func nsfsDev() (uint64, error) {
 	}
 	return id.Dev, nil
 }
+
+// PIDsIn lists the processes under proc whose netns is id, ourselves
+// excepted (see Alive): the processes a redirect in that netns is for.
+func PIDsIn(proc string, id LiveID) []int {
+	entries, err := os.ReadDir(proc)
+	if err != nil {
+		return nil
+	}
+	self, _ := os.Readlink(filepath.Join(proc, "self"))
+	var out []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || e.Name() == self {
+			continue
+		}
+		var st unix.Stat_t
+		if unix.Stat(filepath.Join(proc, e.Name(), "ns", "net"), &st) == nil && st.Dev == id.Dev && st.Ino == id.Ino {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// InoLiveID is the LiveID of the netns of inode ino: every netns is on the
+// one nsfs, whose device is our own netns's.
+func InoLiveID(ino uint64) (LiveID, error) {
+	dev, err := nsfsDev()
+	return LiveID{Dev: dev, Ino: ino}, err
+}

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"runtime"
 	"strconv"
@@ -23,13 +24,17 @@ import (
 
 // StatusRow is one line of `nsredirect status --json`.
 type StatusRow struct {
-	Netns     string `json:"netns"`
-	Cookie    uint64 `json:"cookie"`
-	Mode      string `json:"mode"`
-	Rule      string `json:"rule"`
-	OwnerPID  int    `json:"owner_pid"`
-	Alive     bool   `json:"owner_alive"`
-	Redirects uint64 `json:"redirects"`
+	Netns    string `json:"netns"`
+	Cookie   uint64 `json:"cookie"`
+	Mode     string `json:"mode"`
+	Rule     string `json:"rule"`
+	OwnerPID int    `json:"owner_pid"`
+	Alive    bool   `json:"owner_alive"`
+	// NetnsAlive, State and Fix: see statusRow in internal/cli.
+	NetnsAlive bool   `json:"netns_alive"`
+	State      string `json:"state"`
+	Fix        string `json:"fix"`
+	Redirects  uint64 `json:"redirects"`
 }
 
 // Status reads the pinned state through the binary, as a user would.
@@ -154,42 +159,97 @@ var ourHooks = map[ebpf.AttachType]bool{
 // Linux 5.10 refuses (E2BIG) as soon as a program is attached.
 func AttachedAtRoot(t testing.TB) map[int]string {
 	t.Helper()
-	root, err := os.Open(RootCgroup(t))
+	return queryCgroup(t, RootCgroup(t), 0)
+}
+
+// EffectiveForSelf returns every program the kernel runs for this
+// process's own cgroup (BPF_F_QUERY_EFFECTIVE: attached there or at any
+// ancestor), by ID, with its name: what a connect of this process runs.
+func EffectiveForSelf(t testing.TB) map[int]string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/cgroup")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer root.Close()
+	path := ""
+	for _, line := range strings.Split(string(b), "\n") {
+		if p, ok := strings.CutPrefix(line, "0::"); ok {
+			path = p
+		}
+	}
+	return queryCgroup(t, filepath.Join(RootCgroup(t), path), unix.BPF_F_QUERY_EFFECTIVE)
+}
+
+func queryCgroup(t testing.TB, path string, flags uint32) map[int]string {
+	t.Helper()
 	m := map[int]string{}
 	for typ := uint32(0); typ < 64; typ++ {
-		ids := make([]uint32, 256)
-		attr := struct {
-			targetFd, attachType, queryFlags, attachFlags uint32
-			progIDs                                       uint64
-			progCnt                                       uint32
-			_                                             uint32
-		}{targetFd: uint32(root.Fd()), attachType: typ, progIDs: uint64(uintptr(unsafe.Pointer(&ids[0]))), progCnt: uint32(len(ids))}
-		_, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_PROG_QUERY, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
-		runtime.KeepAlive(ids)
+		ids, errno := queryOne(t, path, typ, flags)
 		if errno != 0 {
 			// Not a cgroup attach type, or one this kernel does not know;
 			// but ours must answer.
 			if ourHooks[ebpf.AttachType(typ)] {
-				t.Fatalf("BPF_PROG_QUERY attach type %d at %s: %v", typ, root.Name(), errno)
+				t.Fatalf("BPF_PROG_QUERY attach type %d at %s: %v", typ, path, errno)
 			}
 			continue
 		}
-		for _, id := range ids[:attr.progCnt] {
-			name := "?"
-			if p, err := ebpf.NewProgramFromID(ebpf.ProgramID(id)); err == nil {
-				if info, err := p.Info(); err == nil {
-					name = info.Name
-				}
-				p.Close()
-			}
-			m[int(id)] = name
+		for _, id := range ids {
+			m[int(id)] = progName(id)
 		}
 	}
 	return m
+}
+
+// EffectiveOrder names the programs the kernel runs at the cgroup2 root
+// for attach type at, in the order it runs them.
+func EffectiveOrder(t testing.TB, at ebpf.AttachType) []string {
+	t.Helper()
+	ids, errno := queryOne(t, RootCgroup(t), uint32(at), unix.BPF_F_QUERY_EFFECTIVE)
+	if errno != 0 {
+		t.Fatalf("BPF_PROG_QUERY attach type %d at the root: %v", at, errno)
+	}
+	var names []string
+	for _, id := range ids {
+		names = append(names, progName(id))
+	}
+	return names
+}
+
+func progName(id uint32) string {
+	p, err := ebpf.NewProgramFromID(ebpf.ProgramID(id))
+	if err != nil {
+		return "?"
+	}
+	defer p.Close()
+	info, err := p.Info()
+	if err != nil {
+		return "?"
+	}
+	return info.Name
+}
+
+// queryOne is BPF_PROG_QUERY of one attach type at the cgroup at path,
+// with the attribute layout of Linux 4.15 (see AttachedAtRoot).
+func queryOne(t testing.TB, path string, typ, flags uint32) ([]uint32, unix.Errno) {
+	t.Helper()
+	cg, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cg.Close()
+	ids := make([]uint32, 256)
+	attr := struct {
+		targetFd, attachType, queryFlags, attachFlags uint32
+		progIDs                                       uint64
+		progCnt                                       uint32
+		_                                             uint32
+	}{targetFd: uint32(cg.Fd()), attachType: typ, queryFlags: flags, progIDs: uint64(uintptr(unsafe.Pointer(&ids[0]))), progCnt: uint32(len(ids))}
+	_, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_PROG_QUERY, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
+	runtime.KeepAlive(ids)
+	if errno != 0 {
+		return nil, errno
+	}
+	return ids[:attr.progCnt], 0
 }
 
 // AssertGone checks nothing of ours is left: no pin dir, none of ids
