@@ -24,26 +24,13 @@ var targetLabels = []string{"job", "instance", "node"}
 // TestObservabilityQueriesLive checks the same against a running daemon.
 func TestDeployQueriesUseExportedMetrics(t *testing.T) {
 	exported := exportedWithOneOfEach(t)
-	root := filepath.Join("..", "..", "deploy")
-	for _, f := range []struct {
-		path  string
-		parse func([]byte) ([]promsel.Query, error)
-	}{
-		{filepath.Join(root, "grafana", "nsredirect.json"), promsel.DashboardQueries},
-		{filepath.Join(root, "prometheus", "nsredirect-rules.yaml"), promsel.RuleQueries},
-	} {
-		b, err := os.ReadFile(f.path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		qs, err := f.parse(b)
-		if err != nil {
-			t.Fatalf("%s: %v", f.path, err)
-		}
-		for _, q := range qs {
-			for _, err := range promsel.Check(q.Expr, exported, targetLabels) {
-				t.Errorf("%s, %s: %v", f.path, q.Where, err)
-			}
+	qs, err := promsel.DeployQueries(filepath.Join("..", "..", "deploy"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range qs {
+		for _, err := range promsel.Check(q.Expr, exported, targetLabels) {
+			t.Errorf("%s: %v", q.Where, err)
 		}
 	}
 }

@@ -3,6 +3,8 @@ package promsel
 import (
 	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 
 	"sigs.k8s.io/yaml"
 )
@@ -99,4 +101,31 @@ func RuleQueries(rulesYAML []byte) ([]Query, error) {
 		}
 	}
 	return out, nil
+}
+
+// DeployQueries returns every query of the shipped Grafana dashboard and
+// alert rules under deployDir (the repository's deploy/), each with the
+// file it came from in Where.
+func DeployQueries(deployDir string) ([]Query, error) {
+	var all []Query
+	for _, f := range []struct {
+		path  string
+		parse func([]byte) ([]Query, error)
+	}{
+		{filepath.Join(deployDir, "grafana", "nsredirect.json"), DashboardQueries},
+		{filepath.Join(deployDir, "prometheus", "nsredirect-rules.yaml"), RuleQueries},
+	} {
+		b, err := os.ReadFile(f.path)
+		if err != nil {
+			return nil, err
+		}
+		qs, err := f.parse(b)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", f.path, err)
+		}
+		for _, q := range qs {
+			all = append(all, Query{Where: f.path + ", " + q.Where, Expr: q.Expr})
+		}
+	}
+	return all, nil
 }

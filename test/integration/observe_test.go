@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -69,30 +68,16 @@ func TestObservabilityQueriesLive(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	root := filepath.Join("..", "..", "deploy")
-	checked := 0
-	for _, f := range []struct {
-		path  string
-		parse func([]byte) ([]promsel.Query, error)
-	}{
-		{filepath.Join(root, "grafana", "nsredirect.json"), promsel.DashboardQueries},
-		{filepath.Join(root, "prometheus", "nsredirect-rules.yaml"), promsel.RuleQueries},
-	} {
-		b, err := os.ReadFile(f.path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		qs, err := f.parse(b)
-		if err != nil {
-			t.Fatalf("%s: %v", f.path, err)
-		}
-		for _, q := range qs {
-			for _, err := range promsel.Check(q.Expr, exported, targetLabels) {
-				t.Errorf("%s, %s: %v", f.path, q.Where, err)
-			}
-			checked++
+	qs, err := promsel.DeployQueries(filepath.Join("..", "..", "deploy"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range qs {
+		for _, err := range promsel.Check(q.Expr, exported, targetLabels) {
+			t.Errorf("%s: %v", q.Where, err)
 		}
 	}
+	checked := len(qs)
 	if checked < 20 {
 		t.Errorf("checked %d queries; the dashboard and the rules have more", checked)
 	}
