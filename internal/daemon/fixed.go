@@ -26,8 +26,15 @@ type Fixed struct {
 	AllowHostNetns bool
 }
 
-// Policy: the targets are fixed, and may be the host's netns if allowed.
-func (f Fixed) Policy() Policy { return Policy{Fixed: true, AllowHostNetns: f.AllowHostNetns} }
+// Policy: the targets are fixed, and may be the host's netns if allowed;
+// the rules are handed over on shutdown unless RemoveOnExit.
+func (f Fixed) Policy() Policy {
+	keep := !f.RemoveOnExit
+	return Policy{
+		Fixed: true, AllowHostNetns: f.AllowHostNetns,
+		Handover: func(context.Context, []string) bool { return keep },
+	}
+}
 
 // Desired returns the fixed targets.
 func (f Fixed) Desired(context.Context) ([]Target, error) { return f.Targets, nil }
@@ -38,9 +45,6 @@ func (Fixed) Watch(ctx context.Context, _ func()) error {
 	<-ctx.Done()
 	return nil
 }
-
-// Handover keeps the rules unless RemoveOnExit.
-func (f Fixed) Handover(context.Context, []string) bool { return !f.RemoveOnExit }
 
 // ErrSameNetns: two targets given are one network namespace.
 var ErrSameNetns = errors.New("one network namespace")

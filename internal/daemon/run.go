@@ -17,9 +17,9 @@ import (
 )
 
 // Source is a discovery mode: run's fixed targets, Docker, Kubernetes. It
-// only says what should be redirected, when that may have changed, how its
-// targets are served (its Policy) and whether to hand over on shutdown; Run
-// does everything else.
+// only says what should be redirected, when that may have changed, and how
+// its targets are served (its Policy, the handover on shutdown included);
+// Run does everything else.
 type Source interface {
 	// Desired describes every target that should have rules now. An error
 	// means the source could not be asked (Docker is down): nothing
@@ -30,10 +30,6 @@ type Source interface {
 	Watch(ctx context.Context, wake func()) error
 	// Policy is how Run serves the source's targets; read once, at start.
 	Policy() Policy
-	// Handover decides, at shutdown, whether the rules of the targets
-	// still served stay in the kernel for a successor to adopt (true) or
-	// are removed.
-	Handover(ctx context.Context, serving []string) bool
 }
 
 // Policy is what a source declares about how its targets are served, as a
@@ -59,6 +55,10 @@ type Policy struct {
 	// Reconciled, if set, is told the outcome of each reconcile (kube posts
 	// Events on its pods).
 	Reconciled func(ctx context.Context, desired []Target, serving []string, failures map[string]error)
+	// Handover decides, at shutdown, whether the rules of the targets still
+	// served stay in the kernel for a successor to adopt (true) or are
+	// removed (false, or no Handover).
+	Handover func(ctx context.Context, serving []string) bool
 }
 
 // Attached is the loader as Run drives it.
@@ -240,7 +240,7 @@ func Run(ctx context.Context, src Source, cfg Config) error {
 		cancel()
 	}
 	hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
-	handingOver := len(d.Serving()) > 0 && src.Handover(hctx, d.Serving())
+	handingOver := len(d.Serving()) > 0 && policy.Handover != nil && policy.Handover(hctx, d.Serving())
 	cancel()
 	log.WithFields(logrus.Fields{"handover": handingOver, "netns": d.Serving()}).Info("stopping")
 	return errors.Join(runErr, stop(handingOver))

@@ -179,8 +179,7 @@ func (listed) Watch(ctx context.Context, _ func()) error {
 	<-ctx.Done()
 	return nil
 }
-func (listed) Handover(context.Context, []string) bool { return false }
-func (listed) Policy() Policy                          { return Policy{} }
+func (listed) Policy() Policy { return Policy{} }
 
 // TestOrphansClaimedByID: a record a predecessor handed over is claimed by
 // the target with its stable ID, not by a name: a container recreated under

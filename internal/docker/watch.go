@@ -241,16 +241,15 @@ func (w *Watcher) follow(ctx context.Context, wake func()) error {
 	}
 }
 
-// Handover keeps the rules of the containers still running at shutdown
-// (the daemon has just listed them): recreating the nsredirect container
-// then refuses no connection, while `compose down`, which stops the
-// labelled containers first, leaves nothing behind.
-func (w *Watcher) Handover(context.Context, []string) bool { return true }
-
-// Policy: the daemon's defaults. The listing names every container of the
+// Policy: the daemon's defaults (the listing names every container of the
 // mode, so orphans are told by it; a container in the host's netns is
-// refused.
-func (w *Watcher) Policy() daemon.Policy { return daemon.Policy{} }
+// refused), and the rules of the containers still running at shutdown (the
+// daemon has just listed them) are handed over: recreating the nsredirect
+// container then refuses no connection, while `compose down`, which stops
+// the labelled containers first, leaves nothing behind.
+func (w *Watcher) Policy() daemon.Policy {
+	return daemon.Policy{Handover: func(context.Context, []string) bool { return true }}
+}
 
 func shortID(id string) string {
 	if len(id) > 12 {

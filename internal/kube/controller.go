@@ -152,9 +152,10 @@ func (c *Controller) Watch(ctx context.Context, wake func()) error {
 // the process its netns was found through exiting), so a resync that looks
 // at every target scans the proc root again rather than re-resolving old
 // paths (RedescribeEachResync); each reconcile's outcome is posted as
-// Events on the pods (Reconciled).
+// Events on the pods (Reconciled); a rollout hands over and an uninstall
+// removes (Handover).
 func (c *Controller) Policy() daemon.Policy {
-	return daemon.Policy{WaitForOwners: true, RedescribeEachResync: true, Reconciled: c.Reconciled}
+	return daemon.Policy{WaitForOwners: true, RedescribeEachResync: true, Reconciled: c.Reconciled, Handover: c.Handover}
 }
 
 // pods returns the cached pods of this node.
