@@ -107,7 +107,7 @@ func checkCmd(_ context.Context, io IO, args []string) error {
 // the hybrid fallback, the root check). check is a one-shot command: on a
 // kernel before 5.14 each call attaches the probe at the root and detaches
 // it (cgroup_mutex, the effective programs of every cgroup recomputed
-// twice); the README says so, and --attached needs no probe.
+// twice); docs/usage.md says so, and --attached needs no probe.
 func checkCookieSource(getenv Env, cgroup string) (*loader.CookieSource, error) {
 	force, err := parseCookieKnob(getenv)
 	if err != nil {

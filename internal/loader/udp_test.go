@@ -56,7 +56,7 @@ func TestHealScansForUDPRulesEveryTenthWithoutPins(t *testing.T) {
 		t.Fatalf("with no UDP link pinned the heal scanned at calls %v; want %v", due, want)
 	}
 	if udpScanEvery != 10 {
-		t.Errorf("udpScanEvery = %d; the README says every tenth heal", udpScanEvery)
+		t.Errorf("udpScanEvery = %d; docs/operations.md says every tenth heal", udpScanEvery)
 	}
 	// Any one UDP link pinned: every heal scans, whichever hook it is.
 	for _, h := range udpHooks {
