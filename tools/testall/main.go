@@ -36,6 +36,7 @@ func run() int {
 	list := fs.Bool("list", false, "list the cells and exit")
 	makeCmd := fs.String("make", "make", "the make command")
 	since := fs.String("since", "", "run the cells the changes since this git revision need (docs/development.md's table)")
+	render := fs.Bool("render", false, "write the record's README.md again from its record.json and exit")
 	rules := fs.Bool("rules", false, "print the table of which cells a change must run, by path, and exit")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return 2
@@ -52,6 +53,13 @@ func run() int {
 	}
 	if *rules {
 		printRules(os.Stdout)
+		return 0
+	}
+	if *render {
+		if _, err := updateRecord(*recordDir); err != nil {
+			fmt.Fprintf(os.Stderr, "testall: %v\n", err)
+			return 1
+		}
 		return 0
 	}
 	if *since != "" {
@@ -118,8 +126,10 @@ func run() int {
 			fmt.Fprintf(os.Stderr, "testall: interrupted during %s; its row is not recorded\n", c.Name)
 			break
 		}
-		rec.update(x)
-		if err := rec.save(*recordDir); err != nil {
+		// Another run may have written rows meanwhile: read the record
+		// again and replace only this cell's row, under the record's lock.
+		rec, err = updateRecord(*recordDir, x)
+		if err != nil {
 			fmt.Fprintf(os.Stderr, "testall: write the record: %v\n", err)
 			return 1
 		}

@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -71,6 +72,29 @@ func (r *record) update(rs ...row) {
 		order[c.Name] = i
 	}
 	sort.SliceStable(r.Rows, func(i, j int) bool { return order[r.Rows[i].Cell] < order[r.Rows[j].Cell] })
+}
+
+// updateRecord reads the record in dir, replaces the rows of rs, and writes
+// it back, holding dir/.lock so that runs side by side (a guest cell and a
+// host cell) keep each other's rows.
+func updateRecord(dir string, rs ...row) (record, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return record{}, err
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return record{}, err
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return record{}, err
+	}
+	r, err := loadRecord(dir)
+	if err != nil {
+		return r, err
+	}
+	r.update(rs...)
+	return r, r.save(dir)
 }
 
 func (r record) get(name string) (row, bool) {

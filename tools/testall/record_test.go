@@ -173,3 +173,27 @@ func TestDevelopmentDocsTableCurrent(t *testing.T) {
 		t.Errorf("docs/development.md does not carry the current table of cells by path; put this, from `go run ./tools/testall -rules`, in it:\n%s", b.String())
 	}
 }
+
+// Two runs side by side: each update keeps the other's rows.
+func TestUpdateRecordKeepsConcurrentRows(t *testing.T) {
+	dir := t.TempDir()
+	done := make(chan error)
+	for _, c := range []string{"soak", "kube-guest", "fuzz", "kernel-6.1"} {
+		go func(c string) {
+			_, err := updateRecord(dir, row{Cell: c, Result: "passed"})
+			done <- err
+		}(c)
+	}
+	for range 4 {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	r, err := loadRecord(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Rows) != 4 {
+		t.Errorf("%d rows after four concurrent updates, want 4: %+v", len(r.Rows), r.Rows)
+	}
+}
