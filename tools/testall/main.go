@@ -238,15 +238,71 @@ func runCell(ctx context.Context, c cell, makeCmd, cache, logs, commit string) r
 	return x
 }
 
-// endGroup ends the cell's process group: SIGTERM, then SIGKILL after 30 s.
+// endGroup ends the cell: its process group and every descendant in a
+// group of its own (timeout(1) puts qemu in one): SIGTERM, then SIGKILL
+// after 30 s.
 func endGroup(pgid int, done <-chan error) {
-	_ = syscall.Kill(-pgid, syscall.SIGTERM)
+	signalTree(pgid, syscall.SIGTERM)
 	select {
 	case <-done:
 	case <-time.After(30 * time.Second):
-		_ = syscall.Kill(-pgid, syscall.SIGKILL)
+		signalTree(pgid, syscall.SIGKILL)
 		<-done
 	}
+	// What outlived make (its parent gone) is still ours: end it too.
+	signalTree(pgid, syscall.SIGKILL)
+}
+
+// signalTree signals the process group pgid and every process that
+// descends from its leader, whatever group it is in.
+func signalTree(pgid int, sig syscall.Signal) {
+	_ = syscall.Kill(-pgid, sig)
+	for _, pid := range descendants(pgid) {
+		_ = syscall.Kill(pid, sig)
+	}
+}
+
+// descendants lists the processes below pid, and those of its process
+// group, read from /proc: pid, ppid and pgrp of each.
+func descendants(pid int) []int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	parent := map[int]int{}
+	for _, e := range ents {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid pgrp ...: comm may hold spaces and parens.
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+		if len(f) < 3 {
+			continue
+		}
+		ppid, _ := strconv.Atoi(f[1])
+		pgrp, _ := strconv.Atoi(f[2])
+		if pgrp == pid && p != pid {
+			ppid = pid // a member of the cell's group whose parent already exited
+		}
+		parent[p] = ppid
+	}
+	var out []int
+	var walk func(int)
+	walk = func(p int) {
+		for c, pp := range parent {
+			if pp == p {
+				out = append(out, c)
+				walk(c)
+			}
+		}
+	}
+	walk(pid)
+	return out
 }
 
 // processTree names what was running in the cell's process group: pid,

@@ -1,10 +1,14 @@
 package main
 
 import (
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 func TestUpdateKeepsOtherRows(t *testing.T) {
@@ -195,5 +199,34 @@ func TestUpdateRecordKeepsConcurrentRows(t *testing.T) {
 	}
 	if len(r.Rows) != 4 {
 		t.Errorf("%d rows after four concurrent updates, want 4: %+v", len(r.Rows), r.Rows)
+	}
+}
+
+// The bound ends what the cell started in a process group of its own, as
+// timeout(1) does with qemu.
+func TestEndGroupReachesOtherGroups(t *testing.T) {
+	cmd := exec.Command("bash", "-c", "setsid sleep 300 & echo $!; wait")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var child int
+	if _, err := fmt.Fscan(out, &child); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	endGroup(cmd.Process.Pid, done)
+	deadline := time.Now().Add(5 * time.Second)
+	for syscall.Kill(child, 0) == nil {
+		if time.Now().After(deadline) {
+			_ = syscall.Kill(child, syscall.SIGKILL)
+			t.Fatalf("pid %d (setsid sleep) outlived endGroup", child)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
